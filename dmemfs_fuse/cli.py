@@ -1,0 +1,89 @@
+"""``dmemfs SOURCE MOUNTPOINT -o OPTIONS``: the command line, in the mount.fuse3 convention."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import textwrap
+
+from . import __version__
+from .daemon import DaemonConfig, run
+from .errors import ConfigError
+from .options import OPTIONS, parse_mount_options
+
+log = logging.getLogger("dmemfs_fuse")
+
+
+def _options_help() -> str:
+    lines = ["mount options (-o, comma-separated):"]
+    for opt in OPTIONS:
+        head = f"  {opt.name}={opt.value}" if opt.value else f"  {opt.name}"
+        lines.append(head)
+        body = f"{opt.text} Default: {opt.default}."
+        lines.extend(textwrap.wrap(body, 76, initial_indent="      ", subsequent_indent="      "))
+    lines += [
+        "",
+        "Options that mount(8) and fstab pass along (rw, nofail, noauto, x-systemd.*, ...) are",
+        "accepted and ignored.",
+        "",
+        "example:",
+        "  dmemfs none /mnt/dmem -o size=1G,pagesize=2M",
+        "  truncate -s 512M /mnt/dmem/vm0 && df -h /mnt/dmem",
+    ]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; its epilog documents every -o option."""
+    parser = argparse.ArgumentParser(
+        prog="dmemfs",
+        description="Reserve host memory and serve it as files on a FUSE filesystem "
+                    "(the dmemfs model on a stock kernel).",
+        epilog=_options_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("source", metavar="SOURCE",
+                        help="ignored, as for tmpfs (use 'dmemfs' or 'none')")
+    parser.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing directory")
+    parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                        help="mount options, see below; may be repeated")
+    parser.add_argument("-f", "--foreground", action="store_true",
+                        help="stay attached to the terminal (default: detach once mounted)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    parser.add_argument("--version", action="version", version=f"dmemfs {__version__}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``dmemfs`` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        opts = parse_mount_options(args.options)
+        mountpoint = os.path.abspath(args.mountpoint)
+        if not os.path.isdir(mountpoint):
+            raise ConfigError(f"mountpoint {args.mountpoint}: not an existing directory")
+    except ConfigError as exc:
+        parser.exit(2, f"dmemfs: error: {exc}\n")
+    logging.basicConfig(
+        level=logging.DEBUG if (args.verbose or opts.debug) else logging.INFO,
+        format="%(asctime)s dmemfs %(levelname)s %(name)s: %(message)s",
+    )
+    if opts.ignored:
+        log.debug("ignoring mount options %s", ", ".join(opts.ignored))
+    try:
+        return run(DaemonConfig(mountpoint, opts, args.foreground))
+    except ConfigError as exc:
+        print(f"dmemfs: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"dmemfs: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

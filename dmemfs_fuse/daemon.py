@@ -1,0 +1,166 @@
+"""The daemon's life: plan, reserve, mount, serve, and give everything back.
+
+Order matters: every option is checked (plan_region) before anything is
+reserved; the region is released and reserved huge pages are given back on
+every exit path, SIGTERM during start-up included.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from types import FrameType
+
+import pyfuse3
+import trio
+from humanfriendly import format_size
+
+from .fs import DmemOperations
+from .inodes import InodeTable
+from .options import MountOptions
+from .pool import Pool
+from .poolset import PoolSet
+from .region import Region, RegionPlan, plan_region
+from .store import FileStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """What the command line asked for."""
+
+    mountpoint: str
+    options: MountOptions
+    foreground: bool
+
+
+def build_pools(plan: RegionPlan, max_alloc_try_dpages: int) -> PoolSet:
+    """Carve the planned pools out of the region's dpages, in region order."""
+    pools = []
+    first = 0
+    for index, spec in enumerate(plan.pools):
+        count = spec.size // plan.dpage_size
+        pools.append(Pool(index, spec.node, first, count, plan.dpage_size))
+        first += count
+    return PoolSet(pools, plan.dpage_size, max_alloc_try_dpages)
+
+
+def fuse_options(opts: MountOptions) -> set[str]:
+    """The options handed to libfuse for the mount."""
+    out = set(pyfuse3.default_options) | {"fsname=dmemfs", "subtype=dmemfs"}
+    if opts.allow_other:
+        out.add("allow_other")
+    return out
+
+
+def _terminate_on_signal(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def run(config: DaemonConfig) -> int:
+    """Run the daemon until the filesystem is unmounted or a signal stops it; return the exit code."""
+    plan = plan_region(config.options)
+    ready_fd = -1
+    if not config.foreground:
+        ready_fd = _detach()
+    # Until trio takes over the signals, a SIGTERM must still unwind through
+    # the finally blocks below (to give back huge pages).
+    signal.signal(signal.SIGTERM, _terminate_on_signal)
+    signal.signal(signal.SIGHUP, _terminate_on_signal)
+    region = Region.open(plan, progress=_Progress(plan.size))
+    mounted = False
+    try:
+        pools = build_pools(plan, config.options.max_alloc_try_dpages)
+        store = FileStore(region, pools)
+        opts = config.options
+        inodes = InodeTable(opts.nr_inodes, opts.mode, opts.uid, opts.gid,
+                            release_data=store.release)
+        ops = DmemOperations(inodes, store, trace=opts.debug)
+        pyfuse3.init(ops, config.mountpoint, fuse_options(opts))
+        mounted = True
+        log.info("mounted %s: %s in %d pool(s) of %s dpages", config.mountpoint,
+                 format_size(plan.size, binary=True), len(plan.pools),
+                 format_size(plan.dpage_size, binary=True))
+        if ready_fd >= 0:
+            _report_ready(ready_fd)
+        trio.run(_serve)
+    finally:
+        if mounted:
+            pyfuse3.close(unmount=True)
+        region.close()
+        log.info("region released; exiting")
+    return 0
+
+
+async def _serve() -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_watch_signals, nursery.cancel_scope)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _watch_signals(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("got %s; unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+class _Progress:
+    """Logs population progress at most once a second (a 1 GiB region takes about 2 s here)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.last = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= 1.0 and done < total:
+            self.last = now
+            log.info("populating the region: %s of %s", format_size(done, binary=True),
+                     format_size(total, binary=True))
+
+
+def _detach() -> int:
+    """Fork; the parent waits until the child says the mount is ready and exits with its status.
+
+    Returns the child's end of the readiness pipe.
+    """
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as pipe:
+            ready = pipe.read() == b"ready"
+        if ready:
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        os._exit(os.waitstatus_to_exitcode(status) or 1)
+    os.close(read_fd)
+    os.setsid()
+    return write_fd
+
+
+def _report_ready(fd: int) -> None:
+    """Tell the waiting parent the mount is up, and leave the terminal (logs go to syslog)."""
+    os.write(fd, b"ready")
+    os.close(fd)
+    null = os.open(os.devnull, os.O_RDWR)
+    for std in (0, 1, 2):
+        os.dup2(null, std)
+    os.close(null)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    if os.path.exists("/dev/log"):
+        syslog = logging.handlers.SysLogHandler(address="/dev/log")
+        syslog.setFormatter(logging.Formatter("dmemfs[%(process)d]: %(levelname)s %(message)s"))
+        root.addHandler(syslog)
+    sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process

@@ -1,0 +1,342 @@
+"""The FUSE adapter: translates pyfuse3 requests into calls on the inode table and the file store.
+
+Nothing is decided here that the plain layers could decide.  Every handler
+passes through :func:`_boundary`, the one place where errors become errno:
+OSError carries its errno, anything else is a bug, logged with its traceback
+and answered with EIO.  Only FUSEError leaves a handler; ``init`` and
+``forget`` never raise.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from . import numa
+from .inodes import Inode, InodeTable
+from .store import FileStore
+
+log = logging.getLogger(__name__)
+
+# The daemon is the only writer, and every change passes through the kernel,
+# so the kernel's caches of entries and attributes stay true for long.
+CACHE_TIMEOUT = 1.0
+QUIET_ERRNOS = {errno.ENOENT, errno.EEXIST, errno.ENODATA, errno.ENOTEMPTY, errno.EOPNOTSUPP}
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _summary(args: tuple[Any, ...]) -> str:
+    parts = []
+    for arg in args:
+        if isinstance(arg, (bytes, bytearray, memoryview)) and len(arg) > 64:
+            parts.append(f"<{len(arg)} bytes>")
+        elif isinstance(arg, pyfuse3.RequestContext):
+            parts.append(f"pid={arg.pid}")
+        elif isinstance(arg, (pyfuse3.EntryAttributes, pyfuse3.SetattrFields, pyfuse3.ReaddirToken)):
+            continue
+        else:
+            parts.append(repr(arg))
+    return ", ".join(parts)
+
+
+def _boundary(handler: F) -> F:
+    """Turn whatever *handler* raises into a FUSEError, logged once, and trace it when asked."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: DmemOperations, *args: Any) -> Any:
+        started = time.perf_counter() if self.trace else 0.0
+        try:
+            result = await handler(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+            level = logging.DEBUG if code in QUIET_ERRNOS else logging.INFO
+            log.log(level, "%s(%s): %s", handler.__name__, _summary(args), exc)
+            raise pyfuse3.FUSEError(code) from None
+        except Exception:
+            log.exception("%s(%s) failed; answering EIO", handler.__name__, _summary(args))
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        if self.trace:
+            log.debug("%s(%s) -> ok in %.1f us", handler.__name__, _summary(args),
+                      (time.perf_counter() - started) * 1e6)
+        return result
+
+    return wrapper  # type: ignore[return-value]
+
+
+@dataclass
+class Handle:
+    """An open file: its inode and the NUMA node of the process that opened it."""
+
+    ino: int
+    node: int
+
+
+class DmemOperations(pyfuse3.Operations):  # type: ignore[misc]
+    """pyfuse3 operations over an InodeTable (metadata) and a FileStore (bytes)."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, inodes: InodeTable, store: FileStore, trace: bool = False) -> None:
+        super().__init__()
+        self.inodes = inodes
+        self.store = store
+        self.trace = trace
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = 1
+
+    def init(self) -> None:
+        """Called once the kernel has connected; must not raise."""
+        log.info("filesystem ready")
+
+    # -- attributes ------------------------------------------------------------
+
+    def _attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        dps = self.store.dpage_size
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = inode.ino
+        attr.generation = 0
+        attr.entry_timeout = CACHE_TIMEOUT
+        attr.attr_timeout = CACHE_TIMEOUT
+        attr.st_mode = inode.mode
+        attr.st_nlink = inode.nlink
+        attr.st_uid = inode.uid
+        attr.st_gid = inode.gid
+        attr.st_rdev = inode.rdev
+        attr.st_size = inode.size
+        attr.st_blksize = dps
+        attr.st_blocks = inode.data.mapped * (dps // 512) if inode.data is not None else 0
+        attr.st_atime_ns = inode.atime_ns
+        attr.st_mtime_ns = inode.mtime_ns
+        attr.st_ctime_ns = inode.ctime_ns
+        return attr
+
+    @_boundary
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attrs(self.inodes.lookup(parent_inode, name))
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            try:
+                self.inodes.forget(ino, count)
+            except Exception:
+                log.exception("forget(%d, %d) failed", ino, count)
+
+    @_boundary
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attrs(self.inodes.get(inode))
+
+    @_boundary
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self.inodes.get(inode)
+        if fields.update_size:
+            self._resize(node, attr.st_size, self._node_of(fh, ctx))
+        now = time.time_ns()
+        self.inodes.set_attributes(
+            inode,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else (
+                now if fields.update_size else None),
+        )
+        return self._attrs(node)
+
+    def _resize(self, node: Inode, size: int, numa_node: int) -> None:
+        if node.data is None:
+            raise OSError(errno.EISDIR if node.dir is not None else errno.EINVAL,
+                          "truncate of a non-regular file")
+        self.store.resize(node.data, node.size, size, numa_node)
+        node.size = size
+        node.touch(data=True)
+
+    def _node_of(self, fh: int | None, ctx: pyfuse3.RequestContext) -> int:
+        handle = self._handles.get(fh) if fh is not None else None
+        return handle.node if handle else numa.process_node(ctx.pid)
+
+    # -- names -------------------------------------------------------------------
+
+    @_boundary
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        target = self.inodes.get(inode).target
+        if target is None:
+            raise OSError(errno.EINVAL, "not a symlink")
+        return target
+
+    @_boundary
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attrs(self.inodes.make(parent_inode, name, mode, ctx.uid, ctx.gid, rdev))
+
+    @_boundary
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        mode = stat.S_IFDIR | stat.S_IMODE(mode)
+        return self._attrs(self.inodes.make(parent_inode, name, mode, ctx.uid, ctx.gid))
+
+    @_boundary
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        mode = stat.S_IFLNK | 0o777
+        return self._attrs(self.inodes.make(parent_inode, name, mode, ctx.uid, ctx.gid,
+                                            target=target))
+
+    @_boundary
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attrs(self.inodes.link(inode, new_parent_inode, new_name))
+
+    @_boundary
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.inodes.unlink(parent_inode, name)
+
+    @_boundary
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.inodes.rmdir(parent_inode, name)
+
+    @_boundary
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        self.inodes.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    # -- files -------------------------------------------------------------------
+
+    def _open_handle(self, inode: Inode, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        self.inodes.open(inode.ino)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = Handle(inode.ino, numa.process_node(ctx.pid))
+        # keep_cache: the page cache stays valid across opens, since every
+        # change reaches us through the kernel.  No direct_io: MAP_SHARED
+        # must keep working.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+
+    def _inode_of(self, fh: int) -> Inode:
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise OSError(errno.EBADF, f"file handle {fh}")
+        return self.inodes.get(handle.ino)
+
+    @_boundary
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self.inodes.get(inode)
+        if node.data is None:
+            raise OSError(errno.EISDIR if node.dir is not None else errno.ENXIO, "open")
+        if flags & os.O_TRUNC and node.size:
+            self._resize(node, 0, numa.process_node(ctx.pid))
+        return self._open_handle(node, ctx)
+
+    @_boundary
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo,
+                                                           pyfuse3.EntryAttributes]:
+        mode = stat.S_IFREG | stat.S_IMODE(mode)
+        node = self.inodes.make(parent_inode, name, mode, ctx.uid, ctx.gid)
+        return self._open_handle(node, ctx), self._attrs(node)
+
+    @_boundary
+    async def read(self, fh: int, off: int, size: int) -> memoryview | bytes:
+        node = self._inode_of(fh)
+        assert node.data is not None
+        return self.store.read(node.data, node.size, off, size)
+
+    @_boundary
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        node = self._inode_of(fh)
+        assert node.data is not None
+        node.size = self.store.write(node.data, node.size, off, buf, self._handles[fh].node)
+        node.touch(data=True)
+        return len(buf)
+
+    @_boundary
+    async def flush(self, fh: int) -> None:
+        """Nothing to flush: the region is the store of record."""
+
+    @_boundary
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        """Nothing to sync: a write is in the region when it returns."""
+
+    @_boundary
+    async def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if handle is None:
+            raise OSError(errno.EBADF, f"release of unknown handle {fh}")
+        self.inodes.close(handle.ino)
+
+    # -- directories ---------------------------------------------------------------
+
+    @_boundary
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        self.inodes.directory(inode)
+        return inode
+
+    @_boundary
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        node, entries = self.inodes.directory(fh)
+        if start_id < 1 and not pyfuse3.readdir_reply(token, b".", self._attrs(node), 1):
+            return
+        if start_id < 2:
+            parent = self.inodes.get(node.parent)
+            if not pyfuse3.readdir_reply(token, b"..", self._attrs(parent), 2):
+                return
+        for cookie, name, ino in entries.after(max(start_id, 2)):
+            child = self.inodes.inodes[ino]
+            if not pyfuse3.readdir_reply(token, name, self._attrs(child), cookie):
+                return
+            child.lookup_count += 1
+
+    @_boundary
+    async def releasedir(self, fh: int) -> None:
+        """Directory handles hold no state."""
+
+    @_boundary
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        """Nothing to sync."""
+
+    @_boundary
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        pools = self.store.pools
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = out.f_frsize = self.store.dpage_size
+        out.f_blocks = pools.total_dpages
+        out.f_bfree = out.f_bavail = pools.free_dpages
+        out.f_files = self.inodes.nr_inodes
+        out.f_ffree = out.f_favail = self.inodes.nr_inodes - self.inodes.used
+        out.f_namemax = 255
+        return out
+
+    # -- extended attributes -------------------------------------------------------
+
+    @_boundary
+    async def setxattr(self, inode: int, name: bytes, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
+        self.inodes.setxattr(inode, name, value)
+
+    @_boundary
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.inodes.getxattr(inode, name)
+
+    @_boundary
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return self.inodes.listxattr(inode)
+
+    @_boundary
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.inodes.removexattr(inode, name)

@@ -1,0 +1,225 @@
+"""Mount options: one table that drives parsing, validation and ``--help``.
+
+Everything here is checked before anything is reserved: a bad option is a
+:class:`ConfigError` naming the option and what it accepts.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import humanfriendly
+
+from .errors import ConfigError
+
+K = 1024
+DPAGE_SIZES = {"4K": 4 * K, "2M": 2 * K * K, "1G": K * K * K}
+
+
+class OptionDoc(NamedTuple):
+    """One ``-o`` option as ``--help`` shows it."""
+
+    name: str
+    value: str
+    default: str
+    text: str
+
+
+OPTIONS: tuple[OptionDoc, ...] = (
+    OptionDoc("size", "SIZE | !SIZE", "required (or nodes=)",
+              "Memory reserved per NUMA node, like dmem=. SIZE takes K/M/G/T suffixes "
+              "(powers of 1024) and must be a multiple of pagesize. !SIZE reserves all "
+              "of each node's free memory but SIZE."),
+    OptionDoc("nodes", "N:SIZE[,N:SIZE...]", "one pool per node with memory",
+              "Explicit pools, one per entry, each bound to node N. A node may repeat: "
+              "nodes=0:512M,0:512M makes two pools on node 0."),
+    OptionDoc("pagesize", "4K | 2M | 1G", "2M if 2M huge pages are free, else 4K",
+              "The dpage: the unit of allocation, reported as the block size by statfs."),
+    OptionDoc("region", "auto | hugetlbfs | memfd | PATH", "auto",
+              "Where the memory comes from. auto: a hugetlbfs file if enough huge pages of "
+              "pagesize are free, else a memfd (MFD_HUGETLB when huge pages are free, plain "
+              "otherwise, with a warning). PATH: any mmappable file or device (a file on "
+              "hugetlbfs or /dev/shm, a /dev/dax device); a file is created or grown to size "
+              "and outlives the daemon."),
+    OptionDoc("hugetlbfs", "DIR", "a mounted hugetlbfs of pagesize",
+              "The hugetlbfs mount that region=hugetlbfs creates its (unlinked) file on."),
+    OptionDoc("reserve_hugepages", "", "off",
+              "If too few huge pages of pagesize are free, add them to the kernel's pools "
+              "(per node, through sysfs) and give back exactly those on exit."),
+    OptionDoc("max_alloc_try_dpages", "N", "0 (no cap)",
+              "Largest number of dpages one allocation step takes; larger requests are served "
+              "in several steps that continue one another where possible."),
+    OptionDoc("nr_inodes", "N", "1048576",
+              "Most files, directories and links there may be (statfs f_files)."),
+    OptionDoc("mode", "OCTAL", "1777", "Permissions of the root directory, as on tmpfs."),
+    OptionDoc("uid", "UID", "0", "Owner of the root directory."),
+    OptionDoc("gid", "GID", "0", "Group of the root directory."),
+    OptionDoc("allow_other", "", "off", "Let users other than root use the mount."),
+    OptionDoc("allow_unlocked", "", "off",
+              "Keep going (with a warning) if the region cannot be mlock()ed. Without it, a "
+              "region that cannot be locked is an error."),
+    OptionDoc("debug", "", "off", "Log every FUSE request."),
+)
+
+# Options mount(8), fstab and systemd pass along that mean nothing here.
+IGNORED = {"rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "auto", "noauto", "user",
+           "nouser", "users", "nofail", "_netdev", "defaults", "atime", "noatime", "relatime",
+           "strictatime", "nodiratime", "lazytime", "async", "sync"}
+FLAGS = {"reserve_hugepages", "allow_other", "allow_unlocked", "debug"}
+VALUED = {o.name for o in OPTIONS} - FLAGS
+
+
+class PoolSpec(NamedTuple):
+    """A pool to carve: its node and size in bytes (``size`` may be relative, see SizeSpec)."""
+
+    node: int
+    size: int
+
+
+class SizeSpec(NamedTuple):
+    """``size=`` as written: bytes per node, or (``all_but``) bytes to leave free per node."""
+
+    size: int
+    all_but: bool
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    """Validated ``-o`` options, before system facts (free memory, huge pages) are applied."""
+
+    size: SizeSpec | None = None
+    nodes: tuple[PoolSpec, ...] = ()
+    pagesize: int | None = None
+    region: str = "auto"
+    hugetlbfs: str | None = None
+    reserve_hugepages: bool = False
+    max_alloc_try_dpages: int = 0
+    nr_inodes: int = 1 << 20
+    mode: int = 0o1777
+    uid: int = 0
+    gid: int = 0
+    allow_other: bool = False
+    allow_unlocked: bool = False
+    debug: bool = False
+    ignored: tuple[str, ...] = field(default=())
+
+
+def parse_size(text: str, option: str) -> int:
+    """Parse a size with an optional K/M/G/T suffix (powers of 1024) into bytes."""
+    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*([kmgtKMGT](i?[bB])?|[bB])?\s*", text):
+        raise ConfigError(f"{option}={text}: not a size; use a number with K, M, G or T")
+    value = int(humanfriendly.parse_size(text, binary=True))
+    if value <= 0:
+        raise ConfigError(f"{option}={text}: must be larger than 0")
+    return value
+
+
+def _int(text: str, option: str, base: int = 10) -> int:
+    try:
+        value = int(text, base)
+    except ValueError:
+        raise ConfigError(f"{option}={text}: not a{'n octal' if base == 8 else ''} number") from None
+    if value < 0:
+        raise ConfigError(f"{option}={text}: must not be negative")
+    return value
+
+
+def split_options(opt_strings: list[str]) -> list[tuple[str, str | None]]:
+    """Split ``-o a=1,b,nodes=0:1G,1:1G`` strings into ``(name, value)`` pairs.
+
+    A bare ``N:SIZE`` item continues the ``nodes=`` list before it.
+    """
+    items: list[tuple[str, str | None]] = []
+    for opts in opt_strings:
+        for item in opts.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            if re.fullmatch(r"\d+:\S+", item) and items and items[-1][0] == "nodes":
+                items[-1] = ("nodes", f"{items[-1][1]},{item}")
+                continue
+            name, sep, value = item.partition("=")
+            items.append((name, value if sep else None))
+    return items
+
+
+def parse_mount_options(opt_strings: list[str]) -> MountOptions:
+    """Validate ``-o`` strings into MountOptions; raise ConfigError on the first bad one."""
+    values: dict[str, object] = {}
+    ignored: list[str] = []
+    for name, value in split_options(opt_strings):
+        if name in IGNORED or name.startswith(("x-", "comment=")) or name == "comment":
+            ignored.append(name if value is None else f"{name}={value}")
+            continue
+        if name in ("fsname", "subtype"):
+            ignored.append(f"{name}={value}")
+            continue
+        if name == "ro":
+            raise ConfigError("ro: dmemfs cannot be mounted read-only")
+        if name in FLAGS:
+            if value is not None:
+                raise ConfigError(f"{name}={value}: {name} is a flag and takes no value")
+            values[name] = True
+            continue
+        if name not in VALUED:
+            known = ", ".join(o.name for o in OPTIONS)
+            raise ConfigError(f"{name}: unknown option; known options are {known}")
+        if not value:
+            raise ConfigError(f"{name}: needs a value ({name}={_doc(name).value})")
+        values[name] = _parse_value(name, value)
+    opts = MountOptions(ignored=tuple(ignored), **values)  # type: ignore[arg-type]
+    if opts.size is None and not opts.nodes:
+        raise ConfigError("size: required (size=SIZE per node, size=!SIZE, or nodes=N:SIZE,...)")
+    if opts.size is not None and opts.nodes:
+        raise ConfigError("size and nodes: give one of them, not both")
+    if opts.pagesize is not None:
+        sizes = [s.size for s in opts.nodes] + ([opts.size.size] if opts.size else [])
+        for size in sizes:
+            if size % opts.pagesize:
+                raise ConfigError(
+                    f"size {humanfriendly.format_size(size, binary=True)} is not a multiple "
+                    f"of pagesize {humanfriendly.format_size(opts.pagesize, binary=True)}"
+                )
+    return opts
+
+
+def _doc(name: str) -> OptionDoc:
+    return next(o for o in OPTIONS if o.name == name)
+
+
+def _parse_value(name: str, value: str) -> object:
+    if name == "size":
+        all_but = value.startswith("!")
+        return SizeSpec(parse_size(value[1:] if all_but else value, name), all_but)
+    if name == "nodes":
+        specs = []
+        for entry in value.split(","):
+            node, sep, size = entry.partition(":")
+            if not sep or not node.isdigit():
+                raise ConfigError(f"nodes={value}: entries are NODE:SIZE, e.g. nodes=0:2G,1:2G")
+            specs.append(PoolSpec(int(node), parse_size(size, "nodes")))
+        return tuple(specs)
+    if name == "pagesize":
+        size = DPAGE_SIZES.get(value.upper().removesuffix("B").removesuffix("I"))
+        if size is None:
+            raise ConfigError(f"pagesize={value}: accepted are 4K, 2M and 1G")
+        return size
+    if name == "region":
+        if value not in ("auto", "hugetlbfs", "memfd") and not value.startswith("/"):
+            raise ConfigError(f"region={value}: accepted are auto, hugetlbfs, memfd or an absolute path")
+        return value
+    if name == "hugetlbfs":
+        if not value.startswith("/"):
+            raise ConfigError(f"hugetlbfs={value}: must be an absolute path")
+        return value
+    if name == "mode":
+        mode = _int(value, name, 8)
+        if mode > 0o7777:
+            raise ConfigError(f"mode={value}: must be at most 7777")
+        return mode
+    number = _int(value, name)
+    if name == "nr_inodes" and number < 2:
+        raise ConfigError(f"nr_inodes={value}: must be at least 2 (the root and one file)")
+    return number

@@ -1,0 +1,222 @@
+"""A pool: one slice of the region, managed as a bitmap of dpages.
+
+The bitmap (one entry per dpage, True = allocated) is the record, as in the
+dmemfs patchset.  Beside it a free-run index (free runs sorted by start and by
+length) answers "where is a run of N free dpages" without scanning, so an
+allocation costs O(extents returned x log(free runs)), not O(pool size).  The
+vocabulary follows the kernel's genalloc: a pool has a size and avail; an
+allocation returns extents; free takes the size.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+from sortedcontainers import SortedDict, SortedList
+
+from .errors import AllocatorError, NoSpaceError
+
+log = logging.getLogger(__name__)
+
+
+class Extent(NamedTuple):
+    """A run of contiguous dpages, in region dpage numbers."""
+
+    start: int
+    count: int
+
+    @property
+    def end(self) -> int:
+        """First dpage after the run."""
+        return self.start + self.count
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """A consistent snapshot of one pool's counters.
+
+    Fields:
+        index: the pool's number (its order in the region).
+        node: the NUMA node the pool's memory is bound to.
+        dpage_size: bytes per dpage.
+        first_dpage: the pool's first dpage, as a region dpage number.
+        total_dpages: dpages in the pool.
+        free_dpages: dpages not allocated (the original's ``free_dpages``).
+        used_dpages: ``total_dpages - free_dpages``.
+        largest_free_run: the longest run of free dpages; the largest
+            allocation the pool can satisfy with one extent.
+        free_runs: how many separate free runs there are.
+        fragmentation: ``1 - largest_free_run / free_dpages`` (0 when all free
+            space is one run or there is none).
+    """
+
+    index: int
+    node: int
+    dpage_size: int
+    first_dpage: int
+    total_dpages: int
+    free_dpages: int
+    used_dpages: int
+    largest_free_run: int
+    free_runs: int
+    fragmentation: float
+
+
+class Pool:
+    """Dpages ``[first_dpage, first_dpage + size)`` of the region, bound to one NUMA node."""
+
+    def __init__(self, index: int, node: int, first_dpage: int, size: int, dpage_size: int) -> None:
+        if size <= 0:
+            raise ValueError(f"pool {index}: size must be positive, got {size}")
+        self.index = index
+        self.node = node
+        self.first_dpage = first_dpage
+        self.size = size
+        self.dpage_size = dpage_size
+        self.avail = size
+        # True = allocated.  One byte per dpage: 256 KiB per GiB at 4K dpages.
+        self.bitmap = np.zeros(size, dtype=np.bool_)
+        self._runs_by_start: SortedDict = SortedDict({first_dpage: size})
+        self._runs_by_size: SortedList = SortedList([(size, first_dpage)])
+
+    @property
+    def end_dpage(self) -> int:
+        """First region dpage after the pool."""
+        return self.first_dpage + self.size
+
+    def __contains__(self, dpage: int) -> bool:
+        return self.first_dpage <= dpage < self.end_dpage
+
+    def largest_free_run(self) -> int:
+        """Length of the longest free run, 0 when the pool is full."""
+        return int(self._runs_by_size[-1][0]) if self._runs_by_size else 0
+
+    def alloc(self, count: int, goal: int | None = None) -> list[Extent]:
+        """Take exactly *count* dpages and return them as extents, or raise NoSpaceError.
+
+        If *goal* is a free dpage, the allocation starts there (so a file that
+        grows stays contiguous).  Otherwise the smallest free run that holds
+        all of it is used (best fit); if no run is large enough the largest
+        runs are taken first, which gives the fewest extents.
+        """
+        if count <= 0:
+            raise ValueError(f"allocation of {count} dpages")
+        if count > self.avail:
+            raise NoSpaceError(f"pool {self.index}: {count} dpages wanted, {self.avail} free")
+        extents: list[Extent] = []
+        remaining = count
+        if goal is not None and goal in self:
+            run_start, run_len = self._run_containing(goal)
+            if run_len:
+                take = min(remaining, run_start + run_len - goal)
+                extents.append(self._carve(run_start, run_len, goal, take))
+                remaining -= take
+        while remaining:
+            pos = self._runs_by_size.bisect_left((remaining, -1))
+            if pos < len(self._runs_by_size):
+                run_len, run_start = self._runs_by_size[pos]  # best fit
+                take = remaining
+            else:
+                run_len, run_start = self._runs_by_size[-1]  # largest first
+                take = run_len
+            extents.append(self._carve(run_start, run_len, run_start, take))
+            remaining -= take
+        return extents
+
+    def free(self, start: int, count: int) -> None:
+        """Give back *count* dpages from *start*; all of them must be allocated."""
+        if count <= 0 or start < self.first_dpage or start + count > self.end_dpage:
+            raise AllocatorError(
+                f"pool {self.index}: free of dpages [{start}, {start + count}) outside "
+                f"[{self.first_dpage}, {self.end_dpage})"
+            )
+        lo = start - self.first_dpage
+        bits = self.bitmap[lo : lo + count]
+        if not bits.all():
+            bad = start + int(np.flatnonzero(~bits)[0])
+            raise AllocatorError(f"pool {self.index}: free of dpage {bad}, which is not allocated")
+        bits[:] = False
+        self.avail += count
+        new_start, new_len = start, count
+        pos = self._runs_by_start.bisect_right(start) - 1
+        if pos >= 0:
+            left_start, left_len = self._runs_by_start.peekitem(pos)
+            if left_start + left_len == start:
+                self._remove_run(left_start, left_len)
+                new_start, new_len = left_start, left_len + count
+        right_len = self._runs_by_start.get(start + count)
+        if right_len is not None:
+            self._remove_run(start + count, right_len)
+            new_len += right_len
+        self._add_run(new_start, new_len)
+
+    def free_runs(self) -> list[Extent]:
+        """All free runs in address order."""
+        return [Extent(s, n) for s, n in self._runs_by_start.items()]
+
+    def statistics(self) -> PoolStats:
+        """Return a frozen snapshot of the pool's counters."""
+        largest = self.largest_free_run()
+        return PoolStats(
+            index=self.index,
+            node=self.node,
+            dpage_size=self.dpage_size,
+            first_dpage=self.first_dpage,
+            total_dpages=self.size,
+            free_dpages=self.avail,
+            used_dpages=self.size - self.avail,
+            largest_free_run=largest,
+            free_runs=len(self._runs_by_start),
+            fragmentation=(1.0 - largest / self.avail) if self.avail else 0.0,
+        )
+
+    def check(self) -> None:
+        """Verify that the free-run index, the bitmap and avail agree; raise AllocatorError if not.
+
+        O(pool size); meant for tests and on-demand verification.
+        """
+        free = np.concatenate(([False], ~self.bitmap, [False])).astype(np.int8)
+        edges = np.flatnonzero(np.diff(free))
+        starts, ends = edges[0::2], edges[1::2]
+        from_bitmap = {int(s) + self.first_dpage: int(e - s) for s, e in zip(starts, ends)}
+        if from_bitmap != dict(self._runs_by_start):
+            raise AllocatorError(f"pool {self.index}: free-run index disagrees with the bitmap")
+        if sorted((n, s) for s, n in from_bitmap.items()) != list(self._runs_by_size):
+            raise AllocatorError(f"pool {self.index}: size index disagrees with the bitmap")
+        if int((~self.bitmap).sum()) != self.avail:
+            raise AllocatorError(f"pool {self.index}: avail {self.avail} disagrees with the bitmap")
+
+    def _run_containing(self, dpage: int) -> tuple[int, int]:
+        pos = self._runs_by_start.bisect_right(dpage) - 1
+        if pos >= 0:
+            run_start, run_len = self._runs_by_start.peekitem(pos)
+            if dpage < run_start + run_len:
+                return run_start, run_len
+        return dpage, 0
+
+    def _carve(self, run_start: int, run_len: int, start: int, count: int) -> Extent:
+        """Take ``[start, start+count)`` out of the free run at *run_start*."""
+        self._remove_run(run_start, run_len)
+        if start > run_start:
+            self._add_run(run_start, start - run_start)
+        run_end = run_start + run_len
+        if start + count < run_end:
+            self._add_run(start + count, run_end - start - count)
+        lo = start - self.first_dpage
+        bits = self.bitmap[lo : lo + count]
+        if bits.any():
+            raise AllocatorError(f"pool {self.index}: free-run index handed out allocated dpages")
+        bits[:] = True
+        self.avail -= count
+        return Extent(start, count)
+
+    def _add_run(self, start: int, length: int) -> None:
+        self._runs_by_start[start] = length
+        self._runs_by_size.add((length, start))
+
+    def _remove_run(self, start: int, length: int) -> None:
+        del self._runs_by_start[start]
+        self._runs_by_size.remove((length, start))

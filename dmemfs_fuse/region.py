@@ -1,0 +1,363 @@
+"""The region: one memory mapping taken at start-up, populated, locked and kept until exit.
+
+It stands in for the ``dmem=`` boot reservation.  :func:`plan_region` turns the
+mount options and the machine's facts into a :class:`RegionPlan` (checked
+before anything is reserved); :meth:`Region.open` carries the plan out.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import mmap
+import os
+import stat
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from humanfriendly import format_size
+
+from . import hugepages, numa
+from .errors import ConfigError
+from .options import DPAGE_SIZES, MountOptions, PoolSpec
+
+log = logging.getLogger(__name__)
+
+MADV_POPULATE_WRITE = 23
+POPULATE_CHUNK = 256 << 20
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.munlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _human(size: int) -> str:
+    return str(format_size(size, binary=True))
+
+
+@dataclass(frozen=True)
+class RegionPlan:
+    """What to reserve, decided before anything is reserved.
+
+    Fields:
+        pools: the pools to carve, in region order.
+        dpage_size: bytes per dpage.
+        backend: ``hugetlbfs``, ``memfd-hugetlb``, ``memfd`` or ``path``.
+        path: the hugetlbfs directory (hugetlbfs) or the file/device (path).
+        reserve: huge pages to add to the kernel's pools, per node.
+        allow_unlocked: go on (loudly) if mlock fails.
+        warnings: fallbacks taken, to be logged when the plan is carried out.
+    """
+
+    pools: tuple[PoolSpec, ...]
+    dpage_size: int
+    backend: str
+    path: str | None = None
+    reserve: dict[int, int] = field(default_factory=dict)
+    allow_unlocked: bool = False
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def size(self) -> int:
+        """Bytes in the whole region."""
+        return sum(p.size for p in self.pools)
+
+
+def _meminfo_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def plan_region(opts: MountOptions) -> RegionPlan:
+    """Resolve *opts* against this machine into a RegionPlan; raise ConfigError if it cannot work."""
+    nodes = numa.online_nodes()
+    warnings: list[str] = []
+    huge_2m = DPAGE_SIZES["2M"]
+    pagesize = opts.pagesize
+    if pagesize is None:
+        if opts.region.startswith("/") and _on_hugetlbfs(opts.region):
+            pagesize = os.statvfs(os.path.dirname(opts.region)).f_bsize
+        else:
+            wanted = _requested_bytes(opts, nodes, huge_2m) // huge_2m
+            enough = hugepages.supported(huge_2m) and hugepages.available(huge_2m) >= wanted
+            pagesize = huge_2m if enough or opts.reserve_hugepages else DPAGE_SIZES["4K"]
+    if opts.nodes:
+        for spec in opts.nodes:
+            if spec.node not in nodes:
+                raise ConfigError(f"nodes: node {spec.node} does not exist or has no memory "
+                                  f"(nodes with memory: {', '.join(map(str, nodes))})")
+        pools = opts.nodes
+    else:
+        assert opts.size is not None
+        if opts.size.all_but:
+            pools = tuple(
+                PoolSpec(n, (numa.node_meminfo(n).get("MemFree", 0) - opts.size.size)
+                         // pagesize * pagesize)
+                for n in nodes
+            )
+            for spec in pools:
+                if spec.size <= 0:
+                    raise ConfigError(f"size=!{_human(opts.size.size)}: node {spec.node} has no "
+                                      "more free memory than that")
+        else:
+            pools = tuple(PoolSpec(n, opts.size.size) for n in nodes)
+    for spec in pools:
+        if spec.size % pagesize:
+            raise ConfigError(f"size {_human(spec.size)} is not a multiple of pagesize "
+                              f"{_human(pagesize)}")
+    total = sum(p.size for p in pools)
+    huge = pagesize > DPAGE_SIZES["4K"] and hugepages.supported(pagesize)
+    if pagesize > DPAGE_SIZES["4K"] and not hugepages.supported(pagesize):
+        warnings.append(f"the kernel has no {_human(pagesize)} huge pages")
+    reserve: dict[int, int] = {}
+    enough = False
+    if huge:
+        need = total // pagesize
+        enough = hugepages.available(pagesize) >= need
+        if not enough and opts.reserve_hugepages:
+            for node in sorted({p.node for p in pools}):
+                node_need = sum(p.size for p in pools if p.node == node) // pagesize
+                free = int(hugepages.node_path(pagesize, node, "free_hugepages").read_text())
+                if node_need > free:
+                    reserve[node] = node_need - free
+            enough = True
+    short = (f"{hugepages.available(pagesize) if huge else 0} free huge pages of "
+             f"{_human(pagesize)}, {total // pagesize} needed")
+    backend: str
+    path: str | None = None
+    if opts.region.startswith("/"):
+        backend, path = "path", opts.region
+        _check_path(path, total)
+    elif opts.region == "hugetlbfs":
+        if not huge:
+            raise ConfigError(f"region=hugetlbfs: needs pagesize 2M or 1G with kernel support, "
+                              f"not {_human(pagesize)}")
+        path = _hugetlbfs_dir(opts, pagesize)
+        if path is None:
+            raise ConfigError(f"region=hugetlbfs: no hugetlbfs with pagesize={_human(pagesize)} "
+                              "is mounted; mount one or name it with hugetlbfs=DIR")
+        if not enough:
+            raise ConfigError(f"region=hugetlbfs: {short}; add reserve_hugepages or raise "
+                              "/proc/sys/vm/nr_hugepages")
+        backend = "hugetlbfs"
+    else:
+        path = _hugetlbfs_dir(opts, pagesize) if huge and opts.region == "auto" else None
+        if huge and enough:
+            backend = "hugetlbfs" if path else "memfd-hugetlb"
+        else:
+            backend, path = "memfd", None
+            if huge:
+                warnings.append(f"{short}: falling back to a plain memfd of small pages "
+                                f"(dpages stay {_human(pagesize)}); add reserve_hugepages or "
+                                "raise /proc/sys/vm/nr_hugepages for huge pages")
+    if backend == "memfd" or (backend == "path" and not _on_hugetlbfs(path or "")):
+        avail = _meminfo_available()
+        if total > avail:
+            raise ConfigError(f"size: {_human(total)} wanted but only {_human(avail)} of memory "
+                              "is available")
+    return RegionPlan(pools=tuple(pools), dpage_size=pagesize, backend=backend, path=path,
+                      reserve=reserve, allow_unlocked=opts.allow_unlocked,
+                      warnings=tuple(warnings))
+
+
+def _requested_bytes(opts: MountOptions, nodes: list[int], pagesize: int) -> int:
+    if opts.nodes:
+        return sum(p.size for p in opts.nodes)
+    assert opts.size is not None
+    if opts.size.all_but:
+        return sum(max(0, numa.node_meminfo(n).get("MemFree", 0) - opts.size.size) for n in nodes)
+    return opts.size.size * len(nodes)
+
+
+def _hugetlbfs_dir(opts: MountOptions, pagesize: int) -> str | None:
+    if opts.hugetlbfs:
+        if not _on_hugetlbfs(os.path.join(opts.hugetlbfs, "x")):
+            raise ConfigError(f"hugetlbfs={opts.hugetlbfs}: not a hugetlbfs mount")
+        return opts.hugetlbfs
+    mounts = hugepages.hugetlbfs_mounts(pagesize)
+    return str(mounts[0]) if mounts else None
+
+
+def _on_hugetlbfs(path: str) -> bool:
+    try:
+        target = path if os.path.exists(path) else os.path.dirname(path)
+        # statvfs has no f_type; the page size check plus /proc/mounts is what we can see.
+        for line in Path("/proc/mounts").read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 2 and fields[2] == "hugetlbfs" and (
+                    os.path.realpath(target) + "/").startswith(fields[1].rstrip("/") + "/"):
+                return True
+    except OSError:
+        pass
+    return False
+
+
+def _check_path(path: str, size: int) -> None:
+    if os.path.exists(path):
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            raise ConfigError(f"region={path}: is a directory; name a file or a device")
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise ConfigError(f"region={path}: not a regular file or a device")
+    elif not os.path.isdir(os.path.dirname(path) or "/"):
+        raise ConfigError(f"region={path}: its directory does not exist")
+
+
+class Region:
+    """A locked, populated shared mapping of the plan's size, sliced into pools.
+
+    ``view`` is a memoryview of all of it and ``array`` the same bytes as a
+    numpy uint8 array; both stay valid until :meth:`close`.
+    """
+
+    def __init__(self, plan: RegionPlan) -> None:
+        self.plan = plan
+        self.size = plan.size
+        self.dpage_size = plan.dpage_size
+        self.fd = -1
+        self.addr = 0
+        self.locked = False
+        # True when every byte is known to be zero (fresh memory); a reused
+        # file or device may hold old bytes, which must be zeroed before use.
+        self.fresh = True
+        self.populate_seconds = 0.0
+        self._reservation = hugepages.HugePageReservation(plan.dpage_size)
+        self.view: memoryview = memoryview(b"")
+        self.array: np.ndarray = np.zeros(0, dtype=np.uint8)
+
+    @classmethod
+    def open(cls, plan: RegionPlan, progress: Callable[[int, int], None] | None = None) -> Region:
+        """Reserve, map, bind, populate and lock the region; undo everything on failure."""
+        region = cls(plan)
+        try:
+            region._open(progress)
+        except BaseException:
+            region.close()
+            raise
+        return region
+
+    def _open(self, progress: Callable[[int, int], None] | None) -> None:
+        plan = self.plan
+        for warning in plan.warnings:
+            log.warning("%s", warning)
+        for node, count in sorted(plan.reserve.items()):
+            self._reservation.reserve(node, count)
+        self.fd = self._open_fd()
+        addr = _libc.mmap(None, self.size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED,
+                          self.fd, 0)
+        if addr in (None, MAP_FAILED):
+            err = ctypes.get_errno()
+            raise OSError(err, f"mmap of {_human(self.size)} ({plan.backend}): {os.strerror(err)}")
+        self.addr = int(addr)
+        offset = 0
+        for spec in plan.pools:
+            try:
+                numa.mbind(self.addr + offset, spec.size, spec.node)
+            except OSError as exc:
+                if plan.backend != "path":
+                    raise
+                log.warning("cannot bind %s to node %d (%s); device memory keeps its own node",
+                            plan.path, spec.node, exc)
+            offset += spec.size
+        self._populate(progress)
+        if _libc.mlock(ctypes.c_void_p(self.addr), self.size) == 0:
+            self.locked = True
+        else:
+            err = ctypes.get_errno()
+            message = (f"mlock of {_human(self.size)} failed: {os.strerror(err)} (run as root or "
+                       "raise RLIMIT_MEMLOCK, e.g. LimitMEMLOCK=infinity under systemd)")
+            if not plan.allow_unlocked:
+                raise OSError(err, message + "; allow_unlocked lets it run unlocked")
+            log.warning("%s; running UNLOCKED because of allow_unlocked: the region may be swapped",
+                        message)
+        array_type = ctypes.c_ubyte * self.size
+        buffer = array_type.from_address(self.addr)
+        self.view = memoryview(buffer).cast("B")
+        self.array = np.frombuffer(buffer, dtype=np.uint8)
+        log.info("region: %s of %s in %d pool(s), dpage %s, populated%s in %.2f s", _human(self.size),
+                 self.describe(), len(plan.pools), _human(self.dpage_size),
+                 " and locked" if self.locked else "", self.populate_seconds)
+
+    def describe(self) -> str:
+        """The backend in words, for logs and status."""
+        plan = self.plan
+        if plan.backend == "hugetlbfs":
+            return f"hugetlbfs file in {plan.path}"
+        if plan.backend == "path":
+            return str(plan.path)
+        return "memfd with huge pages" if plan.backend == "memfd-hugetlb" else "memfd"
+
+    def _open_fd(self) -> int:
+        plan = self.plan
+        if plan.backend == "memfd-hugetlb":
+            shift = self.dpage_size.bit_length() - 1
+            flags = os.MFD_CLOEXEC | os.MFD_HUGETLB | (shift << os.MFD_HUGE_SHIFT)
+            fd = os.memfd_create("dmemfs", flags)
+        elif plan.backend == "memfd":
+            fd = os.memfd_create("dmemfs", os.MFD_CLOEXEC)
+        elif plan.backend == "hugetlbfs":
+            assert plan.path is not None
+            fd, name = tempfile.mkstemp(prefix="dmemfs.", dir=plan.path)
+            os.unlink(name)  # lives as long as the daemon holds it
+        else:
+            assert plan.path is not None
+            fd = os.open(plan.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode):
+                self.fresh = st.st_size == 0
+                if st.st_size < self.size:
+                    os.ftruncate(fd, self.size)
+            else:
+                self.fresh = False
+            return fd
+        try:
+            os.ftruncate(fd, self.size)
+        except OSError as exc:
+            os.close(fd)
+            raise OSError(exc.errno, f"sizing the {plan.backend} region to {_human(self.size)}: "
+                          f"{exc.strerror}") from None
+        return fd
+
+    def _populate(self, progress: Callable[[int, int], None] | None) -> None:
+        started = time.monotonic()
+        done = 0
+        while done < self.size:
+            length = min(POPULATE_CHUNK, self.size - done)
+            if _libc.madvise(ctypes.c_void_p(self.addr + done), length, MADV_POPULATE_WRITE):
+                err = ctypes.get_errno()
+                hint = ""
+                if err in (errno.ENOMEM, errno.EFAULT):
+                    hint = " (not enough memory or huge pages for the region)"
+                raise OSError(err, f"populating {self.describe()} at offset {_human(done)}: "
+                              f"{os.strerror(err)}{hint}")
+            done += length
+            if progress:
+                progress(done, self.size)
+        self.populate_seconds = time.monotonic() - started
+
+    def close(self) -> None:
+        """Unlock, unmap and close the region and give back reserved huge pages; never raises."""
+        self.view = memoryview(b"")
+        self.array = np.zeros(0, dtype=np.uint8)
+        if self.addr:
+            if self.locked:
+                _libc.munlock(ctypes.c_void_p(self.addr), self.size)
+            _libc.munmap(ctypes.c_void_p(self.addr), self.size)
+            self.addr = 0
+            self.locked = False
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self._reservation.release()

@@ -1,0 +1,143 @@
+"""File contents: reads, writes and size changes of files whose bytes live in the region.
+
+The store owns the zeroing rule.  A freed dpage is marked dirty and is zeroed
+when it is handed out again, so no file ever sees another file's old bytes,
+and fresh memory (zero from the kernel) costs nothing to allocate.  Bytes past
+EOF inside a file's last dpage are kept zero, so growing a file needs no work
+on the dpage it already has.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+import numpy as np
+
+from .errors import NoSpaceError, fs_error
+from .extents import FileExtents
+from .pool import Extent
+from .poolset import PoolSet
+from .region import Region
+
+log = logging.getLogger(__name__)
+
+
+class FileStore:
+    """Reads and writes file bytes in *region*, taking and returning dpages through *pools*."""
+
+    def __init__(self, region: Region, pools: PoolSet) -> None:
+        self.region = region
+        self.pools = pools
+        self.dpage_size = region.dpage_size
+        self.max_file_size = region.size
+        # One flag per region dpage: True = may hold old bytes, zero before reuse.
+        self.dirty = np.full(region.size // region.dpage_size, not region.fresh, dtype=np.bool_)
+
+    def read(self, extents: FileExtents, file_size: int, off: int, length: int) -> memoryview | bytes:
+        """Return up to *length* bytes at *off*: a view of the region when they are contiguous there."""
+        if off >= file_size or length <= 0:
+            return b""
+        end = min(file_size, off + length)
+        dps = self.dpage_size
+        pieces = list(extents.pieces(off // dps, -(-end // dps)))
+        view = self.region.view
+        if len(pieces) == 1 and pieces[0].region is not None:
+            base = pieces[0].region * dps + (off - pieces[0].file_dpage * dps)
+            return view[base : base + end - off]
+        out = bytearray(end - off)
+        for piece in pieces:
+            lo = max(off, piece.file_dpage * dps)
+            hi = min(end, (piece.file_dpage + piece.count) * dps)
+            if piece.region is not None:
+                src = piece.region * dps + (lo - piece.file_dpage * dps)
+                out[lo - off : hi - off] = view[src : src + hi - lo]
+        return bytes(out)
+
+    def write(self, extents: FileExtents, file_size: int, off: int, data: bytes, node: int) -> int:
+        """Write *data* at *off*, allocating the dpages it touches; return the new file size.
+
+        Allocation is all or nothing: on ENOSPC nothing was taken or written.
+        """
+        end = off + len(data)
+        if end > self.max_file_size:
+            raise fs_error(errno.EFBIG, f"write up to byte {end}, the region holds "
+                           f"{self.max_file_size}")
+        if not data:
+            return file_size
+        dps = self.dpage_size
+        self._allocate(extents, off // dps, -(-end // dps), node)
+        view = self.region.view
+        pos = 0
+        for piece in extents.pieces(off // dps, -(-end // dps)):
+            assert piece.region is not None
+            lo = max(off, piece.file_dpage * dps)
+            hi = min(end, (piece.file_dpage + piece.count) * dps)
+            dst = piece.region * dps + (lo - piece.file_dpage * dps)
+            view[dst : dst + hi - lo] = data[pos : pos + hi - lo]
+            pos += hi - lo
+        return max(file_size, end)
+
+    def resize(self, extents: FileExtents, old_size: int, new_size: int, node: int) -> None:
+        """Make the file *new_size* bytes long.
+
+        Growing allocates every dpage of the new range now (a reservation, as
+        on dmemfs); shrinking returns the dpages past the new end to the pools
+        at once and zeroes the tail of the last one.
+        """
+        if new_size > self.max_file_size:
+            raise fs_error(errno.EFBIG, f"size {new_size}, the region holds {self.max_file_size}")
+        dps = self.dpage_size
+        if new_size > old_size:
+            self._allocate(extents, old_size // dps, -(-new_size // dps), node)
+            return
+        released = extents.truncate(-(-new_size // dps))
+        self.free(released)
+        if new_size % dps:
+            last = next(extents.pieces(new_size // dps, new_size // dps + 1))
+            if last.region is not None:
+                start = last.region * dps + new_size % dps
+                self.region.array[start : (last.region + 1) * dps] = 0
+
+    def release(self, extents: FileExtents) -> None:
+        """Give every dpage of a file back to the pools (the file is gone)."""
+        self.free(extents.truncate(0))
+
+    def free(self, released: list[Extent]) -> None:
+        """Return *released* to the pools, marking them dirty."""
+        for ext in released:
+            self.dirty[ext.start : ext.end] = True
+        self.pools.free(released)
+
+    def _allocate(self, extents: FileExtents, first: int, end: int, node: int) -> None:
+        holes = extents.holes(first, end)
+        if not holes:
+            return
+        needed = sum(count for _, count in holes)
+        if needed > self.pools.free_dpages:
+            raise NoSpaceError(f"{needed} dpages wanted, {self.pools.free_dpages} free")
+        # Take everything first, map it only once all of it is there.
+        done: list[tuple[int, list[Extent]]] = []
+        try:
+            for file_dpage, count in holes:
+                done.append((file_dpage, self.pools.alloc(count, node,
+                                                          extents.region_after(file_dpage))))
+        except BaseException:
+            self.pools.free([e for _, got in done for e in got])
+            raise
+        for file_dpage, got in done:
+            self._zero_dirty(got)
+            extents.insert(file_dpage, got)
+
+    def _zero_dirty(self, got: list[Extent]) -> None:
+        dps = self.dpage_size
+        array = self.region.array
+        for ext in got:
+            flags = self.dirty[ext.start : ext.end]
+            if not flags.any():
+                continue
+            padded = np.concatenate(([False], flags, [False])).astype(np.int8)
+            edges = np.flatnonzero(np.diff(padded))
+            for lo, hi in zip(edges[0::2], edges[1::2]):
+                array[(ext.start + lo) * dps : (ext.start + hi) * dps] = 0
+            flags[:] = False
