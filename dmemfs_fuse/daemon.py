@@ -64,7 +64,7 @@ def _terminate_on_signal(signum: int, frame: FrameType | None) -> None:
 
 
 def run(config: DaemonConfig) -> int:
-    """Run the daemon until the filesystem is unmounted or a signal stops it; return the exit code."""
+    """Serve until the filesystem is unmounted or a signal stops it; return the exit code."""
     plan = plan_region(config.options)
     ready_fd = -1
     if not config.foreground:

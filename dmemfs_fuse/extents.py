@@ -17,11 +17,11 @@ from .pool import Extent
 
 
 class Piece(NamedTuple):
-    """A run of file dpages: mapped to region dpage *region* onward, or a hole (``region is None``)."""
+    """A run of file dpages mapped to region dpage *region* onward; a hole if *region* is None."""
 
     file_dpage: int
     region: int | None
-    count: int
+    length: int
 
 
 class FileExtents:
@@ -43,8 +43,7 @@ class FileExtents:
     def pieces(self, first: int, end: int) -> Iterator[Piece]:
         """Yield mapped runs and holes that exactly cover file dpages ``[first, end)``."""
         pos = self._runs.bisect_right(first) - 1
-        if pos < 0:
-            pos = 0
+        pos = max(pos, 0)
         cursor = first
         keys = self._runs.keys()
         values = self._runs.values()
@@ -68,7 +67,7 @@ class FileExtents:
 
     def holes(self, first: int, end: int) -> list[tuple[int, int]]:
         """The holes in ``[first, end)`` as ``(file_dpage, count)``."""
-        return [(p.file_dpage, p.count) for p in self.pieces(first, end) if p.region is None]
+        return [(p.file_dpage, p.length) for p in self.pieces(first, end) if p.region is None]
 
     def region_after(self, file_dpage: int) -> int | None:
         """The region dpage that would continue the run just before *file_dpage*, if any.
@@ -86,8 +85,8 @@ class FileExtents:
     def insert(self, file_dpage: int, extents: list[Extent]) -> None:
         """Map *extents*, one after another, at *file_dpage* onward; the range must be a hole."""
         for ext in extents:
-            self._insert_one(file_dpage, ext.start, ext.count)
-            file_dpage += ext.count
+            self._insert_one(file_dpage, ext.start, ext.length)
+            file_dpage += ext.length
 
     def truncate(self, dpages: int) -> list[Extent]:
         """Unmap every file dpage at or past *dpages*; return the region extents released."""
@@ -102,7 +101,7 @@ class FileExtents:
         for key in list(self._runs.irange(minimum=dpages)):
             run_region, run_count = self._runs.pop(key)
             released.append(Extent(run_region, run_count))
-        self.mapped -= sum(e.count for e in released)
+        self.mapped -= sum(e.length for e in released)
         return released
 
     def _insert_one(self, file_dpage: int, region: int, count: int) -> None:

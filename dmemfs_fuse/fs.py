@@ -15,11 +15,12 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pyfuse3
+import trio
 
 from . import numa
 from .inodes import Inode, InodeTable
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 # The daemon is the only writer, and every change passes through the kernel,
 # so the kernel's caches of entries and attributes stay true for long.
 CACHE_TIMEOUT = 1.0
+FORGET_GRACE = 0.1
 QUIET_ERRNOS = {errno.ENOENT, errno.EEXIST, errno.ENODATA, errno.ENOTEMPTY, errno.EOPNOTSUPP}
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -42,7 +44,8 @@ def _summary(args: tuple[Any, ...]) -> str:
             parts.append(f"<{len(arg)} bytes>")
         elif isinstance(arg, pyfuse3.RequestContext):
             parts.append(f"pid={arg.pid}")
-        elif isinstance(arg, (pyfuse3.EntryAttributes, pyfuse3.SetattrFields, pyfuse3.ReaddirToken)):
+        elif isinstance(arg, (pyfuse3.EntryAttributes, pyfuse3.SetattrFields,
+                              pyfuse3.ReaddirToken)):
             continue
         else:
             parts.append(repr(arg))
@@ -83,7 +86,7 @@ class Handle:
     node: int
 
 
-class DmemOperations(pyfuse3.Operations):  # type: ignore[misc]
+class DmemOperations(pyfuse3.Operations):
     """pyfuse3 operations over an InodeTable (metadata) and a FileStore (bytes)."""
 
     supports_dot_lookup = True
@@ -129,7 +132,9 @@ class DmemOperations(pyfuse3.Operations):  # type: ignore[misc]
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self._attrs(self.inodes.lookup(parent_inode, name))
 
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        if self.trace:
+            log.debug("forget(%s)", inode_list)
         for ino, count in inode_list:
             try:
                 self.inodes.forget(ino, count)
@@ -183,7 +188,8 @@ class DmemOperations(pyfuse3.Operations):  # type: ignore[misc]
     @_boundary
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._attrs(self.inodes.make(parent_inode, name, mode, ctx.uid, ctx.gid, rdev))
+        return self._attrs(self.inodes.make(parent_inode, name, mode, ctx.uid, ctx.gid,
+                                                   rdev=rdev))
 
     @_boundary
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
@@ -252,7 +258,8 @@ class DmemOperations(pyfuse3.Operations):  # type: ignore[misc]
         return self._open_handle(node, ctx), self._attrs(node)
 
     @_boundary
-    async def read(self, fh: int, off: int, size: int) -> memoryview | bytes:
+    async def read(  # type: ignore[override]  # any buffer will do: a view avoids a copy
+            self, fh: int, off: int, size: int) -> memoryview | bytes:
         node = self._inode_of(fh)
         assert node.data is not None
         return self.store.read(node.data, node.size, off, size)
@@ -312,6 +319,12 @@ class DmemOperations(pyfuse3.Operations):  # type: ignore[misc]
 
     @_boundary
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        # The kernel sends FORGET for a just-removed file a moment after
+        # unlink() returns, so `rm f; df` could see its dpages still held.
+        # Give in-flight forgets a short, bounded time to land first.
+        deadline = trio.current_time() + FORGET_GRACE
+        while self.inodes.orphans and trio.current_time() < deadline:
+            await trio.sleep(0.001)
         pools = self.store.pools
         out = pyfuse3.StatvfsData()
         out.f_bsize = out.f_frsize = self.store.dpage_size

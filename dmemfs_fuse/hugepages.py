@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from humanfriendly import parse_size
+
 from .numa import NODE_ROOT
 
 log = logging.getLogger(__name__)
@@ -65,8 +67,6 @@ def hugetlbfs_mounts(size: int) -> list[Path]:
         pagesize = default_size()
         for opt in fields[3].split(","):
             if opt.startswith("pagesize="):
-                from humanfriendly import parse_size
-
                 pagesize = parse_size(opt.split("=", 1)[1], binary=True)
         if pagesize == size:
             out.append(Path(fields[1].replace("\\040", " ")))

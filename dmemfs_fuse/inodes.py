@@ -125,6 +125,8 @@ class InodeTable:
         self.nr_inodes = nr_inodes
         self._release_data = release_data or (lambda extents: None)
         self.inodes: dict[int, Inode] = {}
+        # Inodes whose last name is gone but that are still held (open or known to the kernel).
+        self._unlinked: set[int] = set()
         self._next_ino = ROOT_INO
         root = self._new(stat.S_IFDIR | (root_mode & 0o7777), root_uid, root_gid)
         root.dir = Directory()
@@ -180,13 +182,19 @@ class InodeTable:
         self._maybe_drop(inode)
 
     @property
+    def orphans(self) -> int:
+        """Inodes with no name and no open handle that wait only for the kernel's forget."""
+        return sum(1 for ino in self._unlinked
+                   if (node := self.inodes.get(ino)) is not None and not node.open_count)
+
+    @property
     def used(self) -> int:
         """Inodes in use, including unlinked ones still held open or known to the kernel."""
         return len(self.inodes)
 
     # -- creating and removing names ---------------------------------------
 
-    def make(self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
+    def make(self, parent: int, name: bytes, mode: int, uid: int, gid: int, *, rdev: int = 0,
              target: bytes | None = None) -> Inode:
         """Create a file, directory, symlink or special file named *name* in *parent*."""
         pnode, entries = self.directory(parent)
@@ -429,8 +437,12 @@ class InodeTable:
             ino = self.inodes[ino].parent
 
     def _maybe_drop(self, inode: Inode) -> None:
-        if inode.link_count or inode.lookup_count or inode.open_count or inode.ino == ROOT_INO:
+        if inode.link_count or inode.ino == ROOT_INO:
             return
+        if inode.lookup_count or inode.open_count:
+            self._unlinked.add(inode.ino)
+            return
+        self._unlinked.discard(inode.ino)
         del self.inodes[inode.ino]
         if inode.data is not None:
             self._release_data(inode.data)

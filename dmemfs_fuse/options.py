@@ -120,7 +120,8 @@ def _int(text: str, option: str, base: int = 10) -> int:
     try:
         value = int(text, base)
     except ValueError:
-        raise ConfigError(f"{option}={text}: not a{'n octal' if base == 8 else ''} number") from None
+        kind = "an octal number" if base == 8 else "a number"
+        raise ConfigError(f"{option}={text}: not {kind}") from None
     if value < 0:
         raise ConfigError(f"{option}={text}: must not be negative")
     return value
@@ -133,8 +134,8 @@ def split_options(opt_strings: list[str]) -> list[tuple[str, str | None]]:
     """
     items: list[tuple[str, str | None]] = []
     for opts in opt_strings:
-        for item in opts.split(","):
-            item = item.strip()
+        for raw in opts.split(","):
+            item = raw.strip()
             if not item:
                 continue
             if re.fullmatch(r"\d+:\S+", item) and items and items[-1][0] == "nodes":
@@ -202,13 +203,14 @@ def _parse_value(name: str, value: str) -> object:
             specs.append(PoolSpec(int(node), parse_size(size, "nodes")))
         return tuple(specs)
     if name == "pagesize":
-        size = DPAGE_SIZES.get(value.upper().removesuffix("B").removesuffix("I"))
-        if size is None:
+        dpage = DPAGE_SIZES.get(value.upper().removesuffix("B").removesuffix("I"))
+        if dpage is None:
             raise ConfigError(f"pagesize={value}: accepted are 4K, 2M and 1G")
-        return size
+        return dpage
     if name == "region":
         if value not in ("auto", "hugetlbfs", "memfd") and not value.startswith("/"):
-            raise ConfigError(f"region={value}: accepted are auto, hugetlbfs, memfd or an absolute path")
+            raise ConfigError(
+                f"region={value}: accepted are auto, hugetlbfs, memfd or an absolute path")
         return value
     if name == "hugetlbfs":
         if not value.startswith("/"):

@@ -26,12 +26,12 @@ class Extent(NamedTuple):
     """A run of contiguous dpages, in region dpage numbers."""
 
     start: int
-    count: int
+    length: int
 
     @property
     def end(self) -> int:
         """First dpage after the run."""
-        return self.start + self.count
+        return self.start + self.length
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,8 @@ class Pool:
         free = np.concatenate(([False], ~self.bitmap, [False])).astype(np.int8)
         edges = np.flatnonzero(np.diff(free))
         starts, ends = edges[0::2], edges[1::2]
-        from_bitmap = {int(s) + self.first_dpage: int(e - s) for s, e in zip(starts, ends)}
+        from_bitmap = {int(s) + self.first_dpage: int(e - s)
+                       for s, e in zip(starts, ends, strict=True)}
         if from_bitmap != dict(self._runs_by_start):
             raise AllocatorError(f"pool {self.index}: free-run index disagrees with the bitmap")
         if sorted((n, s) for s, n in from_bitmap.items()) != list(self._runs_by_size):

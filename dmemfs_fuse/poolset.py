@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 class PoolSet:
     """Every pool of the region; allocations try the caller's node first, then the nearest."""
 
-    def __init__(self, pools: Sequence[Pool], dpage_size: int, max_alloc_try_dpages: int = 0) -> None:
+    def __init__(self, pools: Sequence[Pool], dpage_size: int,
+                 max_alloc_try_dpages: int = 0) -> None:
         if not pools:
             raise ValueError("a pool set needs at least one pool")
         self.pools = list(pools)
@@ -44,7 +45,7 @@ class PoolSet:
         return self.pools[pos]
 
     def order_for(self, node: int) -> list[Pool]:
-        """Pools in the order an allocation from *node* tries them: nearest first, then pool order."""
+        """Pools in the order an allocation from *node* tries them: nearest first."""
         return sorted(self.pools, key=lambda p: (numa.node_distance(node, p.node), p.index))
 
     def alloc(self, count: int, node: int = 0, goal: int | None = None) -> list[Extent]:
@@ -100,7 +101,7 @@ def _merge(extents: list[Extent]) -> list[Extent]:
     out: list[Extent] = []
     for ext in extents:
         if out and out[-1].end == ext.start:
-            out[-1] = Extent(out[-1].start, out[-1].count + ext.count)
+            out[-1] = Extent(out[-1].start, out[-1].length + ext.length)
         else:
             out.append(ext)
     return out

@@ -81,7 +81,7 @@ def _meminfo_available() -> int:
 
 
 def plan_region(opts: MountOptions) -> RegionPlan:
-    """Resolve *opts* against this machine into a RegionPlan; raise ConfigError if it cannot work."""
+    """Resolve *opts* against this machine; raise ConfigError if the plan cannot work."""
     nodes = numa.online_nodes()
     warnings: list[str] = []
     huge_2m = DPAGE_SIZES["2M"]
@@ -285,9 +285,9 @@ class Region:
         array_type = ctypes.c_ubyte * self.size
         buffer = array_type.from_address(self.addr)
         self.view = memoryview(buffer).cast("B")
-        self.array = np.frombuffer(buffer, dtype=np.uint8)
-        log.info("region: %s of %s in %d pool(s), dpage %s, populated%s in %.2f s", _human(self.size),
-                 self.describe(), len(plan.pools), _human(self.dpage_size),
+        self.array = np.frombuffer(self.view, dtype=np.uint8)
+        log.info("region: %s of %s in %d pool(s), dpage %s, populated%s in %.2f s",
+                 _human(self.size), self.describe(), len(plan.pools), _human(self.dpage_size),
                  " and locked" if self.locked else "", self.populate_seconds)
 
     def describe(self) -> str:

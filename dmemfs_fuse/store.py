@@ -34,8 +34,9 @@ class FileStore:
         # One flag per region dpage: True = may hold old bytes, zero before reuse.
         self.dirty = np.full(region.size // region.dpage_size, not region.fresh, dtype=np.bool_)
 
-    def read(self, extents: FileExtents, file_size: int, off: int, length: int) -> memoryview | bytes:
-        """Return up to *length* bytes at *off*: a view of the region when they are contiguous there."""
+    def read(self, extents: FileExtents, file_size: int, off: int,
+             length: int) -> memoryview | bytes:
+        """Return up to *length* bytes at *off*: a view of the region when contiguous there."""
         if off >= file_size or length <= 0:
             return b""
         end = min(file_size, off + length)
@@ -48,7 +49,7 @@ class FileStore:
         out = bytearray(end - off)
         for piece in pieces:
             lo = max(off, piece.file_dpage * dps)
-            hi = min(end, (piece.file_dpage + piece.count) * dps)
+            hi = min(end, (piece.file_dpage + piece.length) * dps)
             if piece.region is not None:
                 src = piece.region * dps + (lo - piece.file_dpage * dps)
                 out[lo - off : hi - off] = view[src : src + hi - lo]
@@ -72,7 +73,7 @@ class FileStore:
         for piece in extents.pieces(off // dps, -(-end // dps)):
             assert piece.region is not None
             lo = max(off, piece.file_dpage * dps)
-            hi = min(end, (piece.file_dpage + piece.count) * dps)
+            hi = min(end, (piece.file_dpage + piece.length) * dps)
             dst = piece.region * dps + (lo - piece.file_dpage * dps)
             view[dst : dst + hi - lo] = data[pos : pos + hi - lo]
             pos += hi - lo
@@ -138,6 +139,6 @@ class FileStore:
                 continue
             padded = np.concatenate(([False], flags, [False])).astype(np.int8)
             edges = np.flatnonzero(np.diff(padded))
-            for lo, hi in zip(edges[0::2], edges[1::2]):
+            for lo, hi in zip(edges[0::2], edges[1::2], strict=True):
                 array[(ext.start + lo) * dps : (ext.start + hi) * dps] = 0
             flags[:] = False

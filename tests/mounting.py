@@ -1,0 +1,119 @@
+"""Real dmemfs mounts for end-to-end tests: daemon in a subprocess, readiness by polling,
+and an unmount on every path (fusermount3 -u, then -z, then kill)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MOUNT_TIMEOUT = 60.0
+EXIT_TIMEOUT = 20.0
+
+
+def is_mounted(path: Path) -> bool:
+    """Whether a dmemfs is mounted exactly at *path*."""
+    target = os.path.realpath(path)
+    with open("/proc/mounts") as mounts:
+        return any(
+            line.split()[1] == target and line.split()[2] == "fuse.dmemfs" for line in mounts
+        )
+
+
+def daemon_command(mountpoint: Path, options: str, *extra: str) -> list[str]:
+    """The command line that starts the daemon in the foreground."""
+    return [sys.executable, "-m", "dmemfs_fuse.cli", "none", str(mountpoint), "-f",
+            "-o", options, *extra]
+
+
+@dataclass
+class Mount:
+    """A running daemon and its mountpoint."""
+
+    path: Path
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    exit_code: int | None = field(default=None)
+
+    def log(self) -> str:
+        """Everything the daemon printed so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def statvfs(self) -> os.statvfs_result:
+        """statfs of the mount."""
+        return os.statvfs(self.path)
+
+    def free_dpages(self) -> int:
+        """Free dpages as statfs reports them."""
+        return self.statvfs().f_bfree
+
+
+def wait_mounted(path: Path, proc: subprocess.Popen[bytes], log_path: Path,
+                 timeout: float = MOUNT_TIMEOUT) -> None:
+    """Poll until *path* is a dmemfs mount; fail with the daemon's log if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while not is_mounted(path):
+        if proc.poll() is not None:
+            raise AssertionError(f"dmemfs exited with {proc.returncode} before mounting:\n"
+                                 f"{log_path.read_text(errors='replace')}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"dmemfs did not mount within {timeout} s:\n"
+                                 f"{log_path.read_text(errors='replace')}")
+        time.sleep(0.05)
+    os.stat(path)  # the first request waits for FUSE INIT: the mount now answers
+
+
+def unmount(path: Path, proc: subprocess.Popen[bytes]) -> int | None:
+    """Unmount *path* and end *proc*: fusermount3 -u, then -z, then kill.  Returns the exit code."""
+    if is_mounted(path):
+        subprocess.run(["fusermount3", "-u", str(path)], capture_output=True, check=False)
+    try:
+        return proc.wait(timeout=EXIT_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pass
+    if is_mounted(path):
+        subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, check=False)
+    try:
+        proc.wait(timeout=EXIT_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if is_mounted(path):
+        subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, check=False)
+    return None  # not a clean exit
+
+
+@contextmanager
+def dmemfs(tmp: Path, options: str = "size=64M,pagesize=2M", *extra: str,
+           name: str = "mnt") -> Iterator[Mount]:
+    """Mount a dmemfs under *tmp* for the duration of the block; always unmount."""
+    path = tmp / name
+    path.mkdir(exist_ok=True)
+    log_path = tmp / f"{name}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(daemon_command(path, options, *extra), stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    mount = Mount(path, proc, log_path)
+    try:
+        wait_mounted(path, proc, log_path)
+        yield mount
+    finally:
+        mount.exit_code = unmount(path, proc)
+        assert not is_mounted(path), f"{path} is still mounted"
+
+
+def run_daemon(tmp: Path, options: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run a daemon that is expected to fail before mounting; return its result."""
+    path = tmp / "mnt-fail"
+    path.mkdir(exist_ok=True)
+    try:
+        return subprocess.run(daemon_command(path, options), capture_output=True, text=True,
+                              timeout=timeout, check=False)
+    finally:
+        if is_mounted(path):
+            subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False)

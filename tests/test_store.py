@@ -1,0 +1,91 @@
+"""File bytes in a real (small, memfd) region, without a mount."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+
+import pytest
+
+from dmemfs_fuse.daemon import build_pools
+from dmemfs_fuse.extents import FileExtents
+from dmemfs_fuse.options import PoolSpec
+from dmemfs_fuse.region import Region, RegionPlan
+from dmemfs_fuse.store import FileStore
+
+DPS = 4096
+POOL = 64 * DPS
+
+
+@pytest.fixture
+def store() -> Iterator[FileStore]:
+    plan = RegionPlan(pools=(PoolSpec(0, POOL), PoolSpec(0, POOL)), dpage_size=DPS,
+                      backend="memfd")
+    region = Region.open(plan)
+    try:
+        assert region.locked
+        yield FileStore(region, build_pools(plan, 0))
+    finally:
+        region.close()
+
+
+def test_write_read_roundtrip_and_zero_copy(store: FileStore) -> None:
+    fx = FileExtents()
+    data = bytes(range(256)) * 64  # 16 KiB, 4 dpages
+    size = store.write(fx, 0, 100, data, 0)
+    assert size == 100 + len(data)
+    out = store.read(fx, size, 0, size)
+    assert bytes(out) == b"\0" * 100 + data
+    assert isinstance(out, memoryview), "a contiguous read is a view of the region"
+    assert store.read(fx, size, size, 10) == b""
+
+
+def test_sparse_write_leaves_holes(store: FileStore) -> None:
+    fx = FileExtents()
+    size = store.write(fx, 0, 10 * DPS, b"x", 0)
+    assert fx.mapped == 1
+    assert bytes(store.read(fx, size, 0, size)) == b"\0" * (10 * DPS) + b"x"
+
+
+def test_freed_dpages_are_zeroed_before_reuse(store: FileStore) -> None:
+    a = FileExtents()
+    store.write(a, 0, 0, b"\xff" * (POOL * 2), 0)
+    assert store.pools.free_dpages == 0
+    store.release(a)
+    b = FileExtents()
+    store.resize(b, 0, POOL * 2, 0)
+    assert bytes(store.read(b, POOL * 2, 0, POOL * 2)) == b"\0" * (POOL * 2)
+
+
+def test_shrink_then_grow_reads_zeros(store: FileStore) -> None:
+    fx = FileExtents()
+    store.write(fx, 0, 0, b"\xaa" * (3 * DPS), 0)
+    store.resize(fx, 3 * DPS, DPS + 10, 0)
+    store.resize(fx, DPS + 10, 3 * DPS, 0)
+    out = bytes(store.read(fx, 3 * DPS, 0, 3 * DPS))
+    assert out == b"\xaa" * (DPS + 10) + b"\0" * (2 * DPS - 10)
+
+
+def test_enospc_is_all_or_nothing(store: FileStore) -> None:
+    fx = FileExtents()
+    store.resize(fx, 0, 100 * DPS, 0)
+    free = store.pools.free_dpages
+    other = FileExtents()
+    store.write(other, 0, 0, b"1", 0)
+    with pytest.raises(OSError) as info:
+        store.write(other, DPS, 5 * DPS, b"2" * (free * DPS), 0)
+    assert info.value.errno == errno.ENOSPC
+    assert store.pools.free_dpages == free - 1 and other.mapped == 1
+    with pytest.raises(OSError) as info:
+        store.resize(fx, 100 * DPS, 200 * DPS, 0)
+    assert info.value.errno == errno.EFBIG
+    for pool in store.pools.pools:
+        pool.check()
+
+
+def test_truncate_as_large_as_free_space(store: FileStore) -> None:
+    fx = FileExtents()
+    store.resize(fx, 0, 128 * DPS, 0)
+    assert store.pools.free_dpages == 0
+    store.resize(fx, 128 * DPS, 0, 0)
+    assert store.pools.free_dpages == 128
