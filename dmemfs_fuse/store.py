@@ -53,7 +53,7 @@ class FileStore:
             if piece.region is not None:
                 src = piece.region * dps + (lo - piece.file_dpage * dps)
                 out[lo - off : hi - off] = view[src : src + hi - lo]
-        return bytes(out)
+        return memoryview(out)
 
     def write(self, extents: FileExtents, file_size: int, off: int, data: bytes, node: int) -> int:
         """Write *data* at *off*, allocating the dpages it touches; return the new file size.
@@ -69,13 +69,14 @@ class FileStore:
         dps = self.dpage_size
         self._allocate(extents, off // dps, -(-end // dps), node)
         view = self.region.view
+        source = memoryview(data)  # slicing a view copies nothing
         pos = 0
         for piece in extents.pieces(off // dps, -(-end // dps)):
             assert piece.region is not None
             lo = max(off, piece.file_dpage * dps)
             hi = min(end, (piece.file_dpage + piece.length) * dps)
             dst = piece.region * dps + (lo - piece.file_dpage * dps)
-            view[dst : dst + hi - lo] = data[pos : pos + hi - lo]
+            view[dst : dst + hi - lo] = source[pos : pos + hi - lo]
             pos += hi - lo
         return max(file_size, end)
 

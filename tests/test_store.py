@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from dmemfs_fuse import numa
 from dmemfs_fuse.daemon import build_pools
 from dmemfs_fuse.extents import FileExtents
 from dmemfs_fuse.options import PoolSpec
@@ -89,3 +90,9 @@ def test_truncate_as_large_as_free_space(store: FileStore) -> None:
     assert store.pools.free_dpages == 0
     store.resize(fx, 128 * DPS, 0, 0)
     assert store.pools.free_dpages == 128
+
+
+def test_region_pages_live_on_their_pools_node(store: FileStore) -> None:
+    region = store.region
+    addresses = [region.addr + offset for offset in range(0, region.size, 16 * DPS)]
+    assert set(numa.page_nodes(addresses)) == {0}  # the one node of this machine
