@@ -120,7 +120,8 @@ class DmemOperations(pyfuse3.Operations):
         attr.st_gid = inode.gid
         attr.st_rdev = inode.rdev
         attr.st_size = inode.size
-        attr.st_blksize = dps
+        # The dpage for files; directory reads need no 2 MiB buffers.
+        attr.st_blksize = dps if inode.data is not None else 4096
         attr.st_blocks = inode.data.mapped * (dps // 512) if inode.data is not None else 0
         attr.st_atime_ns = inode.atime_ns
         attr.st_mtime_ns = inode.mtime_ns
@@ -245,7 +246,7 @@ class DmemOperations(pyfuse3.Operations):
         node = self.inodes.get(inode)
         if node.data is None:
             raise OSError(errno.EISDIR if node.dir is not None else errno.ENXIO, "open")
-        if flags & os.O_TRUNC and node.size:
+        if flags & os.O_TRUNC:  # times change even if the file is already empty
             self._resize(node, 0, numa.process_node(ctx.pid))
         return self._open_handle(node, ctx)
 
@@ -268,9 +269,10 @@ class DmemOperations(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         node = self._inode_of(fh)
         assert node.data is not None
-        node.size = self.store.write(node.data, node.size, off, buf, self._handles[fh].node)
+        node.size, written = self.store.write(node.data, node.size, off, buf,
+                                              self._handles[fh].node)
         node.touch(data=True)
-        return len(buf)
+        return written
 
     @_boundary
     async def flush(self, fh: int) -> None:

@@ -55,17 +55,21 @@ class FileStore:
                 out[lo - off : hi - off] = view[src : src + hi - lo]
         return memoryview(out)
 
-    def write(self, extents: FileExtents, file_size: int, off: int, data: bytes, node: int) -> int:
-        """Write *data* at *off*, allocating the dpages it touches; return the new file size.
+    def write(self, extents: FileExtents, file_size: int, off: int, data: bytes,
+              node: int) -> tuple[int, int]:
+        """Write *data* at *off*, allocating the dpages it touches.
 
-        Allocation is all or nothing: on ENOSPC nothing was taken or written.
+        Returns the new file size and the bytes written: a write that runs past
+        the largest possible file is cut short there (EFBIG only if it starts
+        there), as the kernel does at s_maxbytes.  Allocation is all or
+        nothing: on ENOSPC nothing was taken or written.
         """
-        end = off + len(data)
-        if end > self.max_file_size:
-            raise fs_error(errno.EFBIG, f"write up to byte {end}, the region holds "
+        if off >= self.max_file_size and data:
+            raise fs_error(errno.EFBIG, f"write at byte {off}, the region holds "
                            f"{self.max_file_size}")
-        if not data:
-            return file_size
+        end = min(off + len(data), self.max_file_size)
+        if end <= off:
+            return file_size, 0
         dps = self.dpage_size
         self._allocate(extents, off // dps, -(-end // dps), node)
         view = self.region.view
@@ -78,7 +82,7 @@ class FileStore:
             dst = piece.region * dps + (lo - piece.file_dpage * dps)
             view[dst : dst + hi - lo] = source[pos : pos + hi - lo]
             pos += hi - lo
-        return max(file_size, end)
+        return max(file_size, end), end - off
 
     def resize(self, extents: FileExtents, old_size: int, new_size: int, node: int) -> None:
         """Make the file *new_size* bytes long.

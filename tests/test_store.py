@@ -33,7 +33,8 @@ def store() -> Iterator[FileStore]:
 def test_write_read_roundtrip_and_zero_copy(store: FileStore) -> None:
     fx = FileExtents()
     data = bytes(range(256)) * 64  # 16 KiB, 4 dpages
-    size = store.write(fx, 0, 100, data, 0)
+    size, written = store.write(fx, 0, 100, data, 0)
+    assert written == len(data)
     assert size == 100 + len(data)
     out = store.read(fx, size, 0, size)
     assert bytes(out) == b"\0" * 100 + data
@@ -43,7 +44,7 @@ def test_write_read_roundtrip_and_zero_copy(store: FileStore) -> None:
 
 def test_sparse_write_leaves_holes(store: FileStore) -> None:
     fx = FileExtents()
-    size = store.write(fx, 0, 10 * DPS, b"x", 0)
+    size, _ = store.write(fx, 0, 10 * DPS, b"x", 0)
     assert fx.mapped == 1
     assert bytes(store.read(fx, size, 0, size)) == b"\0" * (10 * DPS) + b"x"
 
