@@ -19,13 +19,18 @@ from types import FrameType
 import pyfuse3
 import trio
 from humanfriendly import format_size
+from prometheus_client import CollectorRegistry
 
+from . import control, metrics
 from .fs import DmemOperations
 from .inodes import InodeTable
+from .metrics import build_registry
 from .options import MountOptions
+from .policy import parse_policy
 from .pool import Pool
 from .poolset import PoolSet
 from .region import Region, RegionPlan, plan_region
+from .report import Reporter
 from .store import FileStore
 
 log = logging.getLogger(__name__)
@@ -40,15 +45,20 @@ class DaemonConfig:
     foreground: bool
 
 
-def build_pools(plan: RegionPlan, max_alloc_try_dpages: int) -> PoolSet:
-    """Carve the planned pools out of the region's dpages, in region order."""
+def build_pools(plan: RegionPlan, max_alloc_try_dpages: int, explicit: bool = True) -> PoolSet:
+    """Carve the planned pools out of the region's dpages, in region order.
+
+    Policies name pools by node number in the default layout (one pool per
+    node) and by position when the pools were listed explicitly (*explicit*).
+    """
     pools = []
     first = 0
     for index, spec in enumerate(plan.pools):
         count = spec.size // plan.dpage_size
         pools.append(Pool(index, spec.node, first, count, plan.dpage_size))
         first += count
-    return PoolSet(pools, plan.dpage_size, max_alloc_try_dpages)
+    ids = {p.index: p for p in pools} if explicit else {p.node: p for p in pools}
+    return PoolSet(pools, plan.dpage_size, max_alloc_try_dpages, ids)
 
 
 def fuse_options(opts: MountOptions) -> set[str]:
@@ -74,33 +84,60 @@ def run(config: DaemonConfig) -> int:
     signal.signal(signal.SIGTERM, _terminate_on_signal)
     signal.signal(signal.SIGHUP, _terminate_on_signal)
     region = Region.open(plan, progress=_Progress(plan.size))
-    mounted = False
+    opts = config.options
+    pools = build_pools(plan, opts.max_alloc_try_dpages, explicit=bool(opts.nodes))
+    store = FileStore(region, pools)
+    inodes = InodeTable(opts.nr_inodes, opts.mode, opts.uid, opts.gid,
+                        release_data=store.release,
+                        parse_policy=lambda text: parse_policy(text, pools.ids))
+    ops = DmemOperations(inodes, store, trace=opts.debug)
+    reporter = Reporter(inodes, store, region.describe(), ops.set_trace)
+    reporter.trace = opts.debug
+    registry = None
+    if opts.metrics:
+        registry, ops.metrics = build_registry(reporter)
+    mount = _Mount(config, ops, ready_fd)
     try:
-        pools = build_pools(plan, config.options.max_alloc_try_dpages)
-        store = FileStore(region, pools)
-        opts = config.options
-        inodes = InodeTable(opts.nr_inodes, opts.mode, opts.uid, opts.gid,
-                            release_data=store.release)
-        ops = DmemOperations(inodes, store, trace=opts.debug)
-        pyfuse3.init(ops, config.mountpoint, fuse_options(opts))
-        mounted = True
-        log.info("mounted %s: %s in %d pool(s) of %s dpages", config.mountpoint,
-                 format_size(plan.size, binary=True), len(plan.pools),
-                 format_size(plan.dpage_size, binary=True))
-        if ready_fd >= 0:
-            _report_ready(ready_fd)
-        trio.run(_serve)
+        trio.run(_serve, mount, reporter, registry)
     finally:
-        if mounted:
+        if mount.mounted:
             pyfuse3.close(unmount=True)
         region.close()
         log.info("region released; exiting")
     return 0
 
 
-async def _serve() -> None:
+@dataclass
+class _Mount:
+    """The FUSE mount and who waits for it."""
+
+    config: DaemonConfig
+    ops: DmemOperations
+    ready_fd: int
+    mounted: bool = False
+
+    def mount(self) -> None:
+        """Mount (pyfuse3.init) and tell a waiting parent that the mount is up."""
+        opts = self.config.options
+        pyfuse3.init(self.ops, self.config.mountpoint, fuse_options(opts))
+        self.mounted = True
+        log.info("mounted %s: %s of %s dpages", self.config.mountpoint,
+                 format_size(self.ops.store.region.size, binary=True),
+                 format_size(self.ops.store.dpage_size, binary=True))
+        if self.ready_fd >= 0:
+            _report_ready(self.ready_fd)
+
+
+async def _serve(mount: _Mount, reporter: Reporter, registry: CollectorRegistry | None) -> None:
+    """Start the control socket (and metrics) first, so a taken port fails before mounting."""
     async with trio.open_nursery() as nursery:
+        await nursery.start(control.serve, control.socket_path(mount.config.mountpoint),
+                            reporter)
+        if registry is not None and mount.config.options.metrics:
+            host, port = mount.config.options.metrics
+            await nursery.start(metrics.serve, host, port, registry)
         nursery.start_soon(_watch_signals, nursery.cancel_scope)
+        mount.mount()
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 

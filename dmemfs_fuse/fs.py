@@ -24,6 +24,8 @@ import trio
 
 from . import numa
 from .inodes import Inode, InodeTable
+from .metrics import RequestMetrics
+from .policy import LOCAL
 from .store import FileStore
 
 log = logging.getLogger(__name__)
@@ -57,22 +59,29 @@ def _boundary(handler: F) -> F:
 
     @functools.wraps(handler)
     async def wrapper(self: DmemOperations, *args: Any) -> Any:
-        started = time.perf_counter() if self.trace else 0.0
+        name = handler.__name__
+        timed = self.trace or self.metrics is not None
+        started = time.perf_counter() if timed else 0.0
         try:
             result = await handler(self, *args)
-        except pyfuse3.FUSEError:
+        except pyfuse3.FUSEError as exc:
+            self._account(name, started, errno.errorcode.get(exc.errno, str(exc.errno)))
             raise
         except OSError as exc:
             code = exc.errno or errno.EIO
             level = logging.DEBUG if code in QUIET_ERRNOS else logging.INFO
-            log.log(level, "%s(%s): %s", handler.__name__, _summary(args), exc)
+            log.log(level, "%s(%s): %s", name, _summary(args), exc)
+            self._account(name, started, errno.errorcode.get(code, str(code)))
             raise pyfuse3.FUSEError(code) from None
         except Exception:
-            log.exception("%s(%s) failed; answering EIO", handler.__name__, _summary(args))
+            log.exception("%s(%s) failed; answering EIO", name, _summary(args))
+            self._account(name, started, "EIO")
             raise pyfuse3.FUSEError(errno.EIO) from None
-        if self.trace:
-            log.debug("%s(%s) -> ok in %.1f us", handler.__name__, _summary(args),
-                      (time.perf_counter() - started) * 1e6)
+        if timed:
+            self._account(name, started, "ok")
+            if self.trace:
+                log.debug("%s(%s) -> ok in %.1f us", name, _summary(args),
+                          (time.perf_counter() - started) * 1e6)
         return result
 
     return wrapper  # type: ignore[return-value]
@@ -93,13 +102,24 @@ class DmemOperations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, inodes: InodeTable, store: FileStore, trace: bool = False) -> None:
+    def __init__(self, inodes: InodeTable, store: FileStore, trace: bool = False,
+                 metrics: RequestMetrics | None = None) -> None:
         super().__init__()
         self.inodes = inodes
         self.store = store
         self.trace = trace
+        self.metrics = metrics
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
+
+    def set_trace(self, on: bool) -> None:
+        """Log every request (op, arguments, result, time) at debug level, or stop."""
+        self.trace = on
+        log.setLevel(logging.DEBUG if on else logging.NOTSET)
+
+    def _account(self, op: str, started: float, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.observe(op, time.perf_counter() - started, result)
 
     def init(self) -> None:
         """Called once the kernel has connected; must not raise."""
@@ -169,7 +189,8 @@ class DmemOperations(pyfuse3.Operations):
         if node.data is None:
             raise OSError(errno.EISDIR if node.dir is not None else errno.EINVAL,
                           "truncate of a non-regular file")
-        self.store.resize(node.data, node.size, size, numa_node)
+        self.store.resize(node.data, node.size, size, node=numa_node,
+                          policy=node.policy or LOCAL)
         node.size = size
         node.touch(data=True)
 
@@ -263,15 +284,21 @@ class DmemOperations(pyfuse3.Operations):
             self, fh: int, off: int, size: int) -> memoryview | bytes:
         node = self._inode_of(fh)
         assert node.data is not None
-        return self.store.read(node.data, node.size, off, size)
+        data = self.store.read(node.data, node.size, off, size)
+        if self.metrics is not None:
+            self.metrics.read_bytes.inc(len(data))
+        return data
 
     @_boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         node = self._inode_of(fh)
         assert node.data is not None
         node.size, written = self.store.write(node.data, node.size, off, buf,
-                                              self._handles[fh].node)
+                                              node=self._handles[fh].node,
+                                              policy=node.policy or LOCAL)
         node.touch(data=True)
+        if self.metrics is not None:
+            self.metrics.written_bytes.inc(written)
         return written
 
     @_boundary

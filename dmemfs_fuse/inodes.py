@@ -23,6 +23,7 @@ from sortedcontainers import SortedDict
 
 from .errors import fs_error
 from .extents import FileExtents
+from .policy import POLICY_XATTR, Policy
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,8 @@ class Inode:
     target: bytes | None = None
     dir: Directory | None = None
     data: FileExtents | None = None
+    # None: the default (local); set through the user.dmem.policy xattr.
+    policy: Policy | None = None
 
     @property
     def nlink(self) -> int:
@@ -120,10 +123,12 @@ class InodeTable:
     """Every inode of the filesystem, by number, and the operations on the namespace."""
 
     def __init__(self, nr_inodes: int, root_mode: int = 0o1777, root_uid: int = 0,
-                 root_gid: int = 0,
-                 release_data: Callable[[FileExtents], None] | None = None) -> None:
+                 root_gid: int = 0, *,
+                 release_data: Callable[[FileExtents], None] | None = None,
+                 parse_policy: Callable[[str], Policy] | None = None) -> None:
         self.nr_inodes = nr_inodes
         self._release_data = release_data or (lambda extents: None)
+        self._parse_policy = parse_policy
         self.inodes: dict[int, Inode] = {}
         # Inodes whose last name is gone but that are still held (open or known to the kernel).
         self._unlinked: set[int] = set()
@@ -212,6 +217,8 @@ class InodeTable:
             if kind == stat.S_IFDIR:
                 mode |= stat.S_ISGID
         inode = self._new(mode, uid, gid, rdev)
+        if kind in (stat.S_IFDIR, stat.S_IFREG):
+            inode.policy = pnode.policy  # inherited, as a directory's default
         if kind == stat.S_IFDIR:
             inode.dir = Directory()
             inode.parent = parent
@@ -363,6 +370,10 @@ class InodeTable:
         """The value of xattr *name*; ENODATA if it is not set."""
         inode = self.get(ino)
         _check_xattr_name(name)
+        if name == POLICY_XATTR and self._parse_policy is not None:
+            if inode.policy is None:
+                raise fs_error(errno.ENODATA, "no policy set")
+            return str(inode.policy).encode()
         value = inode.xattrs.get(name)
         if value is None:
             raise fs_error(errno.ENODATA, name.decode(errors="replace"))
@@ -374,6 +385,9 @@ class InodeTable:
         _check_xattr_name(name)
         if len(value) > XATTR_SIZE_MAX:
             raise fs_error(errno.E2BIG, f"xattr value of {len(value)} bytes")
+        if name == POLICY_XATTR and self._parse_policy is not None:
+            self.set_policy(ino, value.decode(errors="replace"))
+            return
         if name not in inode.xattrs:
             listed = sum(len(n) + 1 for n in inode.xattrs) + len(name) + 1
             if listed > XATTR_LIST_MAX:
@@ -383,15 +397,36 @@ class InodeTable:
 
     def listxattr(self, ino: int) -> list[bytes]:
         """Names of the xattrs of *ino*."""
-        return list(self.get(ino).xattrs)
+        inode = self.get(ino)
+        names = list(inode.xattrs)
+        if inode.policy is not None:
+            names.append(POLICY_XATTR)
+        return names
 
     def removexattr(self, ino: int, name: bytes) -> None:
         """Remove xattr *name*; ENODATA if it is not set."""
         inode = self.get(ino)
         _check_xattr_name(name)
+        if name == POLICY_XATTR and self._parse_policy is not None:
+            if inode.policy is None:
+                raise fs_error(errno.ENODATA, "no policy set")
+            inode.policy = None
+            inode.touch()
+            return
         if inode.xattrs.pop(name, None) is None:
             raise fs_error(errno.ENODATA, name.decode(errors="replace"))
         inode.touch()
+
+    def set_policy(self, ino: int, text: str) -> Policy:
+        """Parse and set the memory policy of a file or directory; EINVAL with a reason if bad."""
+        inode = self.get(ino)
+        if inode.data is None and inode.dir is None:
+            raise fs_error(errno.EINVAL, "policies apply to files and directories")
+        if self._parse_policy is None:
+            raise fs_error(errno.EOPNOTSUPP, "no policies on this table")
+        inode.policy = self._parse_policy(text)
+        inode.touch()
+        return inode.policy
 
     # -- internals -----------------------------------------------------------
 

@@ -60,7 +60,10 @@ OPTIONS: tuple[OptionDoc, ...] = (
     OptionDoc("allow_unlocked", "", "off",
               "Keep going (with a warning) if the region cannot be mlock()ed. Without it, a "
               "region that cannot be locked is an error."),
-    OptionDoc("debug", "", "off", "Log every FUSE request."),
+    OptionDoc("metrics", "[HOST:]PORT", "off",
+              "Serve Prometheus metrics at http://HOST:PORT/metrics. HOST defaults to "
+              "127.0.0.1 (loopback); name another address only on a trusted network."),
+    OptionDoc("debug", "", "off", "Log every FUSE request (op, arguments, result, time)."),
 )
 
 # Options mount(8), fstab and systemd pass along that mean nothing here.
@@ -102,6 +105,7 @@ class MountOptions:
     gid: int = 0
     allow_other: bool = False
     allow_unlocked: bool = False
+    metrics: tuple[str, int] | None = None
     debug: bool = False
     ignored: tuple[str, ...] = field(default=())
 
@@ -216,6 +220,12 @@ def _parse_value(name: str, value: str) -> object:
         if not value.startswith("/"):
             raise ConfigError(f"hugetlbfs={value}: must be an absolute path")
         return value
+    if name == "metrics":
+        host, sep, port = value.rpartition(":")
+        host = host.strip("[]") if sep else "127.0.0.1"
+        if not port.isdigit() or not 0 < int(port) < 65536 or (sep and not host):
+            raise ConfigError(f"metrics={value}: use PORT or HOST:PORT, e.g. metrics=9464")
+        return (host, int(port))
     if name == "mode":
         mode = _int(value, name, 8)
         if mode > 0o7777:

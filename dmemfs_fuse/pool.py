@@ -51,6 +51,10 @@ class PoolStats:
         free_runs: how many separate free runs there are.
         fragmentation: ``1 - largest_free_run / free_dpages`` (0 when all free
             space is one run or there is none).
+        allocs: allocation calls served since start.
+        frees: free calls since start.
+        fallback_dpages: dpages that a ``preferred`` policy naming this pool
+            had to take from other pools because this one was full.
     """
 
     index: int
@@ -63,6 +67,9 @@ class PoolStats:
     largest_free_run: int
     free_runs: int
     fragmentation: float
+    allocs: int
+    frees: int
+    fallback_dpages: int
 
 
 class Pool:
@@ -77,6 +84,9 @@ class Pool:
         self.size = size
         self.dpage_size = dpage_size
         self.avail = size
+        self.allocs = 0
+        self.frees = 0
+        self.fallback_dpages = 0
         # True = allocated.  One byte per dpage: 256 KiB per GiB at 4K dpages.
         self.bitmap = np.zeros(size, dtype=np.bool_)
         self._runs_by_start: SortedDict = SortedDict({first_dpage: size})
@@ -124,6 +134,7 @@ class Pool:
                 take = run_len
             extents.append(self._carve(run_start, run_len, run_start, take))
             remaining -= take
+        self.allocs += 1
         return extents
 
     def free(self, start: int, count: int) -> None:
@@ -140,6 +151,7 @@ class Pool:
             raise AllocatorError(f"pool {self.index}: free of dpage {bad}, which is not allocated")
         bits[:] = False
         self.avail += count
+        self.frees += 1
         new_start, new_len = start, count
         pos = self._runs_by_start.bisect_right(start) - 1
         if pos >= 0:
@@ -171,6 +183,9 @@ class Pool:
             largest_free_run=largest,
             free_runs=len(self._runs_by_start),
             fragmentation=(1.0 - largest / self.avail) if self.avail else 0.0,
+            allocs=self.allocs,
+            frees=self.frees,
+            fallback_dpages=self.fallback_dpages,
         )
 
     def check(self) -> None:

@@ -1,23 +1,44 @@
-"""The pools of a region taken together: placement order and all-or-nothing allocation."""
+"""The pools of a region taken together: placement by policy, all-or-nothing allocation."""
 
 from __future__ import annotations
 
 import bisect
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 from . import numa
 from .errors import NoSpaceError
+from .policy import LOCAL, Policy
 from .pool import Extent, Pool, PoolStats
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class PoolSetStats:
+    """Totals over every pool, in the original's names.
+
+    Fields:
+        dpage_size: bytes per dpage.
+        total_dpages: dpages in all pools.
+        free_dpages: free dpages in all pools.
+        enospc: allocations refused for lack of space since start.
+        pools: each pool's own snapshot, in region order.
+    """
+
+    dpage_size: int
+    total_dpages: int
+    free_dpages: int
+    enospc: int
+    pools: tuple[PoolStats, ...]
+
+
 class PoolSet:
-    """Every pool of the region; allocations try the caller's node first, then the nearest."""
+    """Every pool of the region, and where an allocation's dpages come from."""
 
     def __init__(self, pools: Sequence[Pool], dpage_size: int,
-                 max_alloc_try_dpages: int = 0) -> None:
+                 max_alloc_try_dpages: int = 0, ids: Mapping[int, Pool] | None = None) -> None:
         if not pools:
             raise ValueError("a pool set needs at least one pool")
         self.pools = list(pools)
@@ -25,6 +46,9 @@ class PoolSet:
         # 0 = no cap.  With a cap, one allocation is served in steps of at most
         # this many dpages, each continuing where the last ended when it can.
         self.max_alloc_try_dpages = max_alloc_try_dpages
+        # The names policies use for pools (node numbers in the default layout).
+        self.ids: dict[int, Pool] = dict(ids) if ids else {p.index: p for p in self.pools}
+        self.enospc = 0
         self._starts = [p.first_dpage for p in self.pools]
 
     @property
@@ -37,6 +61,10 @@ class PoolSet:
         """Free dpages in all pools."""
         return sum(p.avail for p in self.pools)
 
+    def pool_id(self, pool: Pool) -> int:
+        """The name policies use for *pool*."""
+        return next(i for i, p in self.ids.items() if p is pool)
+
     def pool_of(self, dpage: int) -> Pool:
         """The pool holding region dpage *dpage*."""
         pos = bisect.bisect_right(self._starts, dpage) - 1
@@ -44,25 +72,80 @@ class PoolSet:
             raise ValueError(f"dpage {dpage} is in no pool")
         return self.pools[pos]
 
-    def order_for(self, node: int) -> list[Pool]:
-        """Pools in the order an allocation from *node* tries them: nearest first."""
-        return sorted(self.pools, key=lambda p: (numa.node_distance(node, p.node), p.index))
+    def order_for(self, node: int, pools: Iterable[Pool] | None = None) -> list[Pool]:
+        """*pools* (default all) in the order a caller on *node* tries them: nearest first."""
+        return sorted(self.pools if pools is None else pools,
+                      key=lambda p: (numa.node_distance(node, p.node), p.index))
+
+    def allocate(self, count: int, *, policy: Policy = LOCAL, node: int = 0,
+                 file_dpage: int = 0, goal: int | None = None) -> list[tuple[int, Extent]]:
+        """Take *count* dpages for file dpages ``[file_dpage, file_dpage+count)``, all or nothing.
+
+        Returns ``(file dpage, extent)`` pairs that cover the range.  *goal*
+        (a region dpage) is where a sequential allocation should start if it
+        is free, so that a file keeps growing contiguously.
+        """
+        if policy.mode == "interleave":
+            return self._interleave(count, [self.ids[i] for i in policy.pools], file_dpage)
+        fallback: list[Pool] = []
+        if policy.mode == "bind":
+            order = self.order_for(node, [self.ids[i] for i in policy.pools])
+        elif policy.mode == "preferred":
+            first = self.ids[policy.pools[0]]
+            fallback = [p for p in self.order_for(first.node) if p is not first]
+            order = [first, *fallback]
+        else:
+            order = self.order_for(node)
+        extents = self._sequential(count, order, goal)
+        if fallback:
+            spilled = sum(e.length for e in extents if self.pool_of(e.start) in fallback)
+            if spilled:
+                order[0].fallback_dpages += spilled
+                log.debug("preferred pool %d full: %d dpages from other pools", order[0].index,
+                          spilled)
+        out: list[tuple[int, Extent]] = []
+        for ext in extents:
+            out.append((file_dpage, ext))
+            file_dpage += ext.length
+        return out
 
     def alloc(self, count: int, node: int = 0, goal: int | None = None) -> list[Extent]:
-        """Take *count* dpages for a caller on *node*, all or nothing.
+        """Take *count* contiguous-as-possible dpages for a caller on *node* (local policy)."""
+        return [ext for _, ext in self.allocate(count, node=node, goal=goal)]
 
-        *goal* (a region dpage) is where the allocation should start if free,
-        so that a file keeps growing contiguously.
-        """
-        order = self.order_for(node)
+    def free(self, extents: Iterable[Extent]) -> None:
+        """Give *extents* back to their pools; an extent may span adjacent pools."""
+        for ext in extents:
+            start, end = ext.start, ext.end
+            while start < end:
+                pool = self.pool_of(start)
+                stop = min(end, pool.end_dpage)
+                pool.free(start, stop - start)
+                start = stop
+
+    def statistics(self) -> PoolSetStats:
+        """A frozen snapshot of the totals and of every pool."""
+        return PoolSetStats(
+            dpage_size=self.dpage_size,
+            total_dpages=self.total_dpages,
+            free_dpages=self.free_dpages,
+            enospc=self.enospc,
+            pools=tuple(p.statistics() for p in self.pools),
+        )
+
+    def _no_space(self, message: str) -> NoSpaceError:
+        self.enospc += 1
+        return NoSpaceError(message)
+
+    def _sequential(self, count: int, order: list[Pool], goal: int | None) -> list[Extent]:
         if goal is not None:
             goal_pool = next((p for p in order if goal in p), None)
             if goal_pool is not None and goal_pool.node == order[0].node:
-                order.remove(goal_pool)
-                order.insert(0, goal_pool)
+                order = [goal_pool, *(p for p in order if p is not goal_pool)]
         avail = sum(p.avail for p in order)
         if count > avail:
-            raise NoSpaceError(f"{count} dpages wanted, {avail} free")
+            raise self._no_space(f"{count} dpages wanted, {avail} free in pools "
+                                 f"{', '.join(str(p.index) for p in order)}")
         step_cap = self.max_alloc_try_dpages or count
         taken: list[Extent] = []
         try:
@@ -81,19 +164,46 @@ class PoolSet:
             raise
         return _merge(taken)
 
-    def free(self, extents: Iterable[Extent]) -> None:
-        """Give *extents* back to their pools; an extent may span adjacent pools."""
-        for ext in extents:
-            start, end = ext.start, ext.end
-            while start < end:
-                pool = self.pool_of(start)
-                stop = min(end, pool.end_dpage)
-                pool.free(start, stop - start)
-                start = stop
+    def _interleave(self, count: int, pools: list[Pool],
+                    file_dpage: int) -> list[tuple[int, Extent]]:
+        """File dpage f goes to ``pools[f % len(pools)]``, spread by offset as the kernel does.
 
-    def statistics(self) -> tuple[PoolStats, ...]:
-        """A frozen snapshot of every pool's counters, in pool order."""
-        return tuple(p.statistics() for p in self.pools)
+        A listed pool that cannot take its share passes the rest to the other
+        listed pools; ENOSPC only when the listed pools together are short.
+        """
+        avail = sum(p.avail for p in pools)
+        if count > avail:
+            raise self._no_space(f"interleave: {count} dpages wanted, {avail} free in pools "
+                                 f"{', '.join(str(p.index) for p in pools)}")
+        n = len(pools)
+        wanted: list[list[int]] = [[] for _ in pools]
+        for f in range(file_dpage, file_dpage + count):
+            wanted[f % n].append(f)
+        spill: list[int] = []
+        for k, pool in enumerate(pools):
+            if len(wanted[k]) > pool.avail:
+                spill.extend(wanted[k][pool.avail:])
+                del wanted[k][pool.avail:]
+        for k, pool in enumerate(pools):
+            room = pool.avail - len(wanted[k])
+            if spill and room > 0:
+                wanted[k].extend(spill[:room])
+                del spill[:room]
+        out: list[tuple[int, Extent]] = []
+        taken: list[Extent] = []
+        try:
+            for k, pool in enumerate(pools):
+                if not wanted[k]:
+                    continue
+                got = pool.alloc(len(wanted[k]))
+                taken.extend(got)
+                dpages = (d for ext in got for d in range(ext.start, ext.end))
+                out.extend((f, Extent(d, 1)) for f, d in zip(wanted[k], dpages, strict=False))
+        except BaseException:
+            self.free(taken)
+            raise
+        out.sort()
+        return out
 
 
 def _merge(extents: list[Extent]) -> list[Extent]:

@@ -14,8 +14,9 @@ import logging
 
 import numpy as np
 
-from .errors import NoSpaceError, fs_error
+from .errors import fs_error
 from .extents import FileExtents
+from .policy import LOCAL, Policy
 from .pool import Extent
 from .poolset import PoolSet
 from .region import Region
@@ -55,8 +56,8 @@ class FileStore:
                 out[lo - off : hi - off] = view[src : src + hi - lo]
         return memoryview(out)
 
-    def write(self, extents: FileExtents, file_size: int, off: int, data: bytes,
-              node: int) -> tuple[int, int]:
+    def write(self, extents: FileExtents, file_size: int, off: int, data: bytes, *,
+              node: int = 0, policy: Policy = LOCAL) -> tuple[int, int]:
         """Write *data* at *off*, allocating the dpages it touches.
 
         Returns the new file size and the bytes written: a write that runs past
@@ -71,7 +72,7 @@ class FileStore:
         if end <= off:
             return file_size, 0
         dps = self.dpage_size
-        self._allocate(extents, off // dps, -(-end // dps), node)
+        self._allocate(extents, off // dps, -(-end // dps), node, policy)
         view = self.region.view
         source = memoryview(data)  # slicing a view copies nothing
         pos = 0
@@ -84,7 +85,8 @@ class FileStore:
             pos += hi - lo
         return max(file_size, end), end - off
 
-    def resize(self, extents: FileExtents, old_size: int, new_size: int, node: int) -> None:
+    def resize(self, extents: FileExtents, old_size: int, new_size: int, *, node: int = 0,
+               policy: Policy = LOCAL) -> None:
         """Make the file *new_size* bytes long.
 
         Growing allocates every dpage of the new range now (a reservation, as
@@ -95,7 +97,7 @@ class FileStore:
             raise fs_error(errno.EFBIG, f"size {new_size}, the region holds {self.max_file_size}")
         dps = self.dpage_size
         if new_size > old_size:
-            self._allocate(extents, old_size // dps, -(-new_size // dps), node)
+            self._allocate(extents, old_size // dps, -(-new_size // dps), node, policy)
             return
         released = extents.truncate(-(-new_size // dps))
         self.free(released)
@@ -115,25 +117,24 @@ class FileStore:
             self.dirty[ext.start : ext.end] = True
         self.pools.free(released)
 
-    def _allocate(self, extents: FileExtents, first: int, end: int, node: int) -> None:
+    def _allocate(self, extents: FileExtents, first: int, end: int, node: int,
+                  policy: Policy) -> None:
         holes = extents.holes(first, end)
         if not holes:
             return
-        needed = sum(count for _, count in holes)
-        if needed > self.pools.free_dpages:
-            raise NoSpaceError(f"{needed} dpages wanted, {self.pools.free_dpages} free")
         # Take everything first, map it only once all of it is there.
-        done: list[tuple[int, list[Extent]]] = []
+        done: list[tuple[int, Extent]] = []
         try:
             for file_dpage, count in holes:
-                done.append((file_dpage, self.pools.alloc(count, node,
-                                                          extents.region_after(file_dpage))))
+                done.extend(self.pools.allocate(count, policy=policy, node=node,
+                                                file_dpage=file_dpage,
+                                                goal=extents.region_after(file_dpage)))
         except BaseException:
-            self.pools.free([e for _, got in done for e in got])
+            self.pools.free([ext for _, ext in done])
             raise
-        for file_dpage, got in done:
-            self._zero_dirty(got)
-            extents.insert(file_dpage, got)
+        self._zero_dirty([ext for _, ext in done])
+        for file_dpage, ext in done:
+            extents.insert(file_dpage, [ext])
 
     def _zero_dirty(self, got: list[Extent]) -> None:
         dps = self.dpage_size

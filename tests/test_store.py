@@ -33,7 +33,7 @@ def store() -> Iterator[FileStore]:
 def test_write_read_roundtrip_and_zero_copy(store: FileStore) -> None:
     fx = FileExtents()
     data = bytes(range(256)) * 64  # 16 KiB, 4 dpages
-    size, written = store.write(fx, 0, 100, data, 0)
+    size, written = store.write(fx, 0, 100, data)
     assert written == len(data)
     assert size == 100 + len(data)
     out = store.read(fx, size, 0, size)
@@ -44,42 +44,42 @@ def test_write_read_roundtrip_and_zero_copy(store: FileStore) -> None:
 
 def test_sparse_write_leaves_holes(store: FileStore) -> None:
     fx = FileExtents()
-    size, _ = store.write(fx, 0, 10 * DPS, b"x", 0)
+    size, _ = store.write(fx, 0, 10 * DPS, b"x")
     assert fx.mapped == 1
     assert bytes(store.read(fx, size, 0, size)) == b"\0" * (10 * DPS) + b"x"
 
 
 def test_freed_dpages_are_zeroed_before_reuse(store: FileStore) -> None:
     a = FileExtents()
-    store.write(a, 0, 0, b"\xff" * (POOL * 2), 0)
+    store.write(a, 0, 0, b"\xff" * (POOL * 2))
     assert store.pools.free_dpages == 0
     store.release(a)
     b = FileExtents()
-    store.resize(b, 0, POOL * 2, 0)
+    store.resize(b, 0, POOL * 2)
     assert bytes(store.read(b, POOL * 2, 0, POOL * 2)) == b"\0" * (POOL * 2)
 
 
 def test_shrink_then_grow_reads_zeros(store: FileStore) -> None:
     fx = FileExtents()
-    store.write(fx, 0, 0, b"\xaa" * (3 * DPS), 0)
-    store.resize(fx, 3 * DPS, DPS + 10, 0)
-    store.resize(fx, DPS + 10, 3 * DPS, 0)
+    store.write(fx, 0, 0, b"\xaa" * (3 * DPS))
+    store.resize(fx, 3 * DPS, DPS + 10)
+    store.resize(fx, DPS + 10, 3 * DPS)
     out = bytes(store.read(fx, 3 * DPS, 0, 3 * DPS))
     assert out == b"\xaa" * (DPS + 10) + b"\0" * (2 * DPS - 10)
 
 
 def test_enospc_is_all_or_nothing(store: FileStore) -> None:
     fx = FileExtents()
-    store.resize(fx, 0, 100 * DPS, 0)
+    store.resize(fx, 0, 100 * DPS)
     free = store.pools.free_dpages
     other = FileExtents()
-    store.write(other, 0, 0, b"1", 0)
+    store.write(other, 0, 0, b"1")
     with pytest.raises(OSError) as info:
-        store.write(other, DPS, 5 * DPS, b"2" * (free * DPS), 0)
+        store.write(other, DPS, 5 * DPS, b"2" * (free * DPS))
     assert info.value.errno == errno.ENOSPC
     assert store.pools.free_dpages == free - 1 and other.mapped == 1
     with pytest.raises(OSError) as info:
-        store.resize(fx, 100 * DPS, 200 * DPS, 0)
+        store.resize(fx, 100 * DPS, 200 * DPS)
     assert info.value.errno == errno.EFBIG
     for pool in store.pools.pools:
         pool.check()
@@ -87,9 +87,9 @@ def test_enospc_is_all_or_nothing(store: FileStore) -> None:
 
 def test_truncate_as_large_as_free_space(store: FileStore) -> None:
     fx = FileExtents()
-    store.resize(fx, 0, 128 * DPS, 0)
+    store.resize(fx, 0, 128 * DPS)
     assert store.pools.free_dpages == 0
-    store.resize(fx, 128 * DPS, 0, 0)
+    store.resize(fx, 128 * DPS, 0)
     assert store.pools.free_dpages == 128
 
 

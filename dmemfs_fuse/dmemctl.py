@@ -1,0 +1,200 @@
+"""``dmemctl``: ask a running dmemfs daemon about its pools and files, and set policies."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+from typing import Any
+
+from humanfriendly import format_size
+
+from . import __version__
+from .control import socket_path
+from .picture import render
+
+
+class CtlError(Exception):
+    """A failure to report to the user in one line (exit status 1)."""
+
+
+def dmemfs_mounts() -> list[str]:
+    """Mountpoints of every dmemfs, from /proc/mounts."""
+    out = []
+    with open("/proc/mounts") as mounts:
+        for line in mounts:
+            fields = line.split()
+            if len(fields) > 2 and fields[2] == "fuse.dmemfs":
+                out.append(fields[1].encode().decode("unicode_escape"))
+    return out
+
+
+def mount_of(path: str | None, mount: str | None) -> str:
+    """The dmemfs mount to talk to: -m, else the one holding *path*, else the only one."""
+    mounts = dmemfs_mounts()
+    if mount:
+        real = os.path.realpath(mount)
+        if real not in mounts:
+            raise CtlError(f"{mount}: no dmemfs is mounted there")
+        return real
+    if path is not None:
+        real = os.path.realpath(path)
+        holders = [m for m in mounts if real == m or real.startswith(m.rstrip("/") + "/")]
+        if not holders:
+            raise CtlError(f"{path}: not on a dmemfs mount")
+        return max(holders, key=len)
+    if not mounts:
+        raise CtlError("no dmemfs is mounted")
+    if len(mounts) > 1:
+        raise CtlError(f"several dmemfs mounts ({', '.join(mounts)}): name one with -m")
+    return mounts[0]
+
+
+def request(mount: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """Send one request to the daemon of *mount*; return its result or raise CtlError."""
+    path = socket_path(mount)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(30)
+            sock.connect(str(path))
+            sock.sendall(json.dumps(payload).encode() + b"\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise CtlError(f"no dmemfs daemon answers for {mount} (no control socket at {path})"
+                       ) from None
+    except PermissionError:
+        raise CtlError(f"{path}: permission denied (dmemctl needs root)") from None
+    except OSError as exc:
+        raise CtlError(f"talking to the daemon of {mount}: {exc.strerror or exc}") from None
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        raise CtlError(f"the daemon of {mount} sent a garbled reply") from None
+    if not reply.get("ok"):
+        raise CtlError(str(reply.get("error", "unknown error")))
+    result: dict[str, Any] = reply["result"]
+    return result
+
+
+def _size(n: int) -> str:
+    return str(format_size(n, binary=True))
+
+
+def _inode(path: str) -> int:
+    try:
+        return os.stat(path).st_ino
+    except OSError as exc:
+        raise CtlError(f"{path}: {exc.strerror}") from None
+
+
+def show_status(mount: str, st: dict[str, Any]) -> str:
+    """Human form of ``status``."""
+    dps = st["dpage_size"]
+    lines = [f"dmemfs on {mount}: {st['region']}, dpage {_size(dps)}",
+             f"{'pool':>4} {'node':>4} {'total':>10} {'free':>10} {'used':>10} "
+             f"{'largest free':>12} {'runs':>5} {'frag':>5}"]
+    for p in st["pools"]:
+        lines.append(f"{p['pool']:>4} {p['node']:>4} {_size(p['total_dpages'] * dps):>10} "
+                     f"{_size(p['free_dpages'] * dps):>10} {_size(p['used_dpages'] * dps):>10} "
+                     f"{_size(p['largest_free_run'] * dps):>12} {p['free_runs']:>5} "
+                     f"{p['fragmentation']:>5.2f}")
+    lines.append(f"total_dpages {st['total_dpages']}  free_dpages {st['free_dpages']}  "
+                 f"({_size(st['free_bytes'])} free of {_size(st['total_bytes'])}); "
+                 f"inodes {st['inodes_used']}/{st['inodes_total']}; "
+                 f"ENOSPC {st['enospc']}; trace {'on' if st['trace'] else 'off'}")
+    return "\n".join(lines)
+
+
+def show_extents(path: str, ex: dict[str, Any]) -> str:
+    """Human form of ``extents``."""
+    lines = [f"{path}: size {_size(ex['size'])}, allocated {_size(ex['allocated'])}, "
+             f"policy {ex['policy']}, {len(ex['extents'])} extent(s)",
+             f"{'file offset':>14} {'pool':>4} {'node':>4} {'region offset':>14} {'length':>10}"]
+    for e in ex["extents"]:
+        lines.append(f"{e['file_offset']:>14} {e['pool']:>4} {e['node']:>4} "
+                     f"{e['region_offset']:>14} {_size(e['length']):>10}")
+    return "\n".join(lines)
+
+
+def show_files(files: dict[str, Any]) -> str:
+    """Human form of ``files``."""
+    lines = [f"{'allocated':>10} {'size':>10} {'extents':>7} {'policy':<14} path"]
+    for f in files["files"]:
+        lines.append(f"{_size(f['allocated']):>10} {_size(f['size']):>10} {f['extents']:>7} "
+                     f"{f['policy']:<14} {f['path']}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for dmemctl."""
+    parser = argparse.ArgumentParser(
+        prog="dmemctl", description="Inspect and steer a running dmemfs.",
+        epilog="examples:\n  dmemctl status\n  dmemctl extents /mnt/dmem/vm0\n"
+               "  dmemctl policy /mnt/dmem/tenant-a bind:0\n  dmemctl map --png pools.png",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-m", "--mount", help="the dmemfs mountpoint (default: the only one, "
+                        "or the one holding FILE)")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    parser.add_argument("--version", action="version", version=f"dmemctl {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("status", help="pools: total, free, used, largest free run, fragmentation")
+    ext = sub.add_parser("extents", help="a file's extents: file offset, pool, region offset")
+    ext.add_argument("file", metavar="FILE")
+    pol = sub.add_parser("policy", help="show or set the memory policy of a file or directory")
+    pol.add_argument("file", metavar="FILE")
+    pol.add_argument("policy", metavar="POLICY", nargs="?",
+                     help="local | bind:N[,M] | preferred:N | interleave:N-M")
+    files = sub.add_parser("files", help="the largest consumers of dpages")
+    files.add_argument("-n", "--limit", type=int, default=20, help="how many (default 20)")
+    trace = sub.add_parser("trace", help="log every FUSE request in the daemon's log, or stop")
+    trace.add_argument("state", choices=["on", "off"])
+    picture = sub.add_parser("map", help="draw the pools as coloured strips of dpages")
+    picture.add_argument("--png", required=True, metavar="OUT", help="PNG file to write")
+    return parser
+
+
+def run(args: argparse.Namespace) -> str:
+    """Carry out *args*; return what to print."""
+    file: str = getattr(args, "file", None) or ""
+    mount = mount_of(file or None, args.mount)
+    result: dict[str, Any]
+    if args.command == "status":
+        result = request(mount, {"cmd": "status"})
+        text = show_status(mount, result)
+    elif args.command == "extents":
+        result = request(mount, {"cmd": "extents", "ino": _inode(file)})
+        text = show_extents(file, result)
+    elif args.command == "policy":
+        result = request(mount, {"cmd": "policy", "ino": _inode(file), "policy": args.policy})
+        text = f"{file}: {result['policy']}" + ("" if result["explicit"] else " (default)")
+    elif args.command == "files":
+        result = request(mount, {"cmd": "files", "limit": args.limit})
+        text = show_files(result)
+    elif args.command == "trace":
+        result = request(mount, {"cmd": "trace", "on": args.state == "on"})
+        text = f"trace {args.state}"
+    else:
+        result = request(mount, {"cmd": "map"})
+        width, height = render(result, args.png)
+        result = {"png": args.png, "width": width, "height": height}
+        text = f"wrote {args.png} ({width}x{height})"
+    return json.dumps(result, indent=2) if args.json else text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``dmemctl`` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        print(run(args))
+    except CtlError as exc:
+        print(f"dmemctl: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

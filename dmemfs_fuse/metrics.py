@@ -1,0 +1,138 @@
+"""Prometheus metrics: pool gauges read at scrape time, request counters kept as they happen.
+
+Served by a small HTTP endpoint on the daemon's own trio loop (not a
+thread), so a scrape reads the pools in one consistent step.  Exposition
+uses prometheus_client; names follow its conventions (``_bytes``,
+``_total``, ``_seconds``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import trio
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .report import Reporter
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2, 0.1, 1.0)
+
+
+class RequestMetrics:
+    """Counters and latency histograms of FUSE requests, by operation."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter("dmemfs_fuse_requests", "FUSE requests handled",
+                                ["op", "result"], registry=registry)
+        self.latency = Histogram("dmemfs_fuse_request_duration_seconds",
+                                 "Time the daemon spent on a FUSE request", ["op"],
+                                 buckets=LATENCY_BUCKETS, registry=registry)
+        self.read_bytes = Counter("dmemfs_read_bytes", "Bytes returned by READ",
+                                  registry=registry)
+        self.written_bytes = Counter("dmemfs_written_bytes", "Bytes stored by WRITE",
+                                     registry=registry)
+
+    def observe(self, op: str, seconds: float, result: str) -> None:
+        """Count one request of *op* taking *seconds*; *result* is ok or an errno name."""
+        self.requests.labels(op, result).inc()
+        self.latency.labels(op).observe(seconds)
+
+
+class PoolCollector(Collector):
+    """Per-pool gauges and counters, read from the live pools at scrape time."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+
+    def collect(self) -> Iterator[Metric]:
+        status = self.reporter.status()
+        dps = status["dpage_size"]
+        labels = ["pool", "node"]
+        gauges: dict[str, tuple[str, Callable[[dict[str, Any]], float]]] = {
+            "total_bytes": ("Bytes in the pool", lambda p: p["total_dpages"] * dps),
+            "free_bytes": ("Free bytes in the pool", lambda p: p["free_dpages"] * dps),
+            "used_bytes": ("Allocated bytes in the pool", lambda p: p["used_dpages"] * dps),
+            "largest_free_run_bytes": ("Longest run of free dpages, in bytes",
+                                       lambda p: p["largest_free_run"] * dps),
+            "free_runs": ("Separate runs of free dpages", lambda p: p["free_runs"]),
+            "fragmentation_ratio": ("1 - largest free run / free space",
+                                    lambda p: p["fragmentation"]),
+        }
+        for name, (text, value) in gauges.items():
+            family = GaugeMetricFamily(f"dmemfs_pool_{name}", text, labels=labels)
+            for pool in status["pools"]:
+                family.add_metric([str(pool["pool"]), str(pool["node"])], value(pool))
+            yield family
+        counters = {
+            "allocations": ("Allocation calls served by the pool", "allocs"),
+            "frees": ("Free calls served by the pool", "frees"),
+            "preferred_fallback_dpages": ("Dpages a preferred policy took elsewhere",
+                                          "fallback_dpages"),
+        }
+        for name, (text, key) in counters.items():
+            cfamily = CounterMetricFamily(f"dmemfs_pool_{name}", text, labels=labels)
+            for pool in status["pools"]:
+                cfamily.add_metric([str(pool["pool"]), str(pool["node"])], pool[key])
+            yield cfamily
+        yield CounterMetricFamily("dmemfs_enospc", "Allocations refused for lack of space",
+                                  value=status["enospc"])
+        yield GaugeMetricFamily("dmemfs_dpage_size_bytes", "Bytes per dpage", value=dps)
+        yield GaugeMetricFamily("dmemfs_inodes_used", "Inodes in use",
+                                value=status["inodes_used"])
+        yield GaugeMetricFamily("dmemfs_inodes_total", "Most inodes there may be",
+                                value=status["inodes_total"])
+
+
+def build_registry(reporter: Reporter) -> tuple[CollectorRegistry, RequestMetrics]:
+    """A registry with the pool collector and the request metrics."""
+    registry = CollectorRegistry()
+    registry.register(PoolCollector(reporter))
+    return registry, RequestMetrics(registry)
+
+
+async def serve(host: str, port: int, registry: CollectorRegistry,
+                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Answer ``GET /metrics`` on *host*:*port* until cancelled."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    log.info("metrics on http://%s:%d/metrics", host, port)
+    task_status.started()
+    await trio.serve_listeners(functools.partial(_handle, registry=registry), listeners)
+
+
+async def _handle(stream: trio.SocketStream, registry: CollectorRegistry) -> None:
+    try:
+        data = b""
+        with trio.move_on_after(5):
+            while b"\r\n\r\n" not in data and len(data) < 8192:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    break
+                data += chunk
+        request = data.split(b"\r\n", 1)[0].split()
+        if len(request) >= 2 and request[0] == b"GET" and request[1].split(b"?")[0] in (
+                b"/metrics", b"/"):
+            status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest(registry)
+        else:
+            status, ctype, body = "404 Not Found", "text/plain", b"try /metrics\n"
+        head = (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        await stream.send_all(head + body)
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        log.debug("metrics client went away: %s", exc)
+    except Exception:
+        log.exception("metrics request failed")
+    finally:
+        await stream.aclose()

@@ -1,0 +1,167 @@
+"""What the control socket and the metrics endpoint report: plain data from the live objects.
+
+Every method is synchronous and reads (or, for policy and trace, changes)
+state in one step, so under trio each answer is a consistent snapshot.  The
+results are JSON-ready dicts; sizes are in bytes unless a name says dpages.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from . import numa
+from .errors import fs_error
+from .inodes import ROOT_INO, Inode, InodeTable
+from .store import FileStore
+
+log = logging.getLogger(__name__)
+
+JSON = dict[str, Any]
+
+
+class Reporter:
+    """Answers the questions `dmemctl` and monitoring ask about a mounted dmemfs."""
+
+    def __init__(self, inodes: InodeTable, store: FileStore, region_description: str,
+                 set_trace: Callable[[bool], None]) -> None:
+        self.inodes = inodes
+        self.store = store
+        self.pools = store.pools
+        self.region_description = region_description
+        self._set_trace = set_trace
+        self.trace = False
+
+    def status(self) -> JSON:
+        """Per pool and in total: dpages total/free/used, largest free run, fragmentation."""
+        stats = self.pools.statistics()
+        dps = stats.dpage_size
+        pools = []
+        for pool, st in zip(self.pools.pools, stats.pools, strict=True):
+            pools.append({
+                "pool": self.pools.pool_id(pool), "index": st.index, "node": st.node,
+                "dpage_size": dps, "total_dpages": st.total_dpages,
+                "free_dpages": st.free_dpages, "used_dpages": st.used_dpages,
+                "largest_free_run": st.largest_free_run, "free_runs": st.free_runs,
+                "fragmentation": round(st.fragmentation, 4), "allocs": st.allocs,
+                "frees": st.frees, "fallback_dpages": st.fallback_dpages,
+            })
+        return {
+            "region": self.region_description,
+            "dpage_size": dps,
+            "total_dpages": stats.total_dpages,
+            "free_dpages": stats.free_dpages,
+            "used_dpages": stats.total_dpages - stats.free_dpages,
+            "total_bytes": stats.total_dpages * dps,
+            "free_bytes": stats.free_dpages * dps,
+            "enospc": stats.enospc,
+            "inodes_used": self.inodes.used,
+            "inodes_total": self.inodes.nr_inodes,
+            "trace": self.trace,
+            "pools": pools,
+        }
+
+    def extents(self, ino: int) -> JSON:
+        """A file's extents: file offset, pool, node, region offset and length, in bytes."""
+        inode = self._file(ino)
+        assert inode.data is not None
+        dps = self.store.dpage_size
+        out = []
+        for run_file, run_region, run_length in inode.data.runs():
+            # A run may cross from one pool into the next: report each part.
+            done = 0
+            while done < run_length:
+                region = run_region + done
+                pool = self.pools.pool_of(region)
+                part = min(run_length - done, pool.end_dpage - region)
+                out.append({"file_offset": (run_file + done) * dps,
+                            "pool": self.pools.pool_id(pool), "node": pool.node,
+                            "region_offset": region * dps, "length": part * dps,
+                            "kernel_nodes": self._kernel_nodes(region * dps, part * dps)})
+                done += part
+        return {"ino": ino, "size": inode.size, "allocated": inode.data.mapped * dps,
+                "policy": str(inode.policy or "local"), "extents": out}
+
+    def files(self, limit: int = 20) -> JSON:
+        """The largest consumers of dpages, largest first."""
+        dps = self.store.dpage_size
+        holders = sorted((n for n in self.inodes.inodes.values() if n.data and n.data.mapped),
+                         key=lambda n: (-(n.data.mapped if n.data else 0), n.ino))[:limit]
+        paths = self._paths({n.ino for n in holders})
+        return {"files": [{
+            "path": paths.get(n.ino, f"(deleted, inode {n.ino})"), "ino": n.ino,
+            "size": n.size, "allocated": (n.data.mapped if n.data else 0) * dps,
+            "extents": len(n.data) if n.data else 0, "policy": str(n.policy or "local"),
+            "open": n.open_count,
+        } for n in holders]}
+
+    def policy(self, ino: int, text: str | None = None) -> JSON:
+        """Read, or set when *text* is given, the policy of a file or directory."""
+        if text is not None:
+            self.inodes.set_policy(ino, text)
+        inode = self.inodes.get(ino)
+        return {"ino": ino, "policy": str(inode.policy or "local"),
+                "explicit": inode.policy is not None}
+
+    def set_trace(self, on: bool) -> JSON:
+        """Turn the per-request trace on or off."""
+        self._set_trace(on)
+        self.trace = on
+        log.info("request trace %s", "on" if on else "off")
+        return {"trace": on}
+
+    def map(self) -> JSON:
+        """Every pool's used runs with their owners, for drawing: ``[start, length, ino]``."""
+        owners: list[tuple[int, int, int]] = []
+        for inode in self.inodes.inodes.values():
+            if inode.data is not None:
+                owners.extend((region, length, inode.ino)
+                              for _, region, length in inode.data.runs())
+        owners.sort()
+        paths = self._paths({ino for _, _, ino in owners})
+        pools = []
+        for pool in self.pools.pools:
+            used = []
+            for start, length, ino in owners:
+                lo, hi = max(start, pool.first_dpage), min(start + length, pool.end_dpage)
+                if lo < hi:
+                    used.append([lo - pool.first_dpage, hi - lo, ino])
+            pools.append({"pool": self.pools.pool_id(pool), "node": pool.node,
+                          "total_dpages": pool.size, "used": used})
+        return {"dpage_size": self.store.dpage_size, "pools": pools,
+                "names": {str(ino): paths.get(ino, f"(deleted, inode {ino})")
+                          for _, _, ino in owners}}
+
+    def _kernel_nodes(self, offset: int, length: int) -> list[int]:
+        """The nodes the kernel says hold the extent's first, middle and last page."""
+        base = self.store.region.addr
+        probes = sorted({offset, offset + length // 2 // 4096 * 4096, offset + length - 4096})
+        try:
+            return sorted(set(numa.page_nodes([base + p for p in probes])))
+        except OSError as exc:
+            log.debug("move_pages: %s", exc)
+            return []
+
+    def _file(self, ino: int) -> Inode:
+        inode = self.inodes.get(ino)
+        if inode.data is None:
+            raise fs_error(errno.EINVAL, f"inode {ino} is not a regular file")
+        return inode
+
+    def _paths(self, wanted: set[int]) -> dict[int, str]:
+        """Paths (relative to the mount) of the linked inodes in *wanted*; one walk of the tree."""
+        found: dict[int, str] = {}
+        stack: list[tuple[int, str]] = [(ROOT_INO, "")]
+        while stack and len(found) < len(wanted):
+            ino, prefix = stack.pop()
+            directory = self.inodes.inodes[ino].dir
+            assert directory is not None
+            for name, (child, _) in directory.entries.items():
+                path = f"{prefix}/{name.decode(errors='replace')}"
+                if child in wanted and child not in found:
+                    found[child] = path
+                if self.inodes.inodes[child].dir is not None:
+                    stack.append((child, path))
+        return found
