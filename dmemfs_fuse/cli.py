@@ -67,9 +67,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"mountpoint {args.mountpoint}: not an existing directory")
     except ConfigError as exc:
         parser.exit(2, f"dmemfs: error: {exc}\n")
+    # Under systemd, journald stamps each line itself: no second timestamp.
+    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s dmemfs "
     logging.basicConfig(
         level=logging.DEBUG if (args.verbose or opts.debug) else logging.INFO,
-        format="%(asctime)s dmemfs %(levelname)s %(name)s: %(message)s",
+        format=f"{stamp}%(levelname)s %(name)s: %(message)s",
     )
     if opts.ignored:
         log.debug("ignoring mount options %s", ", ".join(opts.ignored))
