@@ -15,16 +15,19 @@ import sys
 import time
 from dataclasses import dataclass
 from types import FrameType
+from typing import NoReturn
 
 import pyfuse3
 import trio
 from humanfriendly import format_size
 from prometheus_client import CollectorRegistry
+from tqdm import tqdm
 
 from . import control, metrics
 from .fs import DmemOperations
 from .inodes import InodeTable
 from .metrics import build_registry
+from .notify import Notifier
 from .options import MountOptions
 from .policy import parse_policy
 from .pool import Pool
@@ -34,6 +37,8 @@ from .report import Reporter
 from .store import FileStore
 
 log = logging.getLogger(__name__)
+
+STATUS_INTERVAL = 5.0  # seconds between STATUS= refreshes under systemd
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,12 @@ def run(config: DaemonConfig) -> int:
     # the finally blocks below (to give back huge pages).
     signal.signal(signal.SIGTERM, _terminate_on_signal)
     signal.signal(signal.SIGHUP, _terminate_on_signal)
-    region = Region.open(plan, progress=_Progress(plan.size))
+    notifier = Notifier()
+    progress = _Progress(notifier)
+    try:
+        region = Region.open(plan, progress=progress)
+    finally:
+        progress.close()
     opts = config.options
     pools = build_pools(plan, opts.max_alloc_try_dpages, explicit=bool(opts.nodes))
     store = FileStore(region, pools)
@@ -96,10 +106,11 @@ def run(config: DaemonConfig) -> int:
     registry = None
     if opts.metrics:
         registry, ops.metrics = build_registry(reporter)
-    mount = _Mount(config, ops, ready_fd)
+    mount = _Mount(config, ops, ready_fd, notifier, reporter)
     try:
         trio.run(_serve, mount, reporter, registry)
     finally:
+        notifier.stopping()
         if mount.mounted:
             pyfuse3.close(unmount=True)
         region.close()
@@ -114,6 +125,8 @@ class _Mount:
     config: DaemonConfig
     ops: DmemOperations
     ready_fd: int
+    notifier: Notifier
+    reporter: Reporter
     mounted: bool = False
 
     def mount(self) -> None:
@@ -126,6 +139,14 @@ class _Mount:
                  format_size(self.ops.store.dpage_size, binary=True))
         if self.ready_fd >= 0:
             _report_ready(self.ready_fd)
+        self.notifier.ready(self.status_line())
+
+    def status_line(self) -> str:
+        """The one-line state systemctl status shows."""
+        st = self.reporter.status()
+        return (f"{format_size(st['free_bytes'], binary=True)} free of "
+                f"{format_size(st['total_bytes'], binary=True)} in {len(st['pools'])} pool(s), "
+                f"{st['inodes_used'] - 1} file(s) on {self.config.mountpoint}")
 
 
 async def _serve(mount: _Mount, reporter: Reporter, registry: CollectorRegistry | None) -> None:
@@ -138,8 +159,17 @@ async def _serve(mount: _Mount, reporter: Reporter, registry: CollectorRegistry 
             await nursery.start(metrics.serve, host, port, registry)
         nursery.start_soon(_watch_signals, nursery.cancel_scope)
         mount.mount()
+        if mount.notifier.active:
+            nursery.start_soon(_update_status, mount)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+async def _update_status(mount: _Mount) -> None:
+    """Keep systemd's STATUS= line current (sent only when it changes)."""
+    while True:
+        await trio.sleep(STATUS_INTERVAL)
+        mount.notifier.status(mount.status_line())
 
 
 async def _watch_signals(scope: trio.CancelScope) -> None:
@@ -151,18 +181,33 @@ async def _watch_signals(scope: trio.CancelScope) -> None:
 
 
 class _Progress:
-    """Logs population progress at most once a second (a 1 GiB region takes about 2 s here)."""
+    """Population progress: a bar on a terminal, else a log line and a STATUS= line a second."""
 
-    def __init__(self, total: int) -> None:
-        self.total = total
+    def __init__(self, notifier: Notifier) -> None:
+        self.notifier = notifier
         self.last = time.monotonic()
+        self.bar: tqdm[NoReturn] | None = None
+        if sys.stderr.isatty():
+            self.bar = tqdm(desc="populating the region", unit="B", unit_scale=True,
+                            unit_divisor=1024, leave=False)
 
     def __call__(self, done: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.update(done - self.bar.n)
         now = time.monotonic()
         if now - self.last >= 1.0 and done < total:
             self.last = now
-            log.info("populating the region: %s of %s", format_size(done, binary=True),
-                     format_size(total, binary=True))
+            text = (f"populating the region: {format_size(done, binary=True)} of "
+                    f"{format_size(total, binary=True)}")
+            self.notifier.status(text)
+            if self.bar is None:
+                log.info("%s", text)
+
+    def close(self) -> None:
+        """Remove the bar from the terminal."""
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _detach() -> int:
