@@ -16,13 +16,25 @@ MOUNT_TIMEOUT = 60.0
 EXIT_TIMEOUT = 20.0
 
 
-def is_mounted(path: Path) -> bool:
-    """Whether a dmemfs is mounted exactly at *path*."""
+def is_mounted(path: Path, fstype: str = "fuse.dmemfs") -> bool:
+    """Whether a filesystem of *fstype* is mounted exactly at *path*."""
     target = os.path.realpath(path)
     with open("/proc/mounts") as mounts:
-        return any(
-            line.split()[1] == target and line.split()[2] == "fuse.dmemfs" for line in mounts
-        )
+        return any(line.split()[1] == target and line.split()[2] == fstype for line in mounts)
+
+
+@contextmanager
+def kernel_fs(path: Path, fstype: str, options: str) -> Iterator[Path]:
+    """Mount a kernel filesystem (tmpfs, hugetlbfs) at *path* for the block; always unmount."""
+    path.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", fstype, "-o", options, fstype, str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=False)
+        if is_mounted(path, fstype):
+            subprocess.run(["umount", "-l", str(path)], check=False)
+        assert not is_mounted(path, fstype), f"{path} is still mounted"
 
 
 def daemon_command(mountpoint: Path, options: str, *extra: str) -> list[str]:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mounting import daemon_command, dmemfs, is_mounted, run_daemon, unmount
+from mounting import daemon_command, dmemfs, is_mounted, kernel_fs, run_daemon, unmount
 
 from dmemfs_fuse.options import OPTIONS
 
@@ -28,14 +28,8 @@ def hugepages_total() -> int:
 @pytest.fixture
 def hugetlbfs(tmp_path: Path) -> Iterator[Path]:
     """A private hugetlbfs mount with 2 MiB pages."""
-    path = tmp_path / "hugetlbfs"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "hugetlbfs", "-o", "pagesize=2M", "none", str(path)],
-                   check=True)
-    try:
+    with kernel_fs(tmp_path / "hugetlbfs", "hugetlbfs", "pagesize=2M") as path:
         yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=True)
 
 
 @pytest.mark.parametrize(("options", "message"), [

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from mounting import Mount, dmemfs
+from mounting import Mount, dmemfs, kernel_fs
 
 DATA_SIZE = 5 * (1 << 20) + 12345  # spans three 2 MiB dpages
 AS_USER = "setpriv --reuid=1000 --regid=1000 --clear-groups"
@@ -79,26 +79,11 @@ def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _mounted_at(path: Path) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/mounts") as mounts:
-        return any(line.split()[1] == target for line in mounts)
-
-
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A private tmpfs, the oracle; always unmounted."""
-    path = tmp_path / "tmpfs"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256M,mode=1777", "tmpfs", str(path)],
-                   check=True)
-    try:
+    with kernel_fs(tmp_path / "tmpfs", "tmpfs", "size=256M,mode=1777") as path:
         yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=False)
-        if _mounted_at(path):
-            subprocess.run(["umount", "-l", str(path)], check=False)
-        assert not _mounted_at(path), f"{path} is still mounted"
 
 
 @pytest.fixture
