@@ -201,6 +201,7 @@ class _Progress:
             text = (f"populating the region: {format_size(done, binary=True)} of "
                     f"{format_size(total, binary=True)}")
             self.notifier.status(text)
+            self.notifier.extend_timeout(30)  # still making progress: do not time us out
             if self.bar is None:
                 log.info("%s", text)
 

@@ -190,9 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         print(run(args))
+        sys.stdout.flush()
     except CtlError as exc:
         print(f"dmemctl: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `dmemctl files | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -56,6 +56,10 @@ class Notifier:
         self._last_status = status
         self.send("READY=1", f"STATUS={status}")
 
+    def extend_timeout(self, seconds: float) -> None:
+        """Ask for *seconds* more before systemd gives up on start-up (long populates)."""
+        self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}")
+
     def stopping(self) -> None:
         """We are unmounting and releasing the region."""
         self.send("STOPPING=1", "STATUS=unmounting and releasing the region")
