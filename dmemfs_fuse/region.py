@@ -90,7 +90,7 @@ def plan_region(opts: MountOptions) -> RegionPlan:
         if opts.region.startswith("/") and _on_hugetlbfs(opts.region):
             pagesize = os.statvfs(os.path.dirname(opts.region)).f_bsize
         else:
-            wanted = _requested_bytes(opts, nodes, huge_2m) // huge_2m
+            wanted = _requested_bytes(opts, nodes) // huge_2m
             enough = hugepages.supported(huge_2m) and hugepages.available(huge_2m) >= wanted
             pagesize = huge_2m if enough or opts.reserve_hugepages else DPAGE_SIZES["4K"]
     if opts.nodes:
@@ -172,7 +172,7 @@ def plan_region(opts: MountOptions) -> RegionPlan:
                       warnings=tuple(warnings))
 
 
-def _requested_bytes(opts: MountOptions, nodes: list[int], pagesize: int) -> int:
+def _requested_bytes(opts: MountOptions, nodes: list[int]) -> int:
     if opts.nodes:
         return sum(p.size for p in opts.nodes)
     assert opts.size is not None
@@ -193,7 +193,7 @@ def _hugetlbfs_dir(opts: MountOptions, pagesize: int) -> str | None:
 def _on_hugetlbfs(path: str) -> bool:
     try:
         target = path if os.path.exists(path) else os.path.dirname(path)
-        # statvfs has no f_type; the page size check plus /proc/mounts is what we can see.
+        # os.statvfs has no f_type, so look the path up in /proc/mounts.
         for line in Path("/proc/mounts").read_text().splitlines():
             fields = line.split()
             if len(fields) > 2 and fields[2] == "hugetlbfs" and (
