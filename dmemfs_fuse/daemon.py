@@ -23,7 +23,7 @@ from humanfriendly import format_size
 from prometheus_client import CollectorRegistry
 from tqdm import tqdm
 
-from . import control, metrics
+from . import bdi, control, metrics
 from .fs import DmemOperations
 from .inodes import InodeTable
 from .metrics import build_registry
@@ -159,10 +159,17 @@ async def _serve(mount: _Mount, reporter: Reporter, registry: CollectorRegistry 
             await nursery.start(metrics.serve, host, port, registry)
         nursery.start_soon(_watch_signals, nursery.cancel_scope)
         mount.mount()
+        nursery.start_soon(_tune_bdi, mount)
         if mount.notifier.active:
             nursery.start_soon(_update_status, mount)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+async def _tune_bdi(mount: _Mount) -> None:
+    """1 MiB readahead and no strict dirty limit, once INIT no longer clamps them (bdi.py)."""
+    await mount.ops.initialized.wait()
+    bdi.tune_for_guest_memory(mount.config.mountpoint)
 
 
 async def _update_status(mount: _Mount) -> None:

@@ -111,6 +111,8 @@ class DmemOperations(pyfuse3.Operations):
         self.metrics = metrics
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
+        # Set once the kernel has our INIT reply: sysfs tuning of the mount must wait for it.
+        self.initialized = trio.Event()
 
     def set_trace(self, on: bool) -> None:
         """Log every request (op, arguments, result, time) at debug level, or stop."""
@@ -124,6 +126,7 @@ class DmemOperations(pyfuse3.Operations):
     def init(self) -> None:
         """Called once the kernel has connected; must not raise."""
         log.info("filesystem ready")
+        self.initialized.set()
 
     # -- attributes ------------------------------------------------------------
 

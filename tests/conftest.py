@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mounting import Mount, dmemfs
+from mounting import Mount, dmemfs, unescape
 
 HUGEPAGE_ROOT = Path("/sys/kernel/mm/hugepages")
 
@@ -19,8 +19,9 @@ def _hugepage_counts() -> dict[str, str]:
 
 def _fuse_mounts(under: Path) -> list[str]:
     with open("/proc/mounts") as mounts:
-        return [line.split()[1] for line in mounts
-                if line.split()[2].startswith("fuse") and line.split()[1].startswith(str(under))]
+        return [unescape(line.split()[1]) for line in mounts
+                if line.split()[2].startswith("fuse")
+                and unescape(line.split()[1]).startswith(str(under))]
 
 
 @pytest.fixture(scope="session", autouse=True)

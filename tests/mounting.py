@@ -4,6 +4,7 @@ and an unmount on every path (fusermount3 -u, then -z, then kill)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -20,7 +21,13 @@ def is_mounted(path: Path, fstype: str = "fuse.dmemfs") -> bool:
     """Whether a filesystem of *fstype* is mounted exactly at *path*."""
     target = os.path.realpath(path)
     with open("/proc/mounts") as mounts:
-        return any(line.split()[1] == target and line.split()[2] == fstype for line in mounts)
+        return any(unescape(line.split()[1]) == target and line.split()[2] == fstype
+                   for line in mounts)
+
+
+def unescape(field: str) -> str:
+    """Undo /proc/mounts' octal escapes (``\\040`` is a space)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 @contextmanager
