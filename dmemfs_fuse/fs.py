@@ -214,7 +214,7 @@ class DmemOperations(pyfuse3.Operations):
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self._attrs(self.inodes.make(parent_inode, name, mode, ctx.uid, ctx.gid,
-                                                   rdev=rdev))
+                                            rdev=rdev))
 
     @_boundary
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,

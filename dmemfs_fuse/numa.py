@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import re
@@ -49,6 +50,7 @@ def online_nodes() -> list[int]:
     return [0]
 
 
+@functools.cache  # topology is fixed while we run, and this sits on the allocation path
 def node_distance(src: int, dst: int) -> int:
     """The SLIT distance from *src* to *dst* (10 for the same node); 20 if sysfs does not say."""
     path = NODE_ROOT / f"node{src}" / "distance"
@@ -74,17 +76,27 @@ def node_meminfo(node: int) -> dict[str, int]:
     return out
 
 
-def cpu_node(cpu: int) -> int:
-    """The node that *cpu* belongs to (0 when sysfs does not say)."""
+@functools.cache
+def cpu_nodes() -> dict[int, int]:
+    """Every CPU's node, read from sysfs once."""
+    out: dict[int, int] = {}
     for node in online_nodes():
         path = NODE_ROOT / f"node{node}" / "cpulist"
-        if path.exists() and cpu in parse_cpulist(path.read_text()):
-            return node
-    return 0
+        if path.exists():
+            out.update(dict.fromkeys(parse_cpulist(path.read_text()), node))
+    return out
+
+
+def cpu_node(cpu: int) -> int:
+    """The node that *cpu* belongs to (0 when sysfs does not say)."""
+    return cpu_nodes().get(cpu, 0)
 
 
 def process_node(pid: int) -> int:
     """The node of the CPU that *pid* last ran on (field 39 of /proc/PID/stat), 0 if unknown."""
+    nodes = set(cpu_nodes().values())
+    if len(nodes) <= 1:  # one node: no need to ask where the process ran
+        return nodes.pop() if nodes else 0
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
         fields = stat.rsplit(")", 1)[1].split()
