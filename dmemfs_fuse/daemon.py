@@ -94,24 +94,24 @@ def run(config: DaemonConfig) -> int:
         region = Region.open(plan, progress=progress)
     finally:
         progress.close()
-    opts = config.options
-    pools = build_pools(plan, opts.max_alloc_try_dpages, explicit=bool(opts.nodes))
-    store = FileStore(region, pools)
-    inodes = InodeTable(opts.nr_inodes, opts.mode, opts.uid, opts.gid,
-                        release_data=store.release,
-                        parse_policy=lambda text: parse_policy(text, pools.ids))
-    ops = DmemOperations(inodes, store, trace=opts.debug)
-    reporter = Reporter(inodes, store, region.describe(), ops.set_trace)
-    reporter.trace = opts.debug
-    registry = None
-    if opts.metrics:
-        registry, ops.metrics = build_registry(reporter)
-    mount = _Mount(config, ops, ready_fd, notifier, reporter)
-    try:
+    mount: _Mount | None = None
+    try:  # from here on, every exit path releases the region
+        opts = config.options
+        pools = build_pools(plan, opts.max_alloc_try_dpages, explicit=bool(opts.nodes))
+        store = FileStore(region, pools)
+        inodes = InodeTable(opts.nr_inodes, opts.mode, opts.uid, opts.gid,
+                            release_data=store.release,
+                            parse_policy=lambda text: parse_policy(text, pools.ids))
+        ops = DmemOperations(inodes, store, trace=opts.debug)
+        reporter = Reporter(inodes, store, region.describe(), ops)
+        registry = None
+        if opts.metrics:
+            registry, ops.metrics = build_registry(reporter)
+        mount = _Mount(config, ops, ready_fd, notifier, reporter)
         trio.run(_serve, mount, reporter, registry)
     finally:
         notifier.stopping()
-        if mount.mounted:
+        if mount is not None and mount.mounted:
             pyfuse3.close(unmount=True)
         region.close()
         log.info("region released; exiting")

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from . import numa
 from .errors import fs_error
@@ -22,17 +21,25 @@ log = logging.getLogger(__name__)
 JSON = dict[str, Any]
 
 
+class Tracer(Protocol):
+    """What owns the per-request trace (the FUSE operations)."""
+
+    trace: bool
+
+    def set_trace(self, on: bool) -> None:
+        """Turn the trace on or off."""
+
+
 class Reporter:
     """Answers the questions `dmemctl` and monitoring ask about a mounted dmemfs."""
 
     def __init__(self, inodes: InodeTable, store: FileStore, region_description: str,
-                 set_trace: Callable[[bool], None]) -> None:
+                 tracer: Tracer) -> None:
         self.inodes = inodes
         self.store = store
         self.pools = store.pools
         self.region_description = region_description
-        self._set_trace = set_trace
-        self.trace = False
+        self.tracer = tracer
 
     def status(self) -> JSON:
         """Per pool and in total: dpages total/free/used, largest free run, fragmentation."""
@@ -59,7 +66,7 @@ class Reporter:
             "enospc": stats.enospc,
             "inodes_used": self.inodes.used,
             "inodes_total": self.inodes.nr_inodes,
-            "trace": self.trace,
+            "trace": self.tracer.trace,
             "pools": pools,
         }
 
@@ -107,8 +114,7 @@ class Reporter:
 
     def set_trace(self, on: bool) -> JSON:
         """Turn the per-request trace on or off."""
-        self._set_trace(on)
-        self.trace = on
+        self.tracer.set_trace(on)
         log.info("request trace %s", "on" if on else "off")
         return {"trace": on}
 
