@@ -74,7 +74,7 @@ _dmemctl()
     fi
 
     local global_opts="-h --help -m --mount --json --version"
-    local commands="status extents policy files trace map"
+    local commands="status extents policy files trace map poison scan"
 
     # The subcommand is the first word that is neither an option nor -m's value;
     # nargs counts the positional words after it.
@@ -118,6 +118,7 @@ _dmemctl()
         case $cmd in
             files) opts+=" -n --limit" ;;
             map) opts+=" --png" ;;
+            poison) opts+=" --kernel" ;;
         esac
         mapfile -t COMPREPLY < <(compgen -W "$opts" -- "$cur")
         return
@@ -136,6 +137,10 @@ _dmemctl()
             ;;
         trace)
             ((nargs == 0)) && mapfile -t COMPREPLY < <(compgen -W "on off" -- "$cur")
+            ;;
+        poison)
+            # OFFSET or FILE:OFFSET: offer the files; the offset is typed.
+            ((nargs == 0)) && _dmemctl_files
             ;;
     esac
     return 0

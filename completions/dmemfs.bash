@@ -19,13 +19,17 @@ _dmemfs()
         # Complete the item after the last comma: a name, or the value after name=.
         local done="" item=$cur
         [[ $cur == *,* ]] && done=${cur%,*}, item=${cur##*,}
-        local valued="size= nodes= pagesize= region= hugetlbfs= max_alloc_try_dpages= nr_inodes= mode= uid= gid= metrics="
-        local flags="reserve_hugepages allow_other allow_unlocked debug"
+        local valued="size= nodes= pagesize= region= meta= checkpoint= hugetlbfs= max_alloc_try_dpages= nr_inodes= mode= uid= gid= metrics="
+        local flags="start_empty reserve_hugepages allow_other allow_unlocked debug"
         case $item in
             pagesize=*)
                 mapfile -t COMPREPLY < <(compgen -P "${done}pagesize=" -W "4K 2M 1G" -- "${item#*=}") ;;
             region=*)
                 mapfile -t COMPREPLY < <(compgen -P "${done}region=" -W "auto hugetlbfs memfd" -- "${item#*=}") ;;
+            meta=*)
+                mapfile -t COMPREPLY < <(compgen -P "${done}meta=" -W "none" -- "${item#*=}")
+                [[ ${item#*=} == /* ]] && mapfile -t COMPREPLY < <(compgen -P "${done}meta=" -f -- "${item#*=}")
+                ;;
             hugetlbfs=*)
                 mapfile -t COMPREPLY < <(compgen -P "${done}hugetlbfs=" \
                     -W "$(awk '$3 == "hugetlbfs" { print $2 }' /proc/mounts 2>/dev/null)" -- "${item#*=}") ;;

@@ -51,6 +51,13 @@ def dispatch(reporter: Reporter, request: dict[str, Any]) -> JSON:
         return reporter.set_trace(bool(request["on"]))
     if cmd == "map":
         return reporter.map()
+    if cmd == "poison":
+        ino = request.get("ino")
+        return reporter.poison(int(request["offset"]), None if ino is None else int(ino))
+    if cmd == "kernel_error":
+        return reporter.notify_kernel_error(int(request["offset"]))
+    if cmd == "scan":
+        return reporter.scan()
     raise OSError(errno.EINVAL, f"unknown command {cmd!r}")
 
 
@@ -99,11 +106,8 @@ async def _handle(conn: trio.socket.SocketType, reporter: Reporter) -> None:
     with conn:
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         pid, uid, _ = struct.unpack("3i", creds)
-        if uid not in (0, os.getuid()):
-            log.warning("control request from pid %d uid %d refused", pid, uid)
-            await _send_all(conn, json.dumps({"ok": False, "errno": errno.EPERM,
-                                              "error": "only root may ask"}).encode() + b"\n")
-            return
+        # Read the request even from a peer that will be refused: closing with its
+        # bytes unread would reset the connection and lose the refusal.
         data = b""
         with trio.move_on_after(10):
             while b"\n" not in data and len(data) < MAX_REQUEST:
@@ -111,7 +115,15 @@ async def _handle(conn: trio.socket.SocketType, reporter: Reporter) -> None:
                 if not chunk:
                     break
                 data += chunk
+        if uid not in (0, os.getuid()):
+            log.warning("control request from pid %d uid %d refused", pid, uid)
+            await _send_all(conn, json.dumps({"ok": False, "errno": errno.EPERM,
+                                              "error": "only root may ask"}).encode() + b"\n")
+            return
         reply = answer(reporter, data.split(b"\n", 1)[0])
+        # Pages of a file hit by a memory error are dropped before the reply, so a
+        # caller that sees the answer also sees EIO through its mappings.
+        await reporter.frontend.flush_invalidations()
         await _send_all(conn, reply)
 
 

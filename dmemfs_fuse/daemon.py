@@ -23,13 +23,16 @@ from humanfriendly import format_size
 from prometheus_client import CollectorRegistry
 from tqdm import tqdm
 
-from . import bdi, control, metrics
+from . import bdi, control, metrics, persistence, poison, recovery
+from .changes import ChangeLog
 from .fs import DmemOperations
 from .inodes import InodeTable
+from .journal import Journal
+from .metalog import MetadataError
 from .metrics import build_registry
 from .notify import Notifier
 from .options import MountOptions
-from .policy import parse_policy
+from .policy import Policy, parse_policy
 from .pool import Pool
 from .poolset import PoolSet
 from .region import Region, RegionPlan, plan_region
@@ -80,10 +83,33 @@ def _terminate_on_signal(signum: int, frame: FrameType | None) -> None:
 
 def run(config: DaemonConfig) -> int:
     """Serve until the filesystem is unmounted or a signal stops it; return the exit code."""
-    plan = plan_region(config.options)
+    opts = config.options
+    plan = plan_region(opts)
+    pools = build_pools(plan, opts.max_alloc_try_dpages, explicit=bool(opts.nodes))
+
+    def parse(text: str) -> Policy:
+        return parse_policy(text, pools.ids)
+
+    meta = persistence.plan_meta(opts, plan)
+    lock = persistence.MetaLock(meta) if meta else None
+    try:
+        # Read and replay the metadata before reserving anything: a file that
+        # cannot be trusted stops us here, with the memory untouched.
+        found = persistence.find(meta, plan, parse) if meta else None
+        return _run(config, plan, pools, meta, found)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(config: DaemonConfig, plan: RegionPlan, pools: PoolSet,
+         meta: persistence.MetaPlan | None, found: recovery.Recovered | None) -> int:
     ready_fd = -1
     if not config.foreground:
         ready_fd = _detach()
+    # Before any thread exists: every thread must have SIGBUS blocked for the signalfd.
+    if not poison.block_sigbus():
+        log.info("the kernel refused early memory-error notices (PR_MCE_KILL_EARLY)")
     # Until trio takes over the signals, a SIGTERM must still unwind through
     # the finally blocks below (to give back huge pages).
     signal.signal(signal.SIGTERM, _terminate_on_signal)
@@ -95,15 +121,23 @@ def run(config: DaemonConfig) -> int:
     finally:
         progress.close()
     mount: _Mount | None = None
+    journal: Journal | None = None
     try:  # from here on, every exit path releases the region
         opts = config.options
-        pools = build_pools(plan, opts.max_alloc_try_dpages, explicit=bool(opts.nodes))
         store = FileStore(region, pools)
         inodes = InodeTable(opts.nr_inodes, opts.mode, opts.uid, opts.gid,
                             release_data=store.release,
-                            parse_policy=lambda text: parse_policy(text, pools.ids))
-        ops = DmemOperations(inodes, store, trace=opts.debug)
-        reporter = Reporter(inodes, store, region.describe(), ops)
+                            parse_policy=lambda text: parse_policy(text, pools.ids),
+                            changes=ChangeLog() if meta else None)
+        if meta is not None:
+            assert plan.path is not None
+            journal, recovered = _open_journal(meta, plan, inodes, store, found)
+        else:
+            recovered = None
+        ops = DmemOperations(inodes, store, trace=opts.debug, journal=journal)
+        reporter = Reporter(inodes, store, region.describe(), ops, journal=journal)
+        reporter.recovery = recovered
+        _scan_for_poison(reporter)
         registry = None
         if opts.metrics:
             registry, ops.metrics = build_registry(reporter)
@@ -113,9 +147,53 @@ def run(config: DaemonConfig) -> int:
         notifier.stopping()
         if mount is not None and mount.mounted:
             pyfuse3.close(unmount=True)
+        if journal is not None:
+            journal.close()
         region.close()
         log.info("region released; exiting")
     return 0
+
+
+def _scan_for_poison(reporter: Reporter) -> None:
+    """Mark dpages on frames the kernel already flagged HWPOISON, before anyone uses them."""
+    try:
+        found = reporter.scan()
+    except OSError as exc:
+        log.warning("cannot scan the region for HWPOISON frames: %s", exc)
+        return
+    log.info("HWPOISON scan: %d frames checked, %d bad dpages found", found["frames_checked"],
+             len(found["bad"]))
+
+
+def _open_journal(meta: persistence.MetaPlan, plan: RegionPlan, inodes: InodeTable,
+                  store: FileStore, found: recovery.Recovered | None
+                  ) -> tuple[Journal, recovery.RecoveryReport | None]:
+    """Install what was found (verifying it against the pools) and start the log on it."""
+    assert plan.path is not None
+    layout = persistence.layout_for(plan, plan.path)
+    if found is None:
+        journal = Journal(meta.path, layout, inodes, store.pools,
+                          checkpoint_bytes=meta.checkpoint_bytes)
+        report = None
+    else:
+        try:
+            report = recovery.install(found, inodes, store.pools, store, meta.path)
+        except MetadataError as exc:
+            raise MetadataError(f"{exc}. Nothing was changed. To start with an empty "
+                                "filesystem instead, mount with -o start_empty (the old "
+                                "metadata is kept beside it)") from None
+        log.info("recovered from %s: %d files (%s), %d directories, %d inodes; %d batches "
+                 "replayed%s, %d unlinked-but-open files freed, %d bad dpages, in %.2f s",
+                 meta.path, report.files, format_size(report.bytes, binary=True),
+                 report.directories, report.inodes, report.batches,
+                 f", a torn last append of {report.torn_bytes} bytes dropped"
+                 if report.torn_bytes else "", report.orphans_freed, report.bad_dpages,
+                 report.seconds)
+        journal = Journal(meta.path, layout, inodes, store.pools,
+                          checkpoint_bytes=meta.checkpoint_bytes, uuid=found.uuid,
+                          generation=found.generation)
+    journal.checkpoint()  # the recovered state becomes one snapshot: replay is done once
+    return journal, report
 
 
 @dataclass
@@ -158,12 +236,24 @@ async def _serve(mount: _Mount, reporter: Reporter, registry: CollectorRegistry 
             host, port = mount.config.options.metrics
             await nursery.start(metrics.serve, host, port, registry)
         nursery.start_soon(_watch_signals, nursery.cancel_scope)
+        nursery.start_soon(_watch_memory_errors, mount)
         mount.mount()
         nursery.start_soon(_tune_bdi, mount)
         if mount.notifier.active:
             nursery.start_soon(_update_status, mount)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+async def _watch_memory_errors(mount: _Mount) -> None:
+    """Take the kernel's SIGBUS memory-error notices for the region (poison.py)."""
+    region = mount.ops.store.region
+
+    async def on_error(offset: int) -> None:
+        mount.reporter.kernel_error(offset)
+        await mount.ops.flush_invalidations()
+
+    await poison.watch_sigbus(poison.open_sigbus_fd(), region.addr, region.size, on_error)
 
 
 async def _tune_bdi(mount: _Mount) -> None:

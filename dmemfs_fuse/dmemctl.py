@@ -9,7 +9,7 @@ import socket
 import sys
 from typing import Any
 
-from humanfriendly import format_size
+from humanfriendly import InvalidSize, format_size, parse_size
 
 from . import __version__
 from .control import socket_path
@@ -106,6 +106,15 @@ def show_status(mount: str, st: dict[str, Any]) -> str:
                  f"({_size(st['free_bytes'])} free of {_size(st['total_bytes'])}); "
                  f"inodes {st['inodes_used']}/{st['inodes_total']}; "
                  f"ENOSPC {st['enospc']}; trace {'on' if st['trace'] else 'off'}")
+    lines.append(f"bad dpages {st['bad_dpages']} ({_size(st['bad_dpages'] * dps)}); "
+                 f"memory errors {st['memory_errors']}")
+    journal = st.get("journal")
+    if journal:
+        lines.append(f"metadata {journal['path']}: generation {journal['generation']}, "
+                     f"{journal['batches']} batches ({_size(journal['log_bytes'])}) since the "
+                     f"last checkpoint" + ("" if journal["healthy"] else "; FAILING"))
+    else:
+        lines.append("metadata: not persistent (files are gone when the daemon stops)")
     return "\n".join(lines)
 
 
@@ -127,6 +136,24 @@ def show_files(files: dict[str, Any]) -> str:
         lines.append(f"{_size(f['allocated']):>10} {_size(f['size']):>10} {f['extents']:>7} "
                      f"{f['policy']:<14} {f['path']}")
     return "\n".join(lines)
+
+
+def poison_command(mount: str, file: str, offset: int, kernel: bool) -> str:
+    """Carry out ``dmemctl poison``; return the line to print."""
+    if kernel:
+        request(mount, {"cmd": "kernel_error", "offset": offset})
+        return (f"sent a memory-error notice for region offset {offset}; "
+                "see `dmemctl status` for the bad dpage count")
+    payload: dict[str, Any] = {"cmd": "poison", "offset": offset}
+    if file:
+        payload["ino"] = _inode(file)
+    got = request(mount, payload)
+    where = f"{file}:{offset}" if file else f"region offset {offset}"
+    if not got["newly"]:
+        return f"{where}: dpage {got['dpage']} was already bad"
+    owner = (f"inode {got['owner']} answers EIO at file offset {got['file_offset']}"
+             if got["owner"] is not None else "it was free and is now out of service")
+    return f"{where}: dpage {got['dpage']} marked bad; {owner}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,12 +181,48 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("state", choices=["on", "off"])
     picture = sub.add_parser("map", help="draw the pools as coloured strips of dpages")
     picture.add_argument("--png", required=True, metavar="OUT", help="PNG file to write")
+    poison = sub.add_parser(
+        "poison", help="mark the dpage at a region offset or FILE:OFFSET bad (soft-offline)",
+        description="Mark a dpage bad: it is never handed out again, and the file that owns "
+                    "it answers EIO for that range until it is truncated away or overwritten "
+                    "whole. OFFSET is bytes: decimal, 0x hex, or with a K/M/G suffix.")
+    poison.add_argument("target", metavar="OFFSET|FILE:OFFSET", type=poison_target)
+    poison.add_argument("--kernel", action="store_true",
+                        help="deliver it as the kernel would, as a SIGBUS BUS_MCEERR_AO "
+                             "notice to the daemon (tests the kernel path; region offsets only)")
+    sub.add_parser("scan", help="look for HWPOISON frames under the region; mark their dpages")
     return parser
+
+
+def parse_offset(text: str) -> int:
+    """A byte offset: decimal, 0x hex, or a size with a K/M/G/T suffix (powers of 1024)."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        try:
+            value = int(parse_size(text, binary=True)) if text[:1].isdigit() else -1
+        except InvalidSize:
+            value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a byte offset (e.g. 4096, 0x1000, 6M)")
+    return value
+
+
+def poison_target(text: str) -> tuple[str | None, int]:
+    """``OFFSET`` or ``FILE:OFFSET`` as (file or None, offset)."""
+    file, sep, offset = text.rpartition(":")
+    if sep and file:
+        return file, parse_offset(offset)
+    return None, parse_offset(text)
 
 
 def run(args: argparse.Namespace) -> str:
     """Carry out *args*; return what to print."""
     file: str = getattr(args, "file", None) or ""
+    if args.command == "poison":
+        file = args.target[0] or ""
+        if file and args.kernel:
+            raise CtlError("poison --kernel takes a region offset, not FILE:OFFSET")
     mount = mount_of(file or None, args.mount)
     result: dict[str, Any]
     if args.command == "status":
@@ -174,6 +237,13 @@ def run(args: argparse.Namespace) -> str:
     elif args.command == "files":
         result = request(mount, {"cmd": "files", "limit": args.limit})
         text = show_files(result)
+    elif args.command == "poison":
+        text = poison_command(mount, file, args.target[1], args.kernel)
+        result = {"text": text}
+    elif args.command == "scan":
+        result = request(mount, {"cmd": "scan"})
+        text = (f"{result['frames_checked']} frames checked, "
+                f"{sum(1 for b in result['bad'] if b['newly'])} new bad dpage(s)")
     elif args.command == "trace":
         result = request(mount, {"cmd": "trace", "on": args.state == "on"})
         text = f"trace {args.state}"

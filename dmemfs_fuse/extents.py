@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 from sortedcontainers import SortedDict
 
+from .changes import ChangeLog
 from .pool import Extent
 
 
@@ -25,12 +26,18 @@ class Piece(NamedTuple):
 
 
 class FileExtents:
-    """Mapping of file dpages to region dpages, with holes."""
+    """Mapping of file dpages to region dpages, with holes.
 
-    def __init__(self) -> None:
+    With a *log*, every change is reported to it under the owning inode *ino*
+    (for the metadata log); without one, nothing is recorded.
+    """
+
+    def __init__(self, ino: int = 0, log: ChangeLog | None = None) -> None:
         # file dpage -> (region dpage, count)
         self._runs: SortedDict = SortedDict()
         self.mapped = 0
+        self.ino = ino
+        self.log = log
 
     def __len__(self) -> int:
         """Number of mapped runs (extents)."""
@@ -86,7 +93,31 @@ class FileExtents:
         """Map *extents*, one after another, at *file_dpage* onward; the range must be a hole."""
         for ext in extents:
             self._insert_one(file_dpage, ext.start, ext.length)
+            if self.log is not None:
+                self.log.mapped(self.ino, file_dpage, ext.start, ext.length)
             file_dpage += ext.length
+
+    def punch(self, first: int, count: int) -> list[Extent]:
+        """Unmap file dpages ``[first, first+count)``; return the region extents released."""
+        end = first + count
+        released: list[Extent] = []
+        for piece in list(self.pieces(first, end)):
+            if piece.region is None:
+                continue
+            run_file = self._runs.bisect_right(piece.file_dpage) - 1
+            key, (run_region, run_count) = self._runs.peekitem(run_file)
+            del self._runs[key]
+            if key < piece.file_dpage:
+                self._runs[key] = (run_region, piece.file_dpage - key)
+            tail = key + run_count - (piece.file_dpage + piece.length)
+            if tail:
+                self._runs[piece.file_dpage + piece.length] = (
+                    run_region + run_count - tail, tail)
+            released.append(Extent(piece.region, piece.length))
+            self.mapped -= piece.length
+        if released and self.log is not None:
+            self.log.unmapped(self.ino, first, count)
+        return released
 
     def truncate(self, dpages: int) -> list[Extent]:
         """Unmap every file dpage at or past *dpages*; return the region extents released."""
@@ -102,6 +133,8 @@ class FileExtents:
             run_region, run_count = self._runs.pop(key)
             released.append(Extent(run_region, run_count))
         self.mapped -= sum(e.length for e in released)
+        if released and self.log is not None:
+            self.log.truncated(self.ino, dpages)
         return released
 
     def _insert_one(self, file_dpage: int, region: int, count: int) -> None:

@@ -5,10 +5,16 @@ passes through :func:`_boundary`, the one place where errors become errno:
 OSError carries its errno, anything else is a bug, logged with its traceback
 and answered with EIO.  Only FUSEError leaves a handler; ``init`` and
 ``forget`` never raise.
+
+On a persistent mount the boundary is also where a request's metadata
+changes are committed to the journal, before the reply.  Handlers make their
+changes without awaiting in between (the one await, in statfs, changes
+nothing), so the changes pending at a handler's end are its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -24,6 +30,7 @@ import trio
 
 from . import numa
 from .inodes import Inode, InodeTable
+from .journal import Journal
 from .metrics import RequestMetrics
 from .policy import LOCAL
 from .store import FileStore
@@ -66,16 +73,21 @@ def _boundary(handler: F) -> F:
         started = time.perf_counter() if timed else 0.0
         try:
             result = await handler(self, *args)
+            if self.journal is not None:
+                self.journal.commit()
         except pyfuse3.FUSEError as exc:
+            self._commit_quietly()
             self._account(name, started, errno.errorcode.get(exc.errno, str(exc.errno)))
             raise
         except OSError as exc:
+            self._commit_quietly()
             code = exc.errno or errno.EIO
             level = logging.DEBUG if code in QUIET_ERRNOS else logging.INFO
             log.log(level, "%s(%s): %s", name, _summary(args), exc)
             self._account(name, started, errno.errorcode.get(code, str(code)))
             raise pyfuse3.FUSEError(code) from None
         except Exception:
+            self._commit_quietly()
             log.exception("%s(%s) failed; answering EIO", name, _summary(args))
             self._account(name, started, "EIO")
             raise pyfuse3.FUSEError(errno.EIO) from None
@@ -105,21 +117,52 @@ class DmemOperations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, inodes: InodeTable, store: FileStore, trace: bool = False,
-                 metrics: RequestMetrics | None = None) -> None:
+                 metrics: RequestMetrics | None = None, journal: Journal | None = None) -> None:
         super().__init__()
         self.inodes = inodes
         self.store = store
+        self.journal = journal
         self.trace = trace
         self.metrics = metrics
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         # Set once the kernel has our INIT reply: sysfs tuning of the mount must wait for it.
         self.initialized = trio.Event()
+        # Inodes whose page cache must be dropped (a memory error hit them).
+        self._to_invalidate: set[int] = set()
+
+    def commit(self) -> None:
+        """Write pending metadata changes (made outside a request) to the journal."""
+        if self.journal is not None:
+            self.journal.commit()
+
+    def invalidate_later(self, ino: int) -> None:
+        """Ask for the kernel's cached pages of *ino* to be dropped by flush_invalidations()."""
+        self._to_invalidate.add(ino)
+
+    async def flush_invalidations(self) -> None:
+        """Drop the cached pages of every inode asked for, so that mappings fault in again.
+
+        In a worker thread: the kernel writes dirty pages back first, and those
+        WRITE requests must be served by this very loop while it waits.
+        """
+        while self._to_invalidate:
+            ino = self._to_invalidate.pop()
+            try:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, False)
+            except OSError as exc:  # the kernel may not know the inode (never looked up)
+                log.debug("invalidate inode %d: %s", ino, exc)
 
     def set_trace(self, on: bool) -> None:
         """Log every request (op, arguments, result, time) at debug level, or stop."""
         self.trace = on
         log.setLevel(logging.DEBUG if on else logging.NOTSET)
+
+    def _commit_quietly(self) -> None:
+        """Commit what a failed request changed anyway; the journal logs its own failures."""
+        if self.journal is not None:
+            with contextlib.suppress(OSError):
+                self.journal.commit()
 
     def _account(self, op: str, started: float, result: str) -> None:
         if self.metrics is not None:
@@ -166,6 +209,7 @@ class DmemOperations(pyfuse3.Operations):
                 self.inodes.forget(ino, count)
             except Exception:
                 log.exception("forget(%d, %d) failed", ino, count)
+        self._commit_quietly()
 
     @_boundary
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from sortedcontainers import SortedDict
 
+from .changes import ChangeLog
 from .errors import fs_error
 from .extents import FileExtents
 from .policy import POLICY_XATTR, Policy
@@ -46,11 +47,14 @@ class Directory:
     repeats entries that were there all along, whatever was added or removed.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, ino: int = 0, log: ChangeLog | None = None) -> None:
         self.entries: dict[bytes, tuple[int, int]] = {}
         self.by_cookie: SortedDict = SortedDict()
         self.next_cookie = FIRST_COOKIE
         self.subdirs = 0
+        # The directory's own inode number, under which changes are reported to *log*.
+        self.ino = ino
+        self.log = log
 
     def get(self, name: bytes) -> int | None:
         """The inode number under *name*, or None."""
@@ -64,12 +68,16 @@ class Directory:
         self.next_cookie += 1
         self.entries[name] = (ino, cookie)
         self.by_cookie[cookie] = name
+        if self.log is not None:
+            self.log.entry_added(self.ino, name, ino)
 
     def remove(self, name: bytes) -> None:
         """Drop *name* if present."""
         entry = self.entries.pop(name, None)
         if entry:
             del self.by_cookie[entry[1]]
+            if self.log is not None:
+                self.log.entry_removed(self.ino, name)
 
     def after(self, cookie: int) -> Iterator[tuple[int, bytes, int]]:
         """Entries with a cookie greater than *cookie*: ``(cookie, name, ino)``."""
@@ -103,6 +111,8 @@ class Inode:
     data: FileExtents | None = None
     # None: the default (local); set through the user.dmem.policy xattr.
     policy: Policy | None = None
+    # Where changes are reported for the metadata log (None: not persistent).
+    log: ChangeLog | None = field(default=None, repr=False)
 
     @property
     def nlink(self) -> int:
@@ -112,11 +122,17 @@ class Inode:
         return self.link_count
 
     def touch(self, *, data: bool = False, now: int | None = None) -> None:
-        """Set ctime (and mtime when *data* changed) to now."""
+        """Set ctime (and mtime when *data* changed) to now.
+
+        Every change to an inode sets its ctime, so this is also where the
+        inode is reported as changed to the metadata log.
+        """
         now = now or time.time_ns()
         self.ctime_ns = now
         if data:
             self.mtime_ns = now
+        if self.log is not None:
+            self.log.touched.add(self.ino)
 
 
 class InodeTable:
@@ -125,8 +141,11 @@ class InodeTable:
     def __init__(self, nr_inodes: int, root_mode: int = 0o1777, root_uid: int = 0,
                  root_gid: int = 0, *,
                  release_data: Callable[[FileExtents], None] | None = None,
-                 parse_policy: Callable[[str], Policy] | None = None) -> None:
+                 parse_policy: Callable[[str], Policy] | None = None,
+                 changes: ChangeLog | None = None) -> None:
         self.nr_inodes = nr_inodes
+        # Where every change is reported for the metadata log; None = not persistent.
+        self.changes = changes
         self._release_data = release_data or (lambda extents: None)
         self._parse_policy = parse_policy
         self.inodes: dict[int, Inode] = {}
@@ -134,9 +153,32 @@ class InodeTable:
         self._unlinked: set[int] = set()
         self._next_ino = ROOT_INO
         root = self._new(stat.S_IFDIR | (root_mode & 0o7777), root_uid, root_gid)
-        root.dir = Directory()
+        root.dir = Directory(root.ino, changes)
         root.link_count = 1
         root.parent = ROOT_INO
+
+    def restore(self, inodes: dict[int, Inode], next_ino: int) -> None:
+        """Replace every inode (the root included) with recovered ones.
+
+        *inodes* must be consistent (recovery.py checks it): no kernel
+        references and no open handles exist yet after a restart.
+        """
+        if ROOT_INO not in inodes:
+            raise ValueError("recovered inodes have no root")
+        self.inodes = inodes
+        self._unlinked = set()
+        self._next_ino = next_ino
+        for inode in inodes.values():
+            inode.log = self.changes
+            if inode.dir is not None:
+                inode.dir.log = self.changes
+            if inode.data is not None:
+                inode.data.log = self.changes
+
+    @property
+    def next_ino(self) -> int:
+        """The number the next new inode gets."""
+        return self._next_ino
 
     # -- lookups -----------------------------------------------------------
 
@@ -220,11 +262,11 @@ class InodeTable:
         if kind in (stat.S_IFDIR, stat.S_IFREG):
             inode.policy = pnode.policy  # inherited, as a directory's default
         if kind == stat.S_IFDIR:
-            inode.dir = Directory()
+            inode.dir = Directory(inode.ino, self.changes)
             inode.parent = parent
             entries.subdirs += 1
         elif kind == stat.S_IFREG:
-            inode.data = FileExtents()
+            inode.data = FileExtents(inode.ino, self.changes)
         elif kind == stat.S_IFLNK:
             inode.target = target or b""
             inode.size = len(inode.target)
@@ -393,7 +435,7 @@ class InodeTable:
             if listed > XATTR_LIST_MAX:
                 raise fs_error(errno.ENOSPC, "xattr name list full")
         inode.xattrs[name] = bytes(value)
-        inode.touch()
+        self._xattrs_changed(inode)
 
     def listxattr(self, ino: int) -> list[bytes]:
         """Names of the xattrs of *ino*."""
@@ -415,7 +457,7 @@ class InodeTable:
             return
         if inode.xattrs.pop(name, None) is None:
             raise fs_error(errno.ENODATA, name.decode(errors="replace"))
-        inode.touch()
+        self._xattrs_changed(inode)
 
     def set_policy(self, ino: int, text: str) -> Policy:
         """Parse and set the memory policy of a file or directory; EINVAL with a reason if bad."""
@@ -430,6 +472,11 @@ class InodeTable:
 
     # -- internals -----------------------------------------------------------
 
+    def _xattrs_changed(self, inode: Inode) -> None:
+        inode.touch()
+        if self.changes is not None:
+            self.changes.xattrs_touched.add(inode.ino)
+
     def _new(self, mode: int, uid: int, gid: int, rdev: int = 0) -> Inode:
         if len(self.inodes) >= self.nr_inodes:
             raise fs_error(errno.ENOSPC, f"all {self.nr_inodes} inodes are in use")
@@ -437,8 +484,11 @@ class InodeTable:
         ino = self._next_ino
         self._next_ino += 1
         inode = Inode(ino=ino, mode=mode, uid=uid, gid=gid, rdev=rdev, atime_ns=now,
-                      mtime_ns=now, ctime_ns=now, btime_ns=now)
+                      mtime_ns=now, ctime_ns=now, btime_ns=now, log=self.changes)
         self.inodes[ino] = inode
+        if self.changes is not None:
+            self.changes.touched.add(ino)
+            self.changes.xattrs_touched.add(ino)
         return inode
 
     def _remove_entry(self, parent: int, name: bytes, inode: Inode) -> None:
@@ -479,6 +529,8 @@ class InodeTable:
             return
         self._unlinked.discard(inode.ino)
         del self.inodes[inode.ino]
+        if self.changes is not None:
+            self.changes.dropped.append(inode.ino)
         if inode.data is not None:
             self._release_data(inode.data)
 

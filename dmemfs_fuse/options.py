@@ -43,6 +43,17 @@ OPTIONS: tuple[OptionDoc, ...] = (
               "otherwise, with a warning). PATH: any mmappable file or device (a file on "
               "hugetlbfs or /dev/shm, a /dev/dax device); a file is created or grown to size "
               "and outlives the daemon."),
+    OptionDoc("meta", "PATH | none", "REGION.meta for region=PATH on a file, else none",
+              "Keep the metadata (names, attributes, xattrs, policies, every file's extents, "
+              "bad dpages) in PATH, so that a new dmemfs on the same region, after a crash or a "
+              "stop, finds every file again. Needs a region that outlives the daemon "
+              "(region=PATH). Use a directory on tmpfs or a local disk."),
+    OptionDoc("start_empty", "", "off",
+              "Start with an empty filesystem even if meta= holds files. The old metadata "
+              "file is kept, renamed to PATH.discarded-TIME, never deleted."),
+    OptionDoc("checkpoint", "SIZE", "64M",
+              "Rewrite the metadata file as one snapshot once the changes appended since the "
+              "last one pass SIZE (or the snapshot's own size, if larger)."),
     OptionDoc("hugetlbfs", "DIR", "a mounted hugetlbfs of pagesize",
               "The hugetlbfs mount that region=hugetlbfs creates its (unlinked) file on."),
     OptionDoc("reserve_hugepages", "", "off",
@@ -70,7 +81,7 @@ OPTIONS: tuple[OptionDoc, ...] = (
 IGNORED = {"rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "auto", "noauto", "user",
            "nouser", "users", "nofail", "_netdev", "defaults", "atime", "noatime", "relatime",
            "strictatime", "nodiratime", "lazytime", "async", "sync"}
-FLAGS = {"reserve_hugepages", "allow_other", "allow_unlocked", "debug"}
+FLAGS = {"reserve_hugepages", "allow_other", "allow_unlocked", "debug", "start_empty"}
 VALUED = {o.name for o in OPTIONS} - FLAGS
 
 
@@ -97,6 +108,9 @@ class MountOptions:
     pagesize: int | None = None
     region: str = "auto"
     hugetlbfs: str | None = None
+    meta: str | None = None
+    start_empty: bool = False
+    checkpoint: int = 64 << 20
     reserve_hugepages: bool = False
     max_alloc_try_dpages: int = 0
     nr_inodes: int = 1 << 20
@@ -179,6 +193,11 @@ def parse_mount_options(opt_strings: list[str]) -> MountOptions:
         raise ConfigError("size: required (size=SIZE per node, size=!SIZE, or nodes=N:SIZE,...)")
     if opts.size is not None and opts.nodes:
         raise ConfigError("size and nodes: give one of them, not both")
+    if opts.meta not in (None, "none") and not opts.region.startswith("/"):
+        raise ConfigError(f"meta={opts.meta}: region={opts.region} dies with the daemon, so "
+                          "there is nothing to find again; use region=PATH")
+    if opts.start_empty and opts.meta == "none":
+        raise ConfigError("start_empty: there is no metadata to start from (meta=none)")
     if opts.pagesize is not None:
         sizes = [s.size for s in opts.nodes] + ([opts.size.size] if opts.size else [])
         for size in sizes:
@@ -216,6 +235,12 @@ def _parse_value(name: str, value: str) -> object:
             raise ConfigError(
                 f"region={value}: accepted are auto, hugetlbfs, memfd or an absolute path")
         return value
+    if name == "meta":
+        if value != "none" and not value.startswith("/"):
+            raise ConfigError(f"meta={value}: must be an absolute path, or none")
+        return value
+    if name == "checkpoint":
+        return parse_size(value, name)
     if name == "hugetlbfs":
         if not value.startswith("/"):
             raise ConfigError(f"hugetlbfs={value}: must be an absolute path")

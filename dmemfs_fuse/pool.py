@@ -55,6 +55,8 @@ class PoolStats:
         frees: free calls since start.
         fallback_dpages: dpages that a ``preferred`` policy naming this pool
             had to take from other pools because this one was full.
+        bad_dpages: dpages marked bad (memory errors); never handed out again.
+            They count as used, whether a file still owns them or not.
     """
 
     index: int
@@ -70,6 +72,7 @@ class PoolStats:
     allocs: int
     frees: int
     fallback_dpages: int
+    bad_dpages: int
 
 
 class Pool:
@@ -91,6 +94,8 @@ class Pool:
         self.bitmap = np.zeros(size, dtype=np.bool_)
         self._runs_by_start: SortedDict = SortedDict({first_dpage: size})
         self._runs_by_size: SortedList = SortedList([(size, first_dpage)])
+        # Dpages with memory errors: kept out of the free runs for good.
+        self.bad: SortedList = SortedList()
 
     @property
     def end_dpage(self) -> int:
@@ -149,9 +154,53 @@ class Pool:
         if not bits.all():
             bad = start + int(np.flatnonzero(~bits)[0])
             raise AllocatorError(f"pool {self.index}: free of dpage {bad}, which is not allocated")
-        bits[:] = False
-        self.avail += count
         self.frees += 1
+        # A bad dpage stays taken: only the good runs between bad ones go back.
+        cursor = start
+        for bad in list(self.bad.irange(start, start + count - 1)):
+            if bad > cursor:
+                self._release(cursor, bad - cursor)
+            cursor = bad + 1
+        if cursor < start + count:
+            self._release(cursor, start + count - cursor)
+
+    def claim(self, start: int, count: int) -> None:
+        """Take exactly dpages ``[start, start+count)``, which must all be free.
+
+        Used to rebuild the bitmap from recovered extent maps: a dpage claimed
+        twice, or outside the pool, raises AllocatorError.
+        """
+        if count <= 0 or start < self.first_dpage or start + count > self.end_dpage:
+            raise AllocatorError(f"pool {self.index}: dpages [{start}, {start + count}) are "
+                                 f"outside [{self.first_dpage}, {self.end_dpage})")
+        run_start, run_len = self._run_containing(start)
+        if not run_len or start + count > run_start + run_len:
+            raise AllocatorError(f"pool {self.index}: dpages [{start}, {start + count}) are "
+                                 "not all free (claimed twice?)")
+        self._carve(run_start, run_len, start, count)
+
+    def mark_bad(self, dpage: int) -> bool:
+        """Take *dpage* out of service for good; return whether it was free.
+
+        A free dpage leaves the free runs now; an allocated one stays with
+        its file, and free() will not return it to the free runs.
+        """
+        if dpage not in self:
+            raise AllocatorError(f"pool {self.index}: dpage {dpage} is not in this pool")
+        if dpage in self.bad:
+            return False
+        self.bad.add(dpage)
+        run_start, run_len = self._run_containing(dpage)
+        if run_len:
+            self._carve(run_start, run_len, dpage, 1)
+            return True
+        return False
+
+    def _release(self, start: int, count: int) -> None:
+        """Put allocated dpages ``[start, start+count)`` back in the free runs."""
+        lo = start - self.first_dpage
+        self.bitmap[lo : lo + count] = False
+        self.avail += count
         new_start, new_len = start, count
         pos = self._runs_by_start.bisect_right(start) - 1
         if pos >= 0:
@@ -186,6 +235,7 @@ class Pool:
             allocs=self.allocs,
             frees=self.frees,
             fallback_dpages=self.fallback_dpages,
+            bad_dpages=len(self.bad),
         )
 
     def check(self) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from . import numa
-from .errors import NoSpaceError
+from .errors import AllocatorError, NoSpaceError
 from .policy import LOCAL, Policy
 from .pool import Extent, Pool, PoolStats
 
@@ -24,6 +24,7 @@ class PoolSetStats:
         total_dpages: dpages in all pools.
         free_dpages: free dpages in all pools.
         enospc: allocations refused for lack of space since start.
+        bad_dpages: dpages marked bad in all pools (never handed out again).
         pools: each pool's own snapshot, in region order.
     """
 
@@ -31,6 +32,7 @@ class PoolSetStats:
     total_dpages: int
     free_dpages: int
     enospc: int
+    bad_dpages: int
     pools: tuple[PoolStats, ...]
 
 
@@ -123,6 +125,37 @@ class PoolSet:
                 pool.free(start, stop - start)
                 start = stop
 
+    def claim(self, extents: Iterable[Extent]) -> None:
+        """Take exactly *extents* (rebuilding from recovered extent maps); AllocatorError if any
+        dpage is outside every pool or already taken."""
+        for ext in extents:
+            start, end = ext.start, ext.end
+            while start < end:
+                try:
+                    pool = self.pool_of(start)
+                except ValueError:
+                    raise AllocatorError(f"dpage {start} is outside every pool") from None
+                stop = min(end, pool.end_dpage)
+                pool.claim(start, stop - start)
+                start = stop
+
+    def mark_bad(self, dpage: int) -> bool:
+        """Take region dpage *dpage* out of service for good; return whether it was free."""
+        return self.pool_of(dpage).mark_bad(dpage)
+
+    @property
+    def bad_dpages(self) -> int:
+        """Dpages marked bad in all pools."""
+        return sum(len(p.bad) for p in self.pools)
+
+    def bad_in(self, start: int, count: int) -> list[int]:
+        """The bad dpages in region dpages ``[start, start+count)``."""
+        out: list[int] = []
+        for pool in self.pools:
+            if pool.bad and pool.first_dpage < start + count and start < pool.end_dpage:
+                out.extend(pool.bad.irange(start, start + count - 1))
+        return out
+
     def statistics(self) -> PoolSetStats:
         """A frozen snapshot of the totals and of every pool."""
         return PoolSetStats(
@@ -130,6 +163,7 @@ class PoolSet:
             total_dpages=self.total_dpages,
             free_dpages=self.free_dpages,
             enospc=self.enospc,
+            bad_dpages=self.bad_dpages,
             pools=tuple(p.statistics() for p in self.pools),
         )
 

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import errno
 import logging
+from dataclasses import asdict
 from typing import Any, Protocol
 
 from . import numa
 from .errors import fs_error
 from .inodes import ROOT_INO, Inode, InodeTable
+from .journal import Journal
+from .poison import MemoryErrors, Poisoned, hwpoisoned_dpages, send_mce_notice
+from .recovery import RecoveryReport
 from .store import FileStore
 
 log = logging.getLogger(__name__)
@@ -21,25 +25,39 @@ log = logging.getLogger(__name__)
 JSON = dict[str, Any]
 
 
-class Tracer(Protocol):
-    """What owns the per-request trace (the FUSE operations)."""
+class Frontend(Protocol):
+    """What the reporter needs from the FUSE side: the trace, the journal, the page cache."""
 
     trace: bool
 
     def set_trace(self, on: bool) -> None:
         """Turn the trace on or off."""
 
+    def commit(self) -> None:
+        """Write pending metadata changes to the journal (no-op when not persistent)."""
+
+    def invalidate_later(self, ino: int) -> None:
+        """Drop the kernel's cached pages of *ino* soon (outside any request)."""
+
+    async def flush_invalidations(self) -> None:
+        """Carry out the invalidations asked for so far."""
+
 
 class Reporter:
     """Answers the questions `dmemctl` and monitoring ask about a mounted dmemfs."""
 
     def __init__(self, inodes: InodeTable, store: FileStore, region_description: str,
-                 tracer: Tracer) -> None:
+                 frontend: Frontend, *, errors: MemoryErrors | None = None,
+                 journal: Journal | None = None) -> None:
         self.inodes = inodes
         self.store = store
         self.pools = store.pools
         self.region_description = region_description
-        self.tracer = tracer
+        self.frontend = frontend
+        self.errors = errors or MemoryErrors(inodes, store)
+        self.journal = journal
+        # Set by the daemon when the mount was recovered from its metadata file.
+        self.recovery: RecoveryReport | None = None
 
     def status(self) -> JSON:
         """Per pool and in total: dpages total/free/used, largest free run, fragmentation."""
@@ -54,6 +72,7 @@ class Reporter:
                 "largest_free_run": st.largest_free_run, "free_runs": st.free_runs,
                 "fragmentation": round(st.fragmentation, 4), "allocs": st.allocs,
                 "frees": st.frees, "fallback_dpages": st.fallback_dpages,
+                "bad_dpages": st.bad_dpages,
             })
         return {
             "region": self.region_description,
@@ -64,9 +83,14 @@ class Reporter:
             "total_bytes": stats.total_dpages * dps,
             "free_bytes": stats.free_dpages * dps,
             "enospc": stats.enospc,
+            "bad_dpages": stats.bad_dpages,
+            "memory_errors": self.errors.events,
             "inodes_used": self.inodes.used,
             "inodes_total": self.inodes.nr_inodes,
-            "trace": self.tracer.trace,
+            "trace": self.frontend.trace,
+            "persistent": self.journal is not None,
+            "journal": asdict(self.journal.statistics()) if self.journal else None,
+            "recovered": asdict(self.recovery) if self.recovery else None,
             "pools": pools,
         }
 
@@ -108,15 +132,53 @@ class Reporter:
         """Read, or set when *text* is given, the policy of a file or directory."""
         if text is not None:
             self.inodes.set_policy(ino, text)
+            self.frontend.commit()
         inode = self.inodes.get(ino)
         return {"ino": ino, "policy": str(inode.policy or "local"),
                 "explicit": inode.policy is not None}
 
     def set_trace(self, on: bool) -> JSON:
         """Turn the per-request trace on or off."""
-        self.tracer.set_trace(on)
+        self.frontend.set_trace(on)
         log.info("request trace %s", "on" if on else "off")
         return {"trace": on}
+
+    def poison(self, offset: int, ino: int | None = None) -> JSON:
+        """Mark bad the dpage at region byte *offset*, or at byte *offset* of file *ino*."""
+        dps = self.store.dpage_size
+        if ino is not None:
+            dpage = self.errors.locate(ino, offset)
+        elif 0 <= offset < self.store.region.size:
+            dpage = offset // dps
+        else:
+            raise fs_error(errno.EINVAL, f"region offset {offset} is outside the region "
+                           f"({self.store.region.size} bytes)")
+        return self._marked(self.errors.mark(dpage, "operator"))
+
+    def notify_kernel_error(self, offset: int) -> JSON:
+        """Have the daemon receive the SIGBUS BUS_MCEERR_AO the kernel sends for poison at
+        region byte *offset* (poison.send_mce_notice): the kernel path, end to end."""
+        if not 0 <= offset < self.store.region.size:
+            raise fs_error(errno.EINVAL, f"region offset {offset} is outside the region")
+        send_mce_notice(self.store.region.addr + offset)
+        return {"sent": True, "region_offset": offset}
+
+    def kernel_error(self, offset: int) -> JSON:
+        """The kernel reported a memory error at region byte *offset*: mark its dpage bad."""
+        return self._marked(self.errors.mark(offset // self.store.dpage_size, "kernel"))
+
+    def scan(self) -> JSON:
+        """Look for HWPOISON frames under the region and mark their dpages bad."""
+        region = self.store.region
+        dpages, frames = hwpoisoned_dpages(region.addr, region.size, region.dpage_size)
+        marked = [self._marked(self.errors.mark(d, "scan")) for d in dpages]
+        return {"frames_checked": frames, "bad": marked}
+
+    def _marked(self, result: Poisoned) -> JSON:
+        self.frontend.commit()
+        if result.owner is not None and result.newly:
+            self.frontend.invalidate_later(result.owner)
+        return asdict(result)
 
     def map(self) -> JSON:
         """Every pool's used runs with their owners, for drawing: ``[start, length, ino]``."""

@@ -5,6 +5,11 @@ when it is handed out again, so no file ever sees another file's old bytes,
 and fresh memory (zero from the kernel) costs nothing to allocate.  Bytes past
 EOF inside a file's last dpage are kept zero, so growing a file needs no work
 on the dpage it already has.
+
+Bad dpages (memory errors, poison.py) stay with the file that owns them:
+reads that touch one answer EIO; a write that covers a bad dpage whole moves
+that part of the file to a good dpage (the bad one is never handed out
+again); a partial write to one answers EIO.
 """
 
 from __future__ import annotations
@@ -43,6 +48,11 @@ class FileStore:
         end = min(file_size, off + length)
         dps = self.dpage_size
         pieces = list(extents.pieces(off // dps, -(-end // dps)))
+        if self.pools.bad_dpages:
+            for piece in pieces:
+                if piece.region is not None and self.pools.bad_in(piece.region, piece.length):
+                    raise fs_error(errno.EIO, f"read of bytes [{off}, {end}): a memory error in "
+                                   "this range")
         view = self.region.view
         if len(pieces) == 1 and pieces[0].region is not None:
             base = pieces[0].region * dps + (off - pieces[0].file_dpage * dps)
@@ -72,6 +82,8 @@ class FileStore:
         if end <= off:
             return file_size, 0
         dps = self.dpage_size
+        if self.pools.bad_dpages:
+            self._replace_bad(extents, off, end, node, policy)
         self._allocate(extents, off // dps, -(-end // dps), node, policy)
         view = self.region.view
         source = memoryview(data)  # slicing a view copies nothing
@@ -116,6 +128,41 @@ class FileStore:
         for ext in released:
             self.dirty[ext.start : ext.end] = True
         self.pools.free(released)
+
+    def _replace_bad(self, extents: FileExtents, off: int, end: int, node: int,
+                     policy: Policy) -> None:
+        """Move file dpages on bad dpages that ``[off, end)`` covers whole to good ones.
+
+        EIO, with nothing changed, if the range covers a bad dpage only in part.
+        A fresh dpage is taken before the bad one is let go, so ENOSPC also
+        leaves the file as it was.
+        """
+        dps = self.dpage_size
+        bad_file_dpages: list[int] = []
+        for piece in extents.pieces(off // dps, -(-end // dps)):
+            if piece.region is None:
+                continue
+            for bad in self.pools.bad_in(piece.region, piece.length):
+                file_dpage = piece.file_dpage + bad - piece.region
+                if off > file_dpage * dps or end < (file_dpage + 1) * dps:
+                    raise fs_error(errno.EIO, f"write of bytes [{off}, {end}) covers only part "
+                                   f"of file dpage {file_dpage}, which has a memory error")
+                bad_file_dpages.append(file_dpage)
+        if not bad_file_dpages:
+            return
+        fresh: list[tuple[int, Extent]] = []
+        try:
+            for file_dpage in bad_file_dpages:
+                fresh.extend(self.pools.allocate(1, policy=policy, node=node,
+                                                 file_dpage=file_dpage))
+        except BaseException:
+            self.pools.free([ext for _, ext in fresh])
+            raise
+        self._zero_dirty([ext for _, ext in fresh])
+        for file_dpage, ext in fresh:
+            self.free(extents.punch(file_dpage, 1))  # the bad dpage stays out of the free runs
+            extents.insert(file_dpage, [ext])
+        log.info("moved %d file dpage(s) off bad memory", len(fresh))
 
     def _allocate(self, extents: FileExtents, first: int, end: int, node: int,
                   policy: Policy) -> None:

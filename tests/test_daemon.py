@@ -106,13 +106,18 @@ def test_path_region_outlives_the_daemon(tmp_path: Path) -> None:
             (mount.path / "f").write_bytes(b"persist")
         assert mount.exit_code == 0
         assert backing.stat().st_size == 16 * M
-        # a reused file may hold old bytes: new files must still read as zeros
+        # its metadata beside it: the next daemon finds the file again
         with dmemfs(tmp_path, f"size=16M,pagesize=4K,region={backing}") as mount:
+            assert (mount.path / "f").read_bytes() == b"persist"
+        # without metadata the file's old bytes are reused: new files must read as zeros
+        with dmemfs(tmp_path, f"size=16M,pagesize=4K,region={backing},meta=none") as mount:
+            assert os.listdir(mount.path) == []
             with open(mount.path / "g", "wb") as f:
                 f.truncate(16 * M)
             assert (mount.path / "g").read_bytes() == bytes(16 * M)
     finally:
-        backing.unlink(missing_ok=True)
+        for leftover in backing.parent.glob(backing.name + "*"):
+            leftover.unlink()
 
 
 def test_explicit_pools_on_one_node(tmp_path: Path) -> None:

@@ -294,7 +294,7 @@ def test_dmemctl_man_page_has_every_subcommand(staged: Path) -> None:
     text = render(staged / "usr/local/share/man/man8/dmemctl.8")
     commands = manpage._subcommands(dmemctl.build_parser())
     assert [name for name, _, _ in commands] == \
-        ["status", "extents", "policy", "files", "trace", "map"]
+        ["status", "extents", "policy", "files", "trace", "map", "poison", "scan"]
     for name, helptext, sub in commands:
         assert f" {name} " in text, f"dmemctl(8) lacks {name}"
         assert flat(manpage.sentence(helptext)) in text

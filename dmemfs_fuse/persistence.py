@@ -1,0 +1,128 @@
+"""Where a mount's metadata lives, who may use it, and what a start finds there.
+
+Everything here runs before the region is reserved, so a damaged or foreign
+metadata file stops the daemon with one line before it takes any memory.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from humanfriendly import format_size
+
+from .errors import ConfigError
+from .metalog import Layout, MetadataError, region_identity
+from .options import MountOptions
+from .policy import Policy
+from .recovery import Recovered, load
+from .region import RegionPlan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MetaPlan:
+    """A persistent mount's metadata file.
+
+    Fields:
+        path: the metadata file.
+        start_empty: set the old file aside instead of recovering from it.
+        checkpoint_bytes: appended bytes that trigger a checkpoint.
+    """
+
+    path: str
+    start_empty: bool
+    checkpoint_bytes: int
+
+
+def plan_meta(opts: MountOptions, plan: RegionPlan) -> MetaPlan | None:
+    """The metadata file for *opts*, or None when the mount does not persist."""
+    if opts.meta == "none":
+        return None
+    path = opts.meta
+    if path is None:
+        if plan.backend != "path" or plan.path is None:
+            return None
+        if os.path.exists(plan.path) and not stat.S_ISREG(os.stat(plan.path).st_mode):
+            log.warning("region=%s is a device: files will not be found again after a restart "
+                        "unless meta=PATH names where to keep the metadata", plan.path)
+            return None
+        path = plan.path + ".meta"
+    if not os.path.isdir(os.path.dirname(path) or "/"):
+        raise ConfigError(f"meta={path}: its directory does not exist")
+    if os.path.isdir(path):
+        raise ConfigError(f"meta={path}: is a directory; name a file")
+    if opts.start_empty and not os.path.exists(path):
+        log.info("start_empty: there is no metadata at %s anyway", path)
+    return MetaPlan(path, opts.start_empty, opts.checkpoint)
+
+
+class MetaLock:
+    """An exclusive lock on ``PATH.lock`` for the daemon's life: one daemon per metadata file."""
+
+    def __init__(self, meta: MetaPlan) -> None:
+        self.path = meta.path + ".lock"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            raise ConfigError(f"meta={meta.path}: in use by another dmemfs (pid {holder})"
+                              ) from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        """Drop the lock (the file stays; it is harmless)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def layout_for(plan: RegionPlan, region_path: str) -> Layout:
+    """The layout a metadata file must describe for *plan* on the region at *region_path*."""
+    return Layout(plan.dpage_size, tuple((p.node, p.size // plan.dpage_size) for p in plan.pools),
+                  region_identity(region_path))
+
+
+def find(meta: MetaPlan, plan: RegionPlan,
+         parse_policy: Callable[[str], Policy]) -> Recovered | None:
+    """What the metadata file holds, replayed (verified against the pools later), or None.
+
+    None when there is no file or start_empty set it aside.  MetadataError
+    when it cannot be trusted, naming start_empty as the way out.
+    """
+    if not os.path.exists(meta.path):
+        if plan.path and os.path.exists(plan.path) and os.stat(plan.path).st_size:
+            log.info("no metadata at %s: starting empty on %s (its old bytes are zeroed "
+                     "before reuse)", meta.path, plan.path)
+        return None
+    if meta.start_empty:
+        aside = f"{meta.path}.discarded-{time.strftime('%Y%m%dT%H%M%S')}"
+        os.rename(meta.path, aside)
+        log.warning("start_empty: starting with an empty filesystem; the old metadata is "
+                    "kept as %s", aside)
+        return None
+    assert plan.path is not None
+    try:
+        if not os.path.exists(plan.path):
+            raise MetadataError(f"metadata {meta.path} describes files in {plan.path}, which "
+                                "no longer exists: their bytes are gone")
+        st = os.stat(plan.path)
+        if stat.S_ISREG(st.st_mode) and st.st_size < plan.size:
+            raise MetadataError(
+                f"metadata {meta.path} describes a region of "
+                f"{format_size(plan.size, binary=True)} but {plan.path} holds only "
+                f"{format_size(st.st_size, binary=True)}")
+        return load(meta.path, layout_for(plan, plan.path), parse_policy)
+    except MetadataError as exc:
+        raise MetadataError(f"{exc}. Nothing was changed. To start with an empty filesystem "
+                            "instead, mount with -o start_empty (the old metadata is kept "
+                            "beside it)") from None

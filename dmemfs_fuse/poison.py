@@ -1,0 +1,254 @@
+"""Memory errors: dpages marked bad by the operator or reported by the kernel.
+
+This is the user-space side of dmemfs's memory-failure handler.  A dpage
+becomes bad in three ways:
+
+* the operator marks it (``dmemctl poison``), as soft-offline would;
+* a scan finds a frame of the region with the HWPOISON page flag
+  (/proc/self/pagemap gives each page's frame number, /proc/kpageflags its
+  flags); the daemon scans at start and on ``dmemctl scan``;
+* the kernel sends SIGBUS with si_code BUS_MCEERR_AO ("action optional") for
+  an address in the region.  The daemon asks for that early notice with
+  prctl(PR_MCE_KILL_EARLY), blocks SIGBUS and reads it from a signalfd.
+
+A bad dpage is never handed out again (pool.py), is kept in the metadata log
+(survives restarts), and the file that owns it answers EIO for reads of it
+until the range is truncated away or overwritten whole (store.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import signal
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import numpy as np
+import trio
+
+from .errors import fs_error
+from .inodes import InodeTable
+from .store import FileStore
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+KPF_HWPOISON = 19
+PFN_MASK = (1 << 55) - 1
+PAGE_PRESENT = 1 << 63
+BUS_MCEERR_AR = 4
+BUS_MCEERR_AO = 5
+PR_MCE_KILL, PR_MCE_KILL_SET, PR_MCE_KILL_EARLY = 33, 1, 1
+SYS_RT_TGSIGQUEUEINFO = 297  # x86_64
+SIGNALFD_SIGINFO = 128
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@dataclass(frozen=True)
+class Poisoned:
+    """The outcome of marking one dpage bad.
+
+    Fields:
+        dpage: the region dpage.
+        region_offset: its byte offset in the region.
+        newly: False if it was already bad.
+        was_free: True if no file owned it (it simply leaves the free runs).
+        owner: the inode of the file that owns it, if any.
+        file_offset: where in that file it lies (bytes), if owned.
+        source: who reported it (operator, scan, kernel).
+    """
+
+    dpage: int
+    region_offset: int
+    newly: bool
+    was_free: bool
+    owner: int | None
+    file_offset: int | None
+    source: str
+
+
+class MemoryErrors:
+    """Marks dpages bad and says which file each one hurt."""
+
+    def __init__(self, table: InodeTable, store: FileStore) -> None:
+        self.table = table
+        self.store = store
+        self.events = 0
+
+    def mark(self, dpage: int, source: str) -> Poisoned:
+        """Mark region dpage *dpage* bad; EINVAL if it is outside the region."""
+        pools = self.store.pools
+        if not 0 <= dpage < self.store.region.size // self.store.dpage_size:
+            raise fs_error(errno.EINVAL, f"dpage {dpage} is outside the region")
+        pool = pools.pool_of(dpage)
+        newly = dpage not in pool.bad
+        was_free = pool.mark_bad(dpage) if newly else False
+        if newly and self.table.changes is not None:
+            self.table.changes.marked_bad(dpage)
+        owner = self.owner_of(dpage)
+        dps = self.store.dpage_size
+        result = Poisoned(dpage, dpage * dps, newly, was_free,
+                          owner[0] if owner else None,
+                          owner[1] * dps if owner else None, source)
+        if newly:
+            self.events += 1
+            log.warning("memory error (%s): dpage %d at region offset %d marked bad; %s", source,
+                        dpage, dpage * dps,
+                        f"inode {result.owner} answers EIO at file offset {result.file_offset}"
+                        if owner else "it was free and is out of service")
+        return result
+
+    def owner_of(self, dpage: int) -> tuple[int, int] | None:
+        """``(inode, file dpage)`` of the file holding region dpage *dpage*, or None.
+
+        A scan of every file's runs: memory errors are rare, a reverse map
+        would cost memory on every allocation.
+        """
+        for inode in self.table.inodes.values():
+            if inode.data is None:
+                continue
+            for file_dpage, region, count in inode.data.runs():
+                if region <= dpage < region + count:
+                    return inode.ino, file_dpage + dpage - region
+        return None
+
+    def locate(self, ino: int, offset: int) -> int:
+        """The region dpage holding byte *offset* of file *ino*; ENXIO for a hole or past EOF."""
+        inode = self.table.get(ino)
+        if inode.data is None:
+            raise fs_error(errno.EINVAL, f"inode {ino} is not a regular file")
+        if not 0 <= offset < inode.size:
+            raise fs_error(errno.ENXIO, f"offset {offset} is outside the file ({inode.size} "
+                           "bytes)")
+        file_dpage = offset // self.store.dpage_size
+        piece = next(inode.data.pieces(file_dpage, file_dpage + 1))
+        if piece.region is None:
+            raise fs_error(errno.ENXIO, f"offset {offset} is in a hole")
+        return piece.region
+
+
+# -- the kernel's view: HWPOISON frames ----------------------------------------------
+
+def hwpoisoned_dpages(addr: int, size: int, dpage_size: int,
+                      pagemap: str = "/proc/self/pagemap",
+                      kpageflags: str = "/proc/kpageflags") -> tuple[list[int], int]:
+    """Dpages of the mapping ``[addr, addr+size)`` that hold a frame flagged HWPOISON.
+
+    Returns the dpages (relative to *addr*) and how many frames were checked.
+    Needs root (frame numbers read as 0 otherwise: PermissionError then).
+    """
+    pages = size // PAGE_SIZE
+    chunk = 1 << 18
+    bad_pages: list[np.ndarray] = []
+    checked = 0
+    with open(pagemap, "rb", buffering=0) as pm, open(kpageflags, "rb", buffering=0) as kf:
+        for first in range(0, pages, chunk):
+            count = min(chunk, pages - first)
+            raw = os.pread(pm.fileno(), count * 8, (addr // PAGE_SIZE + first) * 8)
+            entries = np.frombuffer(raw, dtype=np.uint64)
+            present = (entries & np.uint64(PAGE_PRESENT)) != 0
+            pfns = (entries & np.uint64(PFN_MASK)).astype(np.int64)
+            if present.any() and not pfns[present].any():
+                raise PermissionError(errno.EPERM, "frame numbers are hidden (needs root)")
+            index = np.flatnonzero(present)
+            checked += len(index)
+            flags = _kpageflags(kf.fileno(), pfns[index])
+            poisoned = index[(flags >> np.uint64(KPF_HWPOISON)) & np.uint64(1) != 0]
+            bad_pages.append(poisoned + first)
+    if not bad_pages:
+        return [], 0
+    pages_bad = np.concatenate(bad_pages)
+    return sorted({int(p) * PAGE_SIZE // dpage_size for p in pages_bad}), checked
+
+
+def _kpageflags(fd: int, pfns: np.ndarray) -> np.ndarray:
+    """Flags of each frame in *pfns*, read in as few preads as contiguous frames allow."""
+    out = np.zeros(len(pfns), dtype=np.uint64)
+    if not len(pfns):
+        return out
+    order = np.argsort(pfns, kind="stable")
+    sorted_pfns = pfns[order]
+    # A new read wherever the next frame is more than 512 frames (4 KiB of flags) further.
+    breaks = np.flatnonzero(np.diff(sorted_pfns) > 512) + 1
+    for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(sorted_pfns)], strict=True):
+        start, stop = int(sorted_pfns[lo]), int(sorted_pfns[hi - 1]) + 1
+        raw = os.pread(fd, (stop - start) * 8, start * 8)
+        flags = np.frombuffer(raw, dtype=np.uint64)
+        out[order[lo:hi]] = flags[sorted_pfns[lo:hi] - start]
+    return out
+
+
+# -- the kernel's notice: SIGBUS BUS_MCEERR_AO through a signalfd --------------------
+
+def block_sigbus() -> bool:
+    """Ask for early memory-error notices and block SIGBUS, so a signalfd can take it.
+
+    Must run before any thread starts (threads inherit the mask; an unblocked
+    thread would take the signal's default action, death).  A SIGBUS from a
+    fault the daemon itself takes is forced through by the kernel whatever the
+    mask, and kills the daemon as it would have anyway.  Returns whether the
+    kernel accepted the early-notice request.
+    """
+    early = bool(_libc.prctl(PR_MCE_KILL, PR_MCE_KILL_SET, PR_MCE_KILL_EARLY, 0, 0) == 0)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGBUS})
+    return early
+
+
+def open_sigbus_fd() -> int:
+    """A non-blocking signalfd that yields SIGBUS (which must be blocked)."""
+    mask = ctypes.create_string_buffer(128)
+    struct.pack_into("<Q", mask, 0, 1 << (signal.SIGBUS - 1))
+    fd = _libc.signalfd(-1, mask, os.O_NONBLOCK | os.O_CLOEXEC)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"signalfd: {os.strerror(err)}")
+    return int(fd)
+
+
+def parse_sigbus(data: bytes) -> tuple[int, int]:
+    """``(si_code, si_addr)`` of one struct signalfd_siginfo."""
+    code = struct.unpack_from("<i", data, 8)[0]
+    addr = struct.unpack_from("<Q", data, 72)[0]
+    return int(code), int(addr)
+
+
+def send_mce_notice(addr: int) -> None:
+    """Send this process the SIGBUS BUS_MCEERR_AO the kernel sends for poison at *addr*.
+
+    For testing the handling on kernels without CONFIG_MEMORY_FAILURE (as the
+    kernel's hwpoison-inject module does for its own path).  Only a process
+    may send itself a signal with a kernel si_code.
+    """
+    info = ctypes.create_string_buffer(128)
+    struct.pack_into("<iii", info, 0, signal.SIGBUS, 0, BUS_MCEERR_AO)
+    struct.pack_into("<Qh", info, 16, addr, PAGE_SIZE.bit_length() - 1)  # si_addr, si_addr_lsb
+    if _libc.syscall(SYS_RT_TGSIGQUEUEINFO, os.getpid(), _libc.gettid(), signal.SIGBUS,
+                     info) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"rt_tgsigqueueinfo: {os.strerror(err)}")
+
+
+async def watch_sigbus(fd: int, region_addr: int, region_size: int,
+                       on_error: Callable[[int], Awaitable[None]]) -> None:
+    """Read SIGBUS notices from *fd* until cancelled; hand region offsets to *on_error*."""
+    try:
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            try:
+                data = os.read(fd, SIGNALFD_SIGINFO)
+            except BlockingIOError:
+                continue
+            code, addr = parse_sigbus(data)
+            if code not in (BUS_MCEERR_AO, BUS_MCEERR_AR):
+                log.warning("SIGBUS with code %d at %#x: not a memory-error notice", code, addr)
+                continue
+            if not region_addr <= addr < region_addr + region_size:
+                log.warning("memory-error notice for %#x, outside the region", addr)
+                continue
+            await on_error(addr - region_addr)
+    finally:
+        os.close(fd)

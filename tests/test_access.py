@@ -1,0 +1,563 @@
+"""Access control, checked with a real unprivileged account.
+
+A system user (``dmemfs-test``) is created for the module when it does not
+exist, and removed again afterwards.  Everything it does runs in a child
+process under ``setpriv --reuid --regid --clear-groups`` with no
+capabilities, so the kernel and the daemon see a real other user.  The
+tests prove that:
+
+- without ``allow_other`` only root gets into the mount (FUSE's own rule);
+- with ``allow_other`` the kernel enforces the usual permission checks
+  (the daemon mounts with ``default_permissions``), and the daemon records
+  the caller as the owner of what it creates;
+- the control socket is root's alone: mode 0600, and even with the file mode
+  opened up the daemon refuses a peer whose uid is not root;
+- the metrics endpoint listens on loopback only.
+
+The mounts whose paths the other user must reach live in a 0755 directory of
+their own, since pytest's temporary directories are 0700.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mounting import Mount, dmemfs, unescape
+
+from dmemfs_fuse.control import socket_path
+
+pytestmark = pytest.mark.mount
+
+USER = "dmemfs-test"
+OPTIONS = "size=64M,pagesize=2M"
+
+# Runs as the other user, on the standard library only (so any python3 will do).
+# argv[1] is a JSON list of operations; stdout gets one JSON result per
+# operation: ["ok", value] or [errno name, message].
+PROBE = r"""
+import errno, json, os, socket, sys
+
+def ask(path, line):
+    # connect errors are the op's result; after that, whatever came back and how it ended
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(path)
+        data = b""
+        try:
+            sock.sendall(line.encode() + b"\n")
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return [data.decode(), None]
+                data += chunk
+        except OSError as exc:
+            return [data.decode(), errno.errorcode.get(exc.errno, str(exc.errno))]
+
+def run(op, args):
+    if op == "whoami":
+        status = open("/proc/self/status").read().splitlines()
+        caps = [line.split()[1] for line in status if line.startswith("CapEff:")][0]
+        return [os.getuid(), os.geteuid(), os.getgid(), os.getegid(), os.getgroups(), caps]
+    if op == "stat":
+        st = os.stat(args[0])
+        return [st.st_uid, st.st_gid, st.st_mode]
+    if op == "listdir":
+        return sorted(os.listdir(args[0]))
+    if op == "read":
+        with open(args[0], "rb") as f:
+            return f.read().decode()
+    if op == "write":
+        fd = os.open(args[0], os.O_WRONLY | os.O_APPEND)
+        try:
+            return os.write(fd, args[1].encode())
+        finally:
+            os.close(fd)
+    if op == "create":
+        fd = os.open(args[0], os.O_WRONLY | os.O_CREAT | os.O_EXCL, args[2])
+        try:
+            return os.write(fd, args[1].encode())
+        finally:
+            os.close(fd)
+    if op == "truncate":
+        return os.truncate(args[0], args[1])
+    if op == "mkdir":
+        return os.mkdir(args[0], args[1])
+    if op == "symlink":
+        return os.symlink(args[0], args[1])
+    if op == "unlink":
+        return os.unlink(args[0])
+    if op == "rename":
+        return os.rename(args[0], args[1])
+    if op == "chmod":
+        return os.chmod(args[0], args[1])
+    if op == "chown":
+        return os.chown(args[0], args[1], args[2])
+    if op == "connect":
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(args[0])
+        return None
+    if op == "ask":
+        return ask(args[0], args[1])
+    raise ValueError(op)
+
+out = []
+for op, *args in json.loads(sys.argv[1]):
+    try:
+        out.append(["ok", run(op, args)])
+    except OSError as exc:
+        out.append([errno.errorcode.get(exc.errno, str(exc.errno)), str(exc)])
+print(json.dumps(out))
+"""
+
+Op = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class User:
+    """An unprivileged account and how to run the probe as it."""
+
+    name: str
+    uid: int
+    gid: int
+    python: str
+
+    def run(self, *ops: Op) -> list[tuple[str, Any]]:
+        """Do *ops* in one probe process as this user; one ('ok', value) or (errno, msg) each."""
+        result = subprocess.run(
+            as_user(self.uid, self.gid, self.python, "-I", "-c", PROBE,
+                    json.dumps([list(op) for op in ops])),
+            capture_output=True, text=True, timeout=60, check=False, cwd="/")
+        assert result.returncode == 0, f"the probe failed as {self.name}:\n{result.stderr}"
+        return [(status, value) for status, value in json.loads(result.stdout)]
+
+    def status(self, *op: Any) -> str:
+        """'ok' or the errno name of one operation done as this user."""
+        return self.run(op)[0][0]
+
+    def value(self, *op: Any) -> Any:
+        """The result of one operation that must succeed as this user."""
+        status, value = self.run(op)[0]
+        assert status == "ok", f"{op} as {self.name}: {status} {value}"
+        return value
+
+
+def as_user(uid: int, gid: int, *argv: str) -> list[str]:
+    """*argv* run as *uid*:*gid*: real and effective ids set, no groups, no capabilities."""
+    return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", *argv]
+
+
+def getent(database: str, key: str) -> list[str] | None:
+    """The fields of *key* in an NSS database, or None if it has no such entry."""
+    result = subprocess.run(["getent", database, key], capture_output=True, text=True,
+                            check=False)
+    return result.stdout.strip().split(":") if result.returncode == 0 else None
+
+
+def python_for(uid: int, gid: int) -> str:
+    """An interpreter the user can run (the venv's may sit behind a 0700 home)."""
+    for candidate in (sys.executable, "/usr/bin/python3"):
+        probe = subprocess.run(as_user(uid, gid, candidate, "-I", "-c", "import json, socket"),
+                               capture_output=True, check=False, cwd="/")
+        if probe.returncode == 0:
+            return candidate
+    pytest.fail(f"no python3 that uid {uid} may run")
+
+
+@pytest.fixture(scope="module")
+def other() -> Iterator[User]:
+    """The unprivileged user: created for the module if missing, removed if we created it."""
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        pytest.fail("access tests need root and /dev/fuse")
+    for tool in ("setpriv", "useradd", "userdel", "getent"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"access tests need {tool} (util-linux, passwd, libc-bin)")
+    group_existed = getent("group", USER) is not None
+    created = False
+    if getent("passwd", USER) is None:
+        result = subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
+                                 "/usr/sbin/nologin", USER], capture_output=True, text=True,
+                                check=False)
+        assert result.returncode == 0, f"useradd {USER}: {result.stderr}"
+        created = True
+    try:
+        entry = getent("passwd", USER)
+        assert entry is not None, f"{USER} was not created"
+        uid, gid = int(entry[2]), int(entry[3])
+        assert uid != 0 and gid != 0, f"{USER} is privileged: {entry}"
+        yield User(USER, uid, gid, python_for(uid, gid))
+    finally:
+        if created:
+            subprocess.run(["userdel", USER], check=False, capture_output=True)
+            if not group_existed and getent("group", USER) is not None:
+                subprocess.run(["groupdel", USER], check=False, capture_output=True)
+            assert getent("passwd", USER) is None, f"could not remove the user {USER}"
+
+
+def fuse_mounts_under(path: Path) -> list[str]:
+    with open("/proc/mounts") as mounts:
+        return [unescape(line.split()[1]) for line in mounts
+                if line.split()[2].startswith("fuse")
+                and unescape(line.split()[1]).startswith(str(path) + "/")]
+
+
+@pytest.fixture(scope="module")
+def public_dir() -> Iterator[Path]:
+    """A 0755 directory for mountpoints that the other user can reach."""
+    path = Path(tempfile.mkdtemp(prefix="dmemfs-access-")).resolve()
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        left = fuse_mounts_under(path)
+        if not left:  # never walk into a mount that is still up
+            shutil.rmtree(path, ignore_errors=True)
+        assert not left, f"mounts left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def shared(public_dir: Path, other: User) -> Iterator[Mount]:
+    """One dmemfs mounted with allow_other for the permission tests."""
+    with dmemfs(public_dir, f"{OPTIONS},allow_other", name="shared") as mount:
+        yield mount
+    assert mount.exit_code == 0, mount.log()
+
+
+def mount_options(path: Path) -> set[str]:
+    """The options /proc/mounts shows for the mount at *path*."""
+    with open("/proc/mounts") as mounts:
+        for line in mounts:
+            fields = line.split()
+            if unescape(fields[1]) == str(path):
+                return set(fields[3].split(","))
+    raise AssertionError(f"{path} is not mounted")
+
+
+def root_file(path: Path, data: bytes, mode: int) -> Path:
+    """Create *path* as root with *data* and exactly *mode*."""
+    path.write_bytes(data)
+    path.chmod(mode)
+    return path
+
+
+# -- who may enter the mount ----------------------------------------------------------------
+
+
+def test_probe_runs_unprivileged(other: User) -> None:
+    """The probe really runs as the other user, with no groups and no capabilities.
+
+    Every other test's EACCES/EPERM would be meaningless if it did not.
+    """
+    uid, euid, gid, egid, groups, caps = other.value("whoami")
+    assert (uid, euid, gid, egid, groups) == (other.uid, other.uid, other.gid, other.gid, [])
+    assert int(caps, 16) == 0
+
+
+def test_without_allow_other_only_root_gets_in(public_dir: Path, other: User) -> None:
+    """Without allow_other FUSE turns every other user away, even from stat of the mountpoint.
+
+    The user can stat the mountpoint's parent, so the refusal comes from FUSE, not from a
+    directory it cannot search; root, on the same paths, gets in.
+    """
+    with dmemfs(public_dir, OPTIONS, name="private") as mount:
+        assert "allow_other" not in mount_options(mount.path)
+        root_file(mount.path / "f", b"root's", 0o644)
+        assert os.stat(mount.path).st_mode & 0o777 == 0o777  # 1777: the mode does not stop it
+        assert (mount.path / "f").read_bytes() == b"root's"
+        results = other.run(("stat", str(public_dir)), ("stat", str(mount.path)),
+                            ("listdir", str(mount.path)), ("stat", str(mount.path / "f")),
+                            ("read", str(mount.path / "f")),
+                            ("create", str(mount.path / "mine"), "x", 0o644))
+        assert [status for status, _ in results] == ["ok", "EACCES", "EACCES", "EACCES",
+                                                     "EACCES", "EACCES"], results
+        assert os.listdir(mount.path) == ["f"]
+    assert mount.exit_code == 0, mount.log()
+
+
+def test_allow_other_mounts_with_default_permissions(shared: Mount, other: User) -> None:
+    """allow_other lets the user in, and the kernel (default_permissions) does the checks."""
+    options = mount_options(shared.path)
+    assert {"allow_other", "default_permissions"} <= options, options
+    uid, gid, mode = other.value("stat", str(shared.path))
+    assert (uid, gid, stat.S_IMODE(mode)) == (0, 0, 0o1777)
+
+
+# -- the kernel's permission checks under allow_other ------------------------------------------
+
+
+def test_created_files_belong_to_their_creator(shared: Mount, other: User) -> None:
+    """Files, directories and symlinks the user makes in the 1777 root are its own.
+
+    The daemon takes the owner from the request's credentials; root sees the same owner.
+    """
+    f, d, link = shared.path / "own-file", shared.path / "own-dir", shared.path / "own-link"
+    results = other.run(("create", str(f), "mine", 0o640), ("mkdir", str(d), 0o750),
+                        ("create", str(d / "inner"), "", 0o600), ("symlink", f.name, str(link)),
+                        ("stat", str(f)))
+    assert [status for status, _ in results] == ["ok"] * 5, results
+    assert results[4][1][:2] == [other.uid, other.gid]
+    for path, mode in ((f, 0o640), (d, 0o750), (d / "inner", 0o600), (link, 0o777)):
+        st = os.lstat(path)
+        assert (st.st_uid, st.st_gid) == (other.uid, other.gid), path
+        assert stat.S_IMODE(st.st_mode) == mode, path
+    assert os.readlink(link) == f.name
+    assert f.read_bytes() == b"mine"
+    assert other.value("read", str(f)) == "mine"
+
+
+def test_user_cannot_write_a_root_file(shared: Mount, other: User) -> None:
+    """A root-owned 0644 file: the user may read it but not write or truncate it (EACCES)."""
+    f = root_file(shared.path / "root-0644", b"kept", 0o644)
+    results = other.run(("read", str(f)), ("write", str(f), "x"), ("truncate", str(f), 0))
+    assert [status for status, _ in results] == ["ok", "EACCES", "EACCES"], results
+    assert results[0][1] == "kept"
+    assert f.read_bytes() == b"kept"
+    f.chmod(0o646)  # the same write, allowed by the mode: the check follows the mode
+    assert other.status("write", str(f), "+") == "ok"
+    assert f.read_bytes() == b"kept+"
+
+
+def test_user_cannot_read_a_private_root_file(shared: Mount, other: User) -> None:
+    """A root-owned 0600 file can be looked at (stat) but not read."""
+    f = root_file(shared.path / "root-0600", b"secret", 0o600)
+    results = other.run(("stat", str(f)), ("read", str(f)))
+    assert [status for status, _ in results] == ["ok", "EACCES"], results
+    assert results[0][1][:2] == [0, 0]
+
+
+def test_user_cannot_create_in_a_root_directory(shared: Mount, other: User) -> None:
+    """A root-owned 0755 directory takes no new names from the user."""
+    d = shared.path / "root-dir"
+    d.mkdir(mode=0o755)
+    d.chmod(0o755)
+    results = other.run(("listdir", str(d)), ("create", str(d / "x"), "", 0o644),
+                        ("mkdir", str(d / "y"), 0o755))
+    assert [status for status, _ in results] == ["ok", "EACCES", "EACCES"], results
+    assert os.listdir(d) == []
+
+
+def test_sticky_directory_protects_other_users_files(shared: Mount, other: User) -> None:
+    """In a 1777 directory the user may remove its own files but not root's (EPERM).
+
+    The same root file in a 0777 directory without the sticky bit can be removed, so the
+    sticky bit the daemon stores is what stops it.
+    """
+    sticky, plain = shared.path / "sticky", shared.path / "plain"
+    for d, mode in ((sticky, 0o1777), (plain, 0o777)):
+        d.mkdir()
+        d.chmod(mode)
+        root_file(d / "roots", b"r", 0o666)
+    assert stat.S_IMODE(os.stat(sticky).st_mode) == 0o1777
+    results = other.run(
+        ("unlink", str(sticky / "roots")),
+        ("rename", str(sticky / "roots"), str(sticky / "moved")),
+        ("create", str(sticky / "users"), "u", 0o644),
+        ("unlink", str(sticky / "users")),
+        ("unlink", str(plain / "roots")))
+    assert [status for status, _ in results] == ["EPERM", "EPERM", "ok", "ok", "ok"], results
+    assert os.listdir(sticky) == ["roots"]
+    assert os.listdir(plain) == []
+
+
+def test_user_cannot_chmod_or_chown_root_files(shared: Mount, other: User) -> None:
+    """chmod and chown of root's file are EPERM; mode and owner stay as they were.
+
+    On its own file the user may chmod, but may not give it away to root.
+    """
+    f = root_file(shared.path / "root-attrs", b"a", 0o666)
+    mine = shared.path / "user-attrs"
+    results = other.run(
+        ("chmod", str(f), 0o777),
+        ("chown", str(f), other.uid, other.gid),
+        ("chown", str(f), -1, other.gid),
+        ("create", str(mine), "", 0o644),
+        ("chmod", str(mine), 0o600),
+        ("chown", str(mine), 0, 0))
+    assert [status for status, _ in results] == ["EPERM", "EPERM", "EPERM", "ok", "ok",
+                                                 "EPERM"], results
+    st = os.stat(f)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o666)
+    st = os.stat(mine)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (other.uid, other.gid, 0o600)
+
+
+def test_user_write_clears_setuid(shared: Mount, other: User) -> None:
+    """A write by an unprivileged owner drops the setuid and setgid bits of its file.
+
+    The kernel turns the write into a mode change that the daemon has to store; a
+    setuid file that kept its bit after being rewritten would be a privilege hole.
+    """
+    f = shared.path / "suid"
+    results = other.run(("create", str(f), "a", 0o755), ("chmod", str(f), 0o6755),
+                        ("stat", str(f)), ("write", str(f), "b"), ("stat", str(f)))
+    assert [status for status, _ in results] == ["ok"] * 5, results
+    assert stat.S_IMODE(results[2][1][2]) == 0o6755
+    assert stat.S_IMODE(results[4][1][2]) == 0o755
+    assert stat.S_IMODE(os.stat(f).st_mode) == 0o755
+    assert f.read_bytes() == b"ab"
+
+
+# -- the control socket -----------------------------------------------------------------------
+
+
+def ask_as_root(path: Path, payload: dict[str, Any]) -> dict[str, Any]:
+    """One control request over the socket at *path*, as dmemctl sends it."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(str(path))
+        sock.sendall(json.dumps(payload).encode() + b"\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    reply: dict[str, Any] = json.loads(data)
+    return reply
+
+
+def test_control_socket_is_root_only(shared: Mount, other: User) -> None:
+    """The control socket is root's, mode 0600; the user cannot connect, root can ask."""
+    path = socket_path(str(shared.path))
+    st = os.stat(path)
+    assert stat.S_ISSOCK(st.st_mode)
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o600)
+    assert other.status("connect", str(path)) == "EACCES"
+    reply = ask_as_root(path, {"cmd": "status"})
+    assert reply["ok"] is True and reply["result"]["total_dpages"] == 32
+
+
+def test_peer_credentials_refuse_other_users(tmp_path: Path, public_dir: Path, other: User,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the socket file opened to everyone, the daemon still refuses a non-root peer.
+
+    The daemon puts its socket in a searchable run directory (DMEMFS_RUN_DIR), so the
+    only thing between the user and the daemon is first the socket's 0600 mode (EACCES),
+    and, once the test makes it 0666, the SO_PEERCRED check: the user gets an EPERM
+    reply and no result, while root on the same socket gets its answer.
+    """
+    run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=public_dir))
+    run_dir.chmod(0o755)
+    monkeypatch.setenv("DMEMFS_RUN_DIR", str(run_dir))  # the daemon inherits it
+    with dmemfs(tmp_path, OPTIONS) as mount:
+        path = run_dir / socket_path(str(mount.path)).name
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        request = json.dumps({"cmd": "status"})
+        assert other.status("ask", str(path), request) == "EACCES"
+        path.chmod(0o666)
+        status, (text, ending) = other.run(("ask", str(path), request))[0]
+        assert status == "ok", text  # connected: the file mode no longer stops it
+        # The daemon reads the request, then answers EPERM: the refusal arrives whole.
+        assert ending is None, ending
+        reply = json.loads(text)
+        assert reply["ok"] is False and reply["errno"] == errno.EPERM, reply
+        assert "result" not in reply and reply["error"] == "only root may ask"
+        assert f"uid {other.uid} refused" in mount.log()
+        # the same request from root on the same socket is answered
+        assert ask_as_root(path, {"cmd": "status"})["result"]["total_dpages"] == 32
+    assert mount.exit_code == 0, mount.log()
+    assert not path.exists(), "the daemon left its socket behind"
+
+
+# -- the metrics endpoint ---------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def tcp_listeners(port: int) -> list[tuple[str, int]]:
+    """(address, socket inode) of every TCP socket listening on *port*, IPv4 and IPv6."""
+    found = []
+    for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        table = Path("/proc/net") / name
+        if not table.exists():
+            continue
+        for line in table.read_text().splitlines()[1:]:
+            fields = line.split()
+            address, port_hex = fields[1].split(":")
+            if fields[3] != "0A" or int(port_hex, 16) != port:  # 0A: TCP_LISTEN
+                continue
+            raw = bytes.fromhex(address)  # 32-bit words, each in host byte order
+            if sys.byteorder == "little":
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            found.append((socket.inet_ntop(family, raw), int(fields[9])))
+    return found
+
+
+def socket_inodes(pid: int) -> set[int]:
+    """Inodes of the sockets process *pid* holds open."""
+    out = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            out.add(int(target[len("socket:["):-1]))
+    return out
+
+
+def global_addresses() -> list[tuple[socket.AddressFamily, str]]:
+    """This machine's non-loopback (scope global) addresses, from ip(8)."""
+    result = subprocess.run(["ip", "-o", "addr", "show", "scope", "global"],
+                            capture_output=True, text=True, check=True)
+    out = []
+    for line in result.stdout.splitlines():
+        fields = line.split()
+        if fields[2] in ("inet", "inet6"):
+            family = socket.AF_INET if fields[2] == "inet" else socket.AF_INET6
+            out.append((family, fields[3].split("/")[0]))
+    return out
+
+
+def connect_errno(family: socket.AddressFamily, address: str, port: int) -> int:
+    """0 if a TCP connection to *address*:*port* is accepted, else its errno."""
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        return sock.connect_ex((address, port))
+
+
+def test_metrics_listen_on_loopback_only(tmp_path: Path) -> None:
+    """metrics=PORT binds 127.0.0.1 alone: other addresses of the machine are refused.
+
+    The daemon's own socket (matched by inode) is the only listener on the port, on
+    127.0.0.1.  For each non-loopback address, a wildcard listener of the test on another
+    port is reachable there, so the refusal on the metrics port comes from the binding,
+    not from routing or a firewall.
+    """
+    if shutil.which("ip") is None:
+        pytest.fail("this test needs ip(8) (iproute2) to list the machine's addresses")
+    addresses = global_addresses()
+    if not addresses:
+        pytest.skip("the machine has no non-loopback address to try")
+    port = free_port()
+    with dmemfs(tmp_path, f"{OPTIONS},metrics={port}") as mount:
+        listeners = tcp_listeners(port)
+        assert [address for address, _ in listeners] == ["127.0.0.1"], listeners
+        assert listeners[0][1] in socket_inodes(mount.proc.pid), "not the daemon's socket"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            assert resp.status == 200
+        for family, address in addresses:
+            wildcard = "0.0.0.0" if family == socket.AF_INET else "::"
+            with socket.socket(family, socket.SOCK_STREAM) as control:
+                if family == socket.AF_INET6:
+                    control.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                control.bind((wildcard, 0))
+                control.listen(1)
+                assert connect_errno(family, address, control.getsockname()[1]) == 0, address
+            assert connect_errno(family, address, port) == errno.ECONNREFUSED, address
+    assert mount.exit_code == 0, mount.log()

@@ -1,0 +1,423 @@
+"""Crash and restart: the daemon is killed with SIGKILL at random points while a writer
+works, restarted on the same region, and the tree must hold everything the writer had
+seen confirmed; the one request in flight at the kill may have happened or not."""
+
+from __future__ import annotations
+
+import copy
+import errno
+import os
+import random
+import signal
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from mounting import daemon_command, is_mounted, unmount, wait_mounted
+
+M = 1 << 20
+DEAD = {errno.ENOTCONN, errno.ECONNABORTED}
+
+
+@dataclass
+class File:
+    """A regular file in the model; shared by its hard links."""
+
+    data: bytearray = field(default_factory=bytearray)
+    mode: int = 0o644
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class Model:
+    """What the writer knows is on the mount: files (by identity), directories, symlinks."""
+
+    files: dict[str, File] = field(default_factory=dict)      # path -> shared File
+    dirs: set[str] = field(default_factory=lambda: {""})
+    links: dict[str, str] = field(default_factory=dict)       # path -> target
+
+    def names(self) -> set[str]:
+        return set(self.files) | (self.dirs - {""}) | set(self.links)
+
+
+def observe(root: Path) -> tuple[dict[str, tuple[object, ...]], dict[str, int]]:
+    """The tree under *root*: path -> description, and path -> inode (for hard links)."""
+    out: dict[str, tuple[object, ...]] = {}
+    inos: dict[str, int] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        rel_dir = "" if rel_dir == "." else rel_dir
+        for name in dirnames + filenames:
+            path = os.path.join(rel_dir, name)
+            full = os.path.join(dirpath, name)
+            st = os.lstat(full)
+            if stat.S_ISLNK(st.st_mode):
+                out[path] = ("link", os.readlink(full))
+            elif stat.S_ISDIR(st.st_mode):
+                out[path] = ("dir",)
+            else:
+                xattrs = {n: os.getxattr(full, n) for n in os.listxattr(full)}
+                out[path] = ("file", Path(full).read_bytes(), stat.S_IMODE(st.st_mode), xattrs)
+                inos[path] = st.st_ino
+    return out, inos
+
+
+def expected(model: Model) -> dict[str, tuple[object, ...]]:
+    out: dict[str, tuple[object, ...]] = {}
+    for path, f in model.files.items():
+        out[path] = ("file", bytes(f.data), f.mode, dict(f.xattrs))
+    for path in model.dirs - {""}:
+        out[path] = ("dir",)
+    for path, target in model.links.items():
+        out[path] = ("link", target)
+    return out
+
+
+class Writer:
+    """Random single-syscall operations on *root*, each applied to the model once it returns."""
+
+    def __init__(self, root: Path, model: Model, rng: random.Random) -> None:
+        self.root = root
+        self.model = model
+        self.rng = rng
+        self.count = 0
+        self.serial = 0
+        # The operation that was running when the mount went away: (kind, path, before model).
+        self.in_flight: tuple[str, str, Model, Model] | None = None
+        self.history: list[str] = []
+
+    def _new_name(self) -> str:
+        self.serial += 1
+        parent = self.rng.choice(sorted(self.model.dirs))
+        return os.path.join(parent, f"n{self.serial}-{self.rng.randrange(10**6)}")
+
+    def log(self, text: str) -> None:
+        """Keep the last operations, for the failure message."""
+        self.history.append(text)
+        del self.history[:-30]
+
+    def step(self) -> None:
+        """One operation; raises OSError(ENOTCONN...) with in_flight set if the daemon died."""
+        m, rng = self.model, self.rng
+        files = sorted(m.files)
+        choice = rng.random()
+        after = copy.deepcopy(m)
+        if choice < 0.15 or not files:
+            path = self._new_name()
+            kind = "create"
+            after.files[path] = File()
+
+            def act() -> None:
+                os.close(os.open(self.root / path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        elif choice < 0.45:
+            path = rng.choice(files)
+            off = rng.randrange(0, 200_000)
+            data = rng.randbytes(rng.randrange(1, 40_000))
+            kind = "write"
+            target = after.files[path]
+            if off > len(target.data):
+                target.data.extend(bytes(off - len(target.data)))
+            target.data[off : off + len(data)] = data
+            fd = os.open(self.root / path, os.O_WRONLY)
+
+            def act() -> None:
+                try:
+                    written = os.pwrite(fd, data, off)
+                finally:
+                    os.close(fd)
+                if written < len(data):
+                    # The kernel split the write into several WRITE requests and the
+                    # daemon died after the first ones: their part is confirmed, the
+                    # request that failed may or may not have landed.
+                    part = copy.deepcopy(m)
+                    grown = part.files[path].data
+                    grown.extend(bytes(max(0, off - len(grown))))
+                    grown[off : off + written] = data[:written]
+                    self.in_flight = (kind, path, part, after)
+                    raise OSError(errno.ENOTCONN, f"short write: {written} of {len(data)}")
+        elif choice < 0.55:
+            path = rng.choice(files)
+            size = rng.randrange(0, 250_000)
+            kind = "truncate"
+            target = after.files[path]
+            del target.data[size:]
+            target.data.extend(bytes(size - len(target.data)))
+
+            def act() -> None:
+                os.truncate(self.root / path, size)
+        elif choice < 0.63:
+            path = rng.choice(files)
+            kind = "unlink"
+            del after.files[path]
+
+            def act() -> None:
+                os.unlink(self.root / path)
+        elif choice < 0.71:
+            path = rng.choice(files + sorted(m.links))
+            new = self._new_name()
+            kind = "rename"
+            if path in after.files:
+                after.files[new] = after.files.pop(path)
+            else:
+                after.links[new] = after.links.pop(path)
+
+            def act() -> None:
+                os.rename(self.root / path, self.root / new)
+        elif choice < 0.77:
+            path = self._new_name()
+            kind = "mkdir"
+            after.dirs.add(path)
+
+            def act() -> None:
+                os.mkdir(self.root / path)
+        elif choice < 0.81:
+            empty = [d for d in sorted(m.dirs - {""})
+                     if not any(os.path.dirname(n) == d for n in m.names())]
+            if not empty:
+                return
+            path = rng.choice(empty)
+            kind = "rmdir"
+            after.dirs.discard(path)
+
+            def act() -> None:
+                os.rmdir(self.root / path)
+        elif choice < 0.87:
+            path = rng.choice(files)
+            name, value = f"user.k{rng.randrange(4)}", rng.randbytes(rng.randrange(0, 200))
+            kind = "setxattr"
+            after.files[path].xattrs[name] = value
+
+            def act() -> None:
+                os.setxattr(self.root / path, name, value)
+        elif choice < 0.92:
+            path = rng.choice(files)
+            mode = rng.choice([0o600, 0o644, 0o640, 0o755])
+            kind = "chmod"
+            after.files[path].mode = mode
+
+            def act() -> None:
+                os.chmod(self.root / path, mode)
+        elif choice < 0.96:
+            path = rng.choice(files)
+            new = self._new_name()
+            kind = "link"
+            after.files[new] = after.files[path]
+
+            def act() -> None:
+                os.link(self.root / path, self.root / new)
+        else:
+            path = self._new_name()
+            link_to = f"t{rng.randrange(100)}"
+            kind = "symlink"
+            after.links[path] = link_to
+
+            def act() -> None:
+                os.symlink(link_to, self.root / path)
+        self.in_flight = (kind, path, m, after)
+        self.log(f"{kind} {path}" + (f" off={off} len={len(data)}" if kind == "write" else "")
+                 + (f" size={size}" if kind == "truncate" else ""))
+        act()
+        self.model = after
+        self.in_flight = None
+        self.count += 1
+
+
+def _bytes_ok(got: bytes, old: bytes, new: bytes) -> bool:
+    """Each byte is the old one or the new one (a copy cut short by the kill), and the size
+    is one of the two."""
+    if len(got) not in (len(old), len(new)):
+        return False
+    for i in range(len(got)):
+        o = old[i] if i < len(old) else 0
+        n = new[i] if i < len(new) else 0
+        if got[i] not in (o, n):
+            return False
+    return True
+
+
+def settle(writer: Writer, seen: dict[str, tuple[object, ...]]) -> None:
+    """Check *seen* against the model, allowing the in-flight operation either way; adopt it."""
+    want = expected(writer.model)
+    if writer.in_flight is None:
+        assert seen == want, _diff(seen, want) + "\nlast operations:\n" + \
+            "\n".join(writer.history)
+        return
+    kind, path, before, after = writer.in_flight
+    old, new = expected(before), expected(after)
+    if seen in (old, new):
+        writer.model = before if seen == old else after
+        writer.in_flight = None
+        return
+    if kind in ("write", "truncate"):
+        # Data requests may land partly: everything else must be exactly as before.
+        same = {p for p, f in before.files.items() if f is before.files[path]}
+        assert {k: v for k, v in seen.items() if k not in same} == \
+            {k: v for k, v in old.items() if k not in same}, _diff(seen, old)
+        got_data = seen[path][1]
+        assert isinstance(got_data, bytes)
+        old_data, new_data = old[path][1], new[path][1]
+        assert isinstance(old_data, bytes) and isinstance(new_data, bytes)
+        assert _bytes_ok(got_data, old_data, new_data), \
+            f"{kind} in flight on {path}: neither old nor new bytes"
+        writer.model = before
+        writer.model.files[path].data[:] = got_data
+        writer.in_flight = None
+        return
+    raise AssertionError(f"{kind} {path} in flight: the tree is neither before nor after it\n"
+                         + _diff(seen, new) + "\nlast operations:\n" + "\n".join(writer.history))
+
+
+def _diff(seen: dict[str, tuple[object, ...]], want: dict[str, tuple[object, ...]]) -> str:
+    lines = []
+    for key in sorted(set(seen) | set(want)):
+        got, wanted = seen.get(key), want.get(key)
+        if got == wanted:
+            continue
+        if got and wanted and got[0] == wanted[0] == "file":
+            a, b = got[1], wanted[1]
+            assert isinstance(a, bytes) and isinstance(b, bytes)
+            first = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), None)
+            last = next((i for i in reversed(range(min(len(a), len(b)))) if a[i] != b[i]), None)
+            lines.append(f"{key}: mount {len(a)} bytes, model {len(b)} bytes, bytes differ in "
+                         f"[{first}, {last}]; mode/xattrs {got[2:]} / {wanted[2:]}")
+        else:
+            lines.append(f"{key}: mount {repr(got)[:200]} / model {repr(wanted)[:200]}")
+    return "\n".join(lines[:20])
+
+
+@contextmanager
+def daemon(tmp: Path, options: str) -> Iterator[subprocess.Popen[bytes]]:
+    """A daemon on tmp/mnt; on the way out it is unmounted (-u, -z) and ended, however it died."""
+    path = tmp / "mnt"
+    path.mkdir(exist_ok=True)
+    log_path = tmp / "daemon.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(daemon_command(path, options), stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        wait_mounted(path, proc, log_path)
+        yield proc
+    finally:
+        if proc.poll() is not None and is_mounted(path):  # killed: a dead connection remains
+            subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False)
+        unmount(path, proc)
+        assert not is_mounted(path)
+
+
+@pytest.fixture
+def region() -> Iterator[Path]:
+    path = Path("/dev/shm") / f"dmemfs-crash-{os.getpid()}"
+    yield path
+    for leftover in path.parent.glob(path.name + "*"):  # the region, its .meta and .meta.lock
+        leftover.unlink()
+
+
+def test_sigkill_at_random_points_loses_nothing_confirmed(tmp_path: Path, region: Path) -> None:
+    meta = tmp_path / "meta"
+    # A small checkpoint threshold, so that kills also land in and around checkpoints.
+    options = f"size=64M,pagesize=4K,region={region},meta={meta},checkpoint=32K"
+    rng = random.Random(int(os.environ.get("DMEMFS_CRASH_SEED", "20261128")))
+    writer = Writer(tmp_path / "mnt", Model(), rng)
+    rounds = 25
+    for _ in range(rounds):
+        with daemon(tmp_path, options) as proc:
+            seen, _ = observe(writer.root)
+            settle(writer, seen)
+            killer = threading.Timer(rng.uniform(0.05, 0.6), os.kill, (proc.pid, signal.SIGKILL))
+            killer.start()
+            try:
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    writer.step()
+                pytest.fail("the daemon was not killed")
+            except OSError as exc:
+                if exc.errno not in DEAD:
+                    raise
+            finally:
+                killer.cancel()
+            proc.wait(timeout=10)
+            assert proc.returncode == -signal.SIGKILL
+    with daemon(tmp_path, options) as proc:
+        seen, inos = observe(writer.root)
+        settle(writer, seen)
+        # hard links came back as one inode
+        groups: dict[int, set[str]] = {}
+        for path, f in writer.model.files.items():
+            groups.setdefault(id(f), set()).add(path)
+        for paths in groups.values():
+            assert len({inos[p] for p in paths}) == 1
+        st = os.statvfs(writer.root)
+        used = sum(os.lstat(writer.root / p).st_blocks * 512 // st.f_bsize
+                   for p in {next(iter(g)) for g in groups.values()})
+        assert st.f_blocks - st.f_bfree == used, "dpages leaked across the crashes"
+    assert proc.returncode == 0
+    assert writer.count > 1000, f"only {writer.count} operations were confirmed"
+    log = (tmp_path / "daemon.log").read_text()
+    assert log.count("recovered from") == rounds, log[-3000:]
+
+
+def test_attributes_and_times_survive_sigkill_exactly(tmp_path: Path, region: Path) -> None:
+    options = f"size=16M,pagesize=4K,region={region}"
+    with daemon(tmp_path, options) as proc:
+        root = tmp_path / "mnt"
+        (root / "d").mkdir(mode=0o751)
+        (root / "d" / "f").write_bytes(b"x" * 10_000)
+        os.chown(root / "d" / "f", 1234, 5678)
+        os.utime(root / "d" / "f", ns=(1_000_000_123, 2_000_000_456))
+        os.symlink("d/f", root / "s")
+        os.mkfifo(root / "p")
+        os.setxattr(root / "d", "user.dmem.policy", b"bind:0")
+        before = {p: os.lstat(root / p) for p in ("d", "d/f", "s", "p")}
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    with daemon(tmp_path, options):
+        for p, st in before.items():
+            now = os.lstat(root / p)
+            for attr in ("st_mode", "st_uid", "st_gid", "st_size", "st_nlink", "st_ino",
+                         "st_atime_ns", "st_mtime_ns", "st_ctime_ns", "st_blocks"):
+                assert getattr(now, attr) == getattr(st, attr), (p, attr)
+        assert os.getxattr(root / "d", "user.dmem.policy") == b"bind:0"
+        assert (root / "d" / "f").read_bytes() == b"x" * 10_000
+    assert region.with_name(region.name + ".meta").exists()  # the default: beside the region
+
+
+def test_damaged_metadata_is_refused_until_start_empty(tmp_path: Path, region: Path) -> None:
+    meta = tmp_path / "meta"
+    options = f"size=16M,pagesize=4K,region={region},meta={meta}"
+    with daemon(tmp_path, options):
+        (tmp_path / "mnt" / "f").write_bytes(b"keep me")
+    data = bytearray(meta.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    meta.write_bytes(bytes(data))
+    mnt = tmp_path / "mnt"
+    result = subprocess.run(daemon_command(mnt, options), capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 2 and not is_mounted(mnt)
+    assert "checksum" in result.stderr and "start_empty" in result.stderr
+    assert meta.read_bytes() == bytes(data), "a refused start must not touch the metadata"
+    with daemon(tmp_path, options + ",start_empty"):
+        assert os.listdir(mnt) == []
+    assert [p.name for p in tmp_path.iterdir() if ".discarded-" in p.name]
+    # the region changed size: refused with the reason
+    result = subprocess.run(daemon_command(mnt, f"size=32M,pagesize=4K,region={region},"
+                                                f"meta={meta}"),
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2 and "holds only" in result.stderr
+
+
+def test_two_daemons_on_one_region_are_refused(tmp_path: Path, region: Path) -> None:
+    meta = tmp_path / "meta"
+    options = f"size=16M,pagesize=4K,region={region},meta={meta}"
+    with daemon(tmp_path, options):
+        other = tmp_path / "other"
+        other.mkdir()
+        result = subprocess.run(daemon_command(other, options), capture_output=True, text=True,
+                                timeout=60, check=False)
+        assert result.returncode == 2 and "in use by another dmemfs" in result.stderr
+        assert not is_mounted(other)

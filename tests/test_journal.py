@@ -1,0 +1,417 @@
+"""The metadata log and recovery, without a mount: what is written comes back, exactly,
+and a file that cannot be trusted is refused with a reason."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dmemfs_fuse import metalog, persistence
+from dmemfs_fuse.changes import ChangeLog
+from dmemfs_fuse.daemon import build_pools
+from dmemfs_fuse.inodes import ROOT_INO, Inode, InodeTable
+from dmemfs_fuse.journal import Journal
+from dmemfs_fuse.metalog import MetadataError
+from dmemfs_fuse.options import PoolSpec
+from dmemfs_fuse.policy import parse_policy
+from dmemfs_fuse.pool import Extent
+from dmemfs_fuse.recovery import install, load
+from dmemfs_fuse.region import Region, RegionPlan
+from dmemfs_fuse.store import FileStore
+
+DPS = 4096
+POOL_DPAGES = 256
+FILE = stat.S_IFREG | 0o640
+DIR = stat.S_IFDIR | 0o750
+
+
+class Fs:
+    """A persistent filesystem's plain layers on a region file, driven as fs.py drives them."""
+
+    def __init__(self, tmp: Path, checkpoint_bytes: int = 1 << 30,
+                 pools: tuple[int, ...] = (POOL_DPAGES, POOL_DPAGES)) -> None:
+        self.plan = RegionPlan(pools=tuple(PoolSpec(0, n * DPS) for n in pools),
+                               dpage_size=DPS, backend="path", path=str(tmp / "region"))
+        self.meta = str(tmp / "region.meta")
+        self.region = Region.open(self.plan)
+        self.pools = build_pools(self.plan, 0)
+        self.store = FileStore(self.region, self.pools)
+        self.table = InodeTable(1000, release_data=self.store.release,
+                                parse_policy=self.parse, changes=ChangeLog())
+        layout = persistence.layout_for(self.plan, self.plan.path or "")
+        self.journal = Journal(self.meta, layout, self.table, self.pools,
+                               checkpoint_bytes=checkpoint_bytes)
+
+    def parse(self, text: str) -> Any:
+        return parse_policy(text, self.pools.ids)
+
+    def recover(self) -> Any:
+        """Load the metadata file and install it here (this Fs must be fresh)."""
+        layout = persistence.layout_for(self.plan, self.plan.path or "")
+        state = load(self.meta, layout, self.parse)
+        report = install(state, self.table, self.pools, self.store, self.meta)
+        self.journal = Journal(self.meta, layout, self.table, self.pools, uuid=state.uuid,
+                               generation=state.generation)
+        self.journal.checkpoint()  # as the daemon does: replay happens once
+        return report
+
+    def commit(self) -> None:
+        self.journal.commit()
+
+    def write(self, ino: int, off: int, data: bytes) -> None:
+        node = self.table.get(ino)
+        assert node.data is not None
+        node.size, _ = self.store.write(node.data, node.size, off, data)
+        node.touch(data=True)
+        self.commit()
+
+    def resize(self, ino: int, size: int) -> None:
+        node = self.table.get(ino)
+        assert node.data is not None
+        self.store.resize(node.data, node.size, size)
+        node.size = size
+        node.touch(data=True)
+        self.commit()
+
+    def read(self, ino: int) -> bytes:
+        node = self.table.get(ino)
+        assert node.data is not None
+        return bytes(self.store.read(node.data, node.size, 0, node.size))
+
+    def dump(self) -> dict[bytes, tuple[Any, ...]]:
+        """Everything a user could see, by path, plus the allocator's accounting."""
+        out: dict[bytes, tuple[Any, ...]] = {}
+
+        def walk(ino: int, path: bytes) -> None:
+            node = self.table.get(ino)
+            content = self.read(ino) if node.data is not None else node.target
+            out[path] = (ino, node.mode, node.uid, node.gid, node.size, node.nlink,
+                         node.atime_ns, node.mtime_ns, node.ctime_ns, node.btime_ns,
+                         sorted(node.xattrs.items()), str(node.policy), content)
+            if node.dir is not None:
+                for name, (child, _) in sorted(node.dir.entries.items()):
+                    walk(child, path + b"/" + name)
+
+        walk(ROOT_INO, b"")
+        out[b"<free>"] = (self.pools.free_dpages, self.pools.bad_dpages)
+        return out
+
+    def close(self) -> None:
+        """Stop as a crash would: no last checkpoint, just let go of everything."""
+        if self.journal.fd >= 0:
+            os.close(self.journal.fd)
+            self.journal.fd = -1
+        self.region.close()
+
+
+@pytest.fixture
+def fs(tmp_path: Path) -> Iterator[Fs]:
+    fs = Fs(tmp_path)
+    fs.journal.checkpoint()
+    yield fs
+    fs.close()
+
+
+def reopen(tmp: Path, old: Fs) -> Fs:
+    """Crash *old* and recover a new Fs from its files."""
+    old.close()
+    new = Fs(tmp)
+    new.recover()
+    return new
+
+
+def populate(fs: Fs) -> dict[str, int]:
+    t = fs.table
+    d = t.make(ROOT_INO, b"dir", DIR, 1000, 100).ino
+    fs.commit()
+    a = t.make(d, b"a", FILE, 1000, 100).ino
+    fs.commit()
+    fs.write(a, 0, b"hello " * 3000)
+    fs.write(a, 5 * DPS + 7, b"tail")
+    b = t.make(ROOT_INO, b"b", FILE, 0, 0).ino
+    fs.commit()
+    fs.resize(b, 3 * DPS + 5)
+    fs.write(b, 10, b"xyz")
+    t.setxattr(b, b"user.k", b"v" * 300)
+    t.set_policy(b, "interleave:0-1")
+    fs.commit()
+    t.make(ROOT_INO, b"ln", stat.S_IFLNK | 0o777, 0, 0, target=b"dir/a")
+    t.link(a, ROOT_INO, b"hard")
+    t.rename(ROOT_INO, b"hard", d, b"hard2")
+    fs.commit()
+    t.set_attributes(a, mode=0o600, uid=7, gid=8, atime_ns=123, mtime_ns=456)
+    fs.commit()
+    return {"dir": d, "a": a, "b": b}
+
+
+def test_everything_comes_back_exactly(tmp_path: Path, fs: Fs) -> None:
+    populate(fs)
+    before = fs.dump()
+    again = reopen(tmp_path, fs)
+    try:
+        assert again.dump() == before
+        for pool in again.pools.pools:
+            pool.check()
+        # and it keeps working: new inode numbers do not collide
+        ino = again.table.make(ROOT_INO, b"new", FILE, 0, 0).ino
+        assert ino not in {v[0] for k, v in before.items() if k != b"<free>"}
+    finally:
+        again.close()
+
+
+def test_random_operations_with_checkpoints(tmp_path: Path) -> None:
+    fs = Fs(tmp_path, checkpoint_bytes=2048)
+    fs.journal.checkpoint()
+    rng = random.Random(5)
+    files: list[int] = []
+    for step in range(400):
+        op = rng.random()
+        t = fs.table
+        try:
+            if op < 0.2 or not files:
+                files.append(t.make(ROOT_INO, f"f{step}".encode(), FILE, 0, 0).ino)
+                fs.commit()
+            elif op < 0.5:
+                fs.write(rng.choice(files), rng.randrange(40 * DPS),
+                         os.urandom(rng.randrange(1, 3 * DPS)))
+            elif op < 0.7:
+                fs.resize(rng.choice(files), rng.randrange(30 * DPS))
+            elif op < 0.8:
+                ino = files.pop(rng.randrange(len(files)))
+                name = next(n for n, (i, _) in t.inodes[ROOT_INO].dir.entries.items()  # type: ignore[union-attr]
+                            if i == ino)
+                t.inodes[ino].lookup_count = 0
+                t.unlink(ROOT_INO, name)
+                fs.commit()
+            else:
+                t.setxattr(rng.choice(files), b"user.x", os.urandom(rng.randrange(50)))
+                fs.commit()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+            fs.commit()
+    assert fs.journal.checkpoints > 5
+    before = fs.dump()
+    again = reopen(tmp_path, fs)
+    try:
+        assert again.dump() == before
+    finally:
+        again.close()
+
+
+def test_torn_last_append_is_dropped(tmp_path: Path, fs: Fs) -> None:
+    ids = populate(fs)
+    before = fs.dump()
+    fs.write(ids["b"], 0, b"in flight")
+    size = os.path.getsize(fs.meta)
+    os.truncate(fs.meta, size - 3)  # the kill landed inside the last write(2)
+    again = reopen(tmp_path, fs)
+    try:
+        report_dump = again.dump()
+        assert report_dump[b"/b"][4] == before[b"/b"][4]
+        assert report_dump == {**before, b"/b": report_dump[b"/b"]}
+        assert report_dump[b"/b"][-1][:9] == b"in flight"  # the bytes landed, the size did not move
+    finally:
+        again.close()
+
+
+def test_torn_tail_is_reported(tmp_path: Path, fs: Fs) -> None:
+    populate(fs)
+    fs.commit()
+    with open(fs.meta, "ab") as f:
+        f.write(metalog.frame({"t": "batch", "seq": 999})[:-4])
+    fs.close()
+    new = Fs(tmp_path)
+    try:
+        assert new.recover().torn_bytes > 0
+    finally:
+        new.close()
+
+
+def test_damage_in_the_middle_is_refused(tmp_path: Path, fs: Fs) -> None:
+    populate(fs)
+    fs.close()
+    data = bytearray(Path(fs.meta).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    Path(fs.meta).write_bytes(bytes(data))
+    new = Fs(tmp_path)
+    try:
+        with pytest.raises(MetadataError, match=r"checksum|decode"):
+            new.recover()
+    finally:
+        new.close()
+
+
+def test_foreign_file_is_refused(tmp_path: Path, fs: Fs) -> None:
+    fs.close()
+    Path(fs.meta).write_bytes(os.urandom(4096))
+    new = Fs(tmp_path)
+    try:
+        with pytest.raises(MetadataError):
+            new.recover()
+        Path(fs.meta).write_bytes(metalog.frame({"t": "header", "magic": "other"}))
+        with pytest.raises(MetadataError, match="not a dmemfs metadata file"):
+            new.recover()
+    finally:
+        new.close()
+
+
+def test_other_layout_is_refused(tmp_path: Path, fs: Fs) -> None:
+    populate(fs)
+    fs.close()
+    new = Fs(tmp_path, pools=(POOL_DPAGES, POOL_DPAGES // 2))
+    try:
+        with pytest.raises(MetadataError, match="same size, nodes and pagesize"):
+            new.recover()
+    finally:
+        new.close()
+
+
+def test_recreated_region_is_refused(tmp_path: Path, fs: Fs) -> None:
+    populate(fs)
+    fs.close()
+    region = Path(fs.plan.path or "")
+    region.unlink()
+    region.write_bytes(bytes(2 * POOL_DPAGES * DPS))  # same size, new file: the data is gone
+    new = Fs(tmp_path)
+    try:
+        with pytest.raises(MetadataError, match="another region"):
+            new.recover()
+    finally:
+        new.close()
+
+
+def test_extent_claimed_twice_is_refused(tmp_path: Path, fs: Fs) -> None:
+    ids = populate(fs)
+    a, b = fs.table.get(ids["a"]), fs.table.get(ids["b"])
+    assert a.data is not None and b.data is not None
+    _, region, _ = a.data.runs()[0]
+    b.data.insert(100, [Extent(region, 1)])  # one dpage in two files
+    b.size = 101 * DPS
+    fs.journal.checkpoint()
+    fs.close()
+    new = Fs(tmp_path)
+    try:
+        with pytest.raises(MetadataError, match="claimed twice"):
+            new.recover()
+    finally:
+        new.close()
+
+
+def test_extent_outside_the_region_is_refused(tmp_path: Path, fs: Fs) -> None:
+    ids = populate(fs)
+    node = fs.table.get(ids["b"])
+    assert node.data is not None
+    node.data.insert(10_000, [Extent(2 * POOL_DPAGES + 5, 1)])
+    node.size = 10_001 * DPS
+    fs.journal.checkpoint()
+    fs.close()
+    new = Fs(tmp_path)
+    try:
+        with pytest.raises(MetadataError, match=r"outside|add up"):
+            new.recover()
+    finally:
+        new.close()
+
+
+def test_broken_link_count_is_refused(tmp_path: Path, fs: Fs) -> None:
+    ids = populate(fs)
+    fs.table.get(ids["b"]).link_count = 3
+    fs.table.get(ids["b"]).touch()
+    fs.commit()
+    fs.close()
+    new = Fs(tmp_path)
+    try:
+        with pytest.raises(MetadataError, match="names but a link count"):
+            new.recover()
+    finally:
+        new.close()
+
+
+def test_unlinked_open_file_is_freed(tmp_path: Path, fs: Fs) -> None:
+    ids = populate(fs)
+    free_before = fs.pools.free_dpages
+    fs.table.open(ids["b"])
+    fs.table.unlink(ROOT_INO, b"b")  # still open, as QEMU's -mem-path file is
+    fs.commit()
+    assert fs.pools.free_dpages == free_before
+    again = reopen(tmp_path, fs)
+    try:
+        assert ids["b"] not in again.table.inodes
+        assert again.pools.free_dpages > free_before
+        for pool in again.pools.pools:
+            pool.check()
+    finally:
+        again.close()
+
+
+def test_bytes_past_eof_are_zeroed_on_recovery(tmp_path: Path, fs: Fs) -> None:
+    ids = populate(fs)
+    node = fs.table.get(ids["b"])
+    last = node.data.runs()[-1]  # type: ignore[union-attr]
+    # a kill between a write's bytes and its record leaves bytes past EOF
+    start = (last[1] + last[2] - 1) * DPS + node.size % DPS
+    fs.region.array[start : start + 10] = 0x55
+    again = reopen(tmp_path, fs)
+    try:
+        again.resize(ids["b"], 4 * DPS)
+        assert again.read(ids["b"])[node.size % DPS + 3 * DPS:] == bytes(DPS - node.size % DPS)
+    finally:
+        again.close()
+
+
+def test_failed_append_answers_eio_then_heals(tmp_path: Path, fs: Fs) -> None:
+    ids = populate(fs)
+    good = fs.journal.fd
+    fs.journal.fd = os.open("/dev/full", os.O_WRONLY)
+    try:
+        with pytest.raises(OSError) as info:
+            fs.write(ids["b"], 0, b"x")
+        assert info.value.errno == errno.EIO and not fs.journal.healthy
+    finally:
+        os.close(fs.journal.fd)
+        fs.journal.fd = good
+    fs.commit()  # nothing new, but pending changes: rewritten whole
+    assert fs.journal.healthy
+    before = fs.dump()
+    again = reopen(tmp_path, fs)
+    try:
+        assert again.dump() == before
+    finally:
+        again.close()
+
+
+def test_start_empty_keeps_the_old_file(tmp_path: Path, fs: Fs) -> None:
+    populate(fs)
+    fs.close()
+    meta = persistence.MetaPlan(fs.meta, True, 1 << 20)
+    assert persistence.find(meta, fs.plan, fs.parse) is None
+    kept = [p for p in tmp_path.iterdir() if ".discarded-" in p.name]
+    assert len(kept) == 1 and not Path(fs.meta).exists()
+    layout = persistence.layout_for(fs.plan, fs.plan.path or "")
+    assert load(str(kept[0]), layout, fs.parse).inodes
+
+
+def test_second_daemon_is_locked_out(tmp_path: Path) -> None:
+    meta = persistence.MetaPlan(str(tmp_path / "m"), False, 1 << 20)
+    lock = persistence.MetaLock(meta)
+    try:
+        with pytest.raises(Exception, match="in use by another dmemfs"):
+            persistence.MetaLock(meta)
+    finally:
+        lock.release()
+    persistence.MetaLock(meta).release()
+
+
+def test_inode_encoding_roundtrip() -> None:
+    inode = Inode(ino=9, mode=FILE, uid=1, gid=2, size=77, atime_ns=1, mtime_ns=2, ctime_ns=3,
+                  btime_ns=4, link_count=2, xattrs={b"user.a": b"\0\1"})
+    fields = metalog.encode_inode(inode, xattrs=True, contents=False)
+    back = metalog.decode_inode(fields, None, lambda t: parse_policy(t, [0]))
+    assert metalog.encode_inode(back, xattrs=True, contents=False) == fields
