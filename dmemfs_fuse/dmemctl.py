@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     pol.add_argument("policy", metavar="POLICY", nargs="?",
                      help="local | bind:N[,M] | preferred:N | interleave:N-M")
     files = sub.add_parser("files", help="the largest consumers of dpages")
-    files.add_argument("-n", "--limit", type=int, default=20, help="how many (default 20)")
+    files.add_argument("-n", "--limit", type=positive, default=20, help="how many (default 20)")
     trace = sub.add_parser("trace", help="log every FUSE request in the daemon's log, or stop")
     trace.add_argument("state", choices=["on", "off"])
     picture = sub.add_parser("map", help="draw the pools as coloured strips of dpages")
@@ -192,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "notice to the daemon (tests the kernel path; region offsets only)")
     sub.add_parser("scan", help="look for HWPOISON frames under the region; mark their dpages")
     return parser
+
+
+def positive(text: str) -> int:
+    """A whole number of at least 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
 
 
 def parse_offset(text: str) -> int:

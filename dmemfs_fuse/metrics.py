@@ -70,6 +70,8 @@ class PoolCollector(Collector):
             "free_runs": ("Separate runs of free dpages", lambda p: p["free_runs"]),
             "fragmentation_ratio": ("1 - largest free run / free space",
                                     lambda p: p["fragmentation"]),
+            "bad_dpages": ("Dpages marked bad (memory errors), never handed out again",
+                           lambda p: p["bad_dpages"]),
         }
         for name, (text, value) in gauges.items():
             family = GaugeMetricFamily(f"dmemfs_pool_{name}", text, labels=labels)
@@ -94,6 +96,22 @@ class PoolCollector(Collector):
                                 value=status["inodes_used"])
         yield GaugeMetricFamily("dmemfs_inodes_total", "Most inodes there may be",
                                 value=status["inodes_total"])
+        yield CounterMetricFamily("dmemfs_memory_errors", "Dpages newly marked bad since start",
+                                  value=status["memory_errors"])
+        journal = status["journal"]
+        if journal is not None:
+            yield GaugeMetricFamily("dmemfs_journal_log_bytes",
+                                    "Metadata log bytes appended since the last checkpoint",
+                                    value=journal["log_bytes"])
+            yield CounterMetricFamily("dmemfs_journal_checkpoints",
+                                      "Metadata checkpoints written since start",
+                                      value=journal["checkpoints"])
+            yield CounterMetricFamily("dmemfs_journal_failures",
+                                      "Metadata log writes that failed since start",
+                                      value=journal["failures"])
+            yield GaugeMetricFamily("dmemfs_journal_healthy",
+                                    "1 while the metadata log is written, 0 after a failure",
+                                    value=int(journal["healthy"]))
 
 
 def build_registry(reporter: Reporter) -> tuple[CollectorRegistry, RequestMetrics]:

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 
 from humanfriendly import format_size
 
+from .control import RUN_DIR
 from .errors import ConfigError
 from .metalog import Layout, MetadataError, region_identity
 from .options import MountOptions
 from .policy import Policy
 from .recovery import Recovered, load
-from .region import RegionPlan
+from .region import RegionPlan, on_hugetlbfs
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def plan_meta(opts: MountOptions, plan: RegionPlan) -> MetaPlan | None:
             log.warning("region=%s is a device: files will not be found again after a restart "
                         "unless meta=PATH names where to keep the metadata", plan.path)
             return None
-        path = plan.path + ".meta"
+        path = default_meta_path(plan.path)
     if not os.path.isdir(os.path.dirname(path) or "/"):
         raise ConfigError(f"meta={path}: its directory does not exist")
     if os.path.isdir(path):
@@ -61,6 +62,18 @@ def plan_meta(opts: MountOptions, plan: RegionPlan) -> MetaPlan | None:
     if opts.start_empty and not os.path.exists(path):
         log.info("start_empty: there is no metadata at %s anyway", path)
     return MetaPlan(path, opts.start_empty, opts.checkpoint)
+
+
+def default_meta_path(region: str) -> str:
+    """``REGION.meta``; for a region on hugetlbfs, which takes no write(2), a file under
+    RUN_DIR/meta named after the region (it lives as long as the hugetlbfs file: until
+    reboot)."""
+    if not on_hugetlbfs(region):
+        return region + ".meta"
+    directory = RUN_DIR / "meta"
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    name = region.strip("/").replace("-", "--").replace("/", "-")
+    return str(directory / f"{name}.meta")
 
 
 class MetaLock:

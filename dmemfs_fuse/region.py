@@ -87,7 +87,7 @@ def plan_region(opts: MountOptions) -> RegionPlan:
     huge_2m = DPAGE_SIZES["2M"]
     pagesize = opts.pagesize
     if pagesize is None:
-        if opts.region.startswith("/") and _on_hugetlbfs(opts.region):
+        if opts.region.startswith("/") and on_hugetlbfs(opts.region):
             pagesize = os.statvfs(os.path.dirname(opts.region)).f_bsize
         else:
             wanted = _requested_bytes(opts, nodes) // huge_2m
@@ -162,7 +162,7 @@ def plan_region(opts: MountOptions) -> RegionPlan:
                 warnings.append(f"{short}: falling back to a plain memfd of small pages "
                                 f"(dpages stay {_human(pagesize)}); add reserve_hugepages or "
                                 "raise /proc/sys/vm/nr_hugepages for huge pages")
-    if backend == "memfd" or (backend == "path" and not _on_hugetlbfs(path or "")):
+    if backend == "memfd" or (backend == "path" and not on_hugetlbfs(path or "")):
         avail = _meminfo_available()
         if total > avail:
             raise ConfigError(f"size: {_human(total)} wanted but only {_human(avail)} of memory "
@@ -183,14 +183,15 @@ def _requested_bytes(opts: MountOptions, nodes: list[int]) -> int:
 
 def _hugetlbfs_dir(opts: MountOptions, pagesize: int) -> str | None:
     if opts.hugetlbfs:
-        if not _on_hugetlbfs(os.path.join(opts.hugetlbfs, "x")):
+        if not on_hugetlbfs(os.path.join(opts.hugetlbfs, "x")):
             raise ConfigError(f"hugetlbfs={opts.hugetlbfs}: not a hugetlbfs mount")
         return opts.hugetlbfs
     mounts = hugepages.hugetlbfs_mounts(pagesize)
     return str(mounts[0]) if mounts else None
 
 
-def _on_hugetlbfs(path: str) -> bool:
+def on_hugetlbfs(path: str) -> bool:
+    """Whether *path* (or, if it does not exist yet, its directory) is on a hugetlbfs."""
     try:
         target = path if os.path.exists(path) else os.path.dirname(path)
         # os.statvfs has no f_type, so look the path up in /proc/mounts.

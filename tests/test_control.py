@@ -205,6 +205,22 @@ def test_control_socket_is_root_only(two_pools: tuple[Mount, int]) -> None:
     assert result.returncode == 1 and "permission denied" in result.stderr
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["files", "-n", "many"], "argument -n/--limit: 'many' is not a whole number"),
+    (["files", "-n", "0"], "argument -n/--limit: '0' is not a whole number"),
+    (["trace", "maybe"], "argument state: invalid choice: 'maybe'"),
+    (["map"], "the following arguments are required: --png"),
+    (["policy"], "the following arguments are required: FILE"),
+    (["poison"], "the following arguments are required: OFFSET|FILE:OFFSET"),
+    (["poison", "12Q"], "'12Q' is not a byte offset"),
+    (["status", "extra"], "unrecognized arguments: extra"),
+])
+def test_dmemctl_bad_arguments_exit_2_naming_them(args: list[str], message: str) -> None:
+    result = dmemctl(*args, check=False)
+    assert result.returncode == 2
+    assert message in result.stderr.strip().splitlines()[-1], result.stderr
+
+
 def test_dmemctl_errors_are_one_clear_line(tmp_path: Path) -> None:
     result = dmemctl("-m", str(tmp_path), "status", check=False)
     assert result.returncode == 1

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from mounting import daemon_command, is_mounted, unmount, wait_mounted
+from mounting import daemon_command, is_mounted, kernel_fs, unmount, wait_mounted
+
+from dmemfs_fuse import control, persistence
 
 M = 1 << 20
 DEAD = {errno.ENOTCONN, errno.ECONNABORTED}
@@ -358,6 +360,7 @@ def test_sigkill_at_random_points_loses_nothing_confirmed(tmp_path: Path, region
         assert st.f_blocks - st.f_bfree == used, "dpages leaked across the crashes"
     assert proc.returncode == 0
     assert writer.count > 1000, f"only {writer.count} operations were confirmed"
+    print(f"{writer.count} operations confirmed across {rounds} kills")
     log = (tmp_path / "daemon.log").read_text()
     assert log.count("recovered from") == rounds, log[-3000:]
 
@@ -421,3 +424,42 @@ def test_two_daemons_on_one_region_are_refused(tmp_path: Path, region: Path) -> 
                                 timeout=60, check=False)
         assert result.returncode == 2 and "in use by another dmemfs" in result.stderr
         assert not is_mounted(other)
+
+
+HUGE_2M = Path("/sys/kernel/mm/hugepages/hugepages-2048kB")
+
+
+@contextmanager
+def huge_pages(count: int) -> Iterator[None]:
+    """At least *count* free 2M huge pages for the block; the old reservation afterwards."""
+    before = int((HUGE_2M / "nr_hugepages").read_text())
+    short = count - int((HUGE_2M / "free_hugepages").read_text())
+    if short > 0:
+        (HUGE_2M / "nr_hugepages").write_text(str(before + short))
+    try:
+        yield
+    finally:
+        (HUGE_2M / "nr_hugepages").write_text(str(before))
+
+
+def test_hugetlbfs_region_file_comes_back_after_sigkill(tmp_path: Path) -> None:
+    """A region file on hugetlbfs takes no write(2), so its metadata goes under
+    /run/dmemfs/meta; after kill -9 the file and its bytes come back."""
+    with huge_pages(8), kernel_fs(tmp_path / "huge", "hugetlbfs", "pagesize=2M") as huge:
+        region = huge / "vm0"
+        meta = Path(persistence.default_meta_path(str(region)))
+        assert meta.parent == control.RUN_DIR / "meta"
+        options = f"size=16M,pagesize=2M,region={region}"
+        data = os.urandom(5 * M)
+        try:
+            with daemon(tmp_path, options) as proc:
+                (tmp_path / "mnt" / "guest-ram").write_bytes(data)
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+            assert meta.exists()
+            with daemon(tmp_path, options):
+                assert (tmp_path / "mnt" / "guest-ram").read_bytes() == data
+        finally:
+            region.unlink(missing_ok=True)
+            for leftover in meta.parent.glob(meta.name + "*"):
+                leftover.unlink()

@@ -60,6 +60,13 @@ def test_all_but() -> None:
     ("nodes=x:1G", "entries are NODE:SIZE"),
     ("size=1G,ro", "read-only"),
     ("size=", "size: needs a value"),
+    ("size=1G,meta=rel/path", "meta=rel/path: must be an absolute path"),
+    ("size=1G,meta=/tmp/m", "region=auto dies with the daemon"),
+    ("size=1G,region=memfd,meta=/tmp/m", "region=memfd dies with the daemon"),
+    ("size=1G,region=/dev/shm/r,meta=none,start_empty", "start_empty: there is no metadata"),
+    ("size=1G,start_empty=yes", "takes no value"),
+    ("size=1G,checkpoint=lots", "checkpoint=lots: not a size"),
+    ("size=1G,checkpoint=0", "checkpoint=0: must be larger than 0"),
 ])
 def test_bad_options_name_the_option(options: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -11,10 +11,12 @@ import errno
 import json
 import os
 import signal
+import socket
 import struct
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -149,6 +151,25 @@ def test_signalfd_siginfo_layout() -> None:
 
 # -- end to end, through dmemctl ---------------------------------------------------------
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def metrics(port: int) -> dict[str, float]:
+    """The daemon's Prometheus samples by name (with labels)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        body = resp.read().decode()
+    values = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
 def dmemctl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     result = subprocess.run([sys.executable, "-m", "dmemfs_fuse.dmemctl", *args],
                             capture_output=True, text=True, timeout=60, check=False)
@@ -181,7 +202,8 @@ def mapped_read(path: Path, offset: int) -> int:
 @pytest.mark.mount
 def test_operator_poison_end_to_end_and_across_restart(tmp_path: Path, region: Path) -> None:
     options = f"size=16M,pagesize=4K,region={region}"
-    with dmemfs(tmp_path, options) as mount:
+    port = free_port()
+    with dmemfs(tmp_path, f"{options},metrics={port}") as mount:
         f = mount.path / "f"
         f.write_bytes(os.urandom(64 * 1024))
         assert mapped_read(f, 8192) == 0  # the page is in the page cache now
@@ -208,6 +230,11 @@ def test_operator_poison_end_to_end_and_across_restart(tmp_path: Path, region: P
         assert mount.free_dpages() == free_before - 1
         again = dmemctl("-m", str(mount.path), "poison", str(15 * M)).stdout
         assert "already bad" in again
+        values = metrics(port)
+        assert values['dmemfs_pool_bad_dpages{node="0",pool="0"}'] == 2
+        assert values["dmemfs_memory_errors_total"] == 2
+        assert values["dmemfs_journal_healthy"] == 1
+        assert values["dmemfs_journal_log_bytes"] > 0
     assert mount.exit_code == 0
     with dmemfs(tmp_path, options) as mount:
         f = mount.path / "f"

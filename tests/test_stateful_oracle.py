@@ -140,11 +140,21 @@ class TwoTrees(RuleBasedStateMachine):
             shutil.rmtree(d)
 
 
-def test_random_operations_match_tmpfs(tmp_path: Path) -> None:
-    with dmemfs(tmp_path, "size=32M,pagesize=4K,region=memfd") as mount, \
-            kernel_fs(tmp_path / "tmpfs", "tmpfs", "size=64M") as oracle:
-        TwoTrees.dmem_root, TwoTrees.tmpfs_root, TwoTrees.mount = mount.path, oracle, mount.path
-        run_state_machine_as_test(TwoTrees, settings=settings(
-            max_examples=40, stateful_step_count=30, deadline=None,
-            suppress_health_check=list(HealthCheck)))
-    assert mount.exit_code == 0, mount.log()
+@pytest.mark.parametrize("persistent", [False, True], ids=["memfd", "persistent"])
+def test_random_operations_match_tmpfs(tmp_path: Path, persistent: bool) -> None:
+    """The persistent variant runs the same machine with the metadata log written on every
+    request (restarts are tested in test_crash.py)."""
+    region = Path("/dev/shm") / f"dmemfs-oracle-{os.getpid()}"
+    options = f"size=32M,pagesize=4K,region={region if persistent else 'memfd'}"
+    try:
+        with dmemfs(tmp_path, options) as mount, \
+                kernel_fs(tmp_path / "tmpfs", "tmpfs", "size=64M") as oracle:
+            TwoTrees.dmem_root, TwoTrees.tmpfs_root, TwoTrees.mount = (mount.path, oracle,
+                                                                       mount.path)
+            run_state_machine_as_test(TwoTrees, settings=settings(
+                max_examples=40, stateful_step_count=30, deadline=None,
+                suppress_health_check=list(HealthCheck)))
+        assert mount.exit_code == 0, mount.log()
+    finally:
+        for leftover in region.parent.glob(region.name + "*"):
+            leftover.unlink()
