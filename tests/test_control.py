@@ -54,6 +54,18 @@ def dmemctl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return result
 
 
+def only_mount_dmemctl(mount: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """dmemctl without -m, in a private mount namespace where every other dmemfs (of other
+    tests or benchmarks running on this host) is lazily unmounted, so *mount* is the only one."""
+    script = ("for m in $(awk '$3 == \"fuse.dmemfs\" { print $2 }' /proc/mounts); do "
+              f'[ "$m" = "{mount}" ] || umount -l "$m"; done; exec "$0" "$@"')
+    result = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                             script, sys.executable, "-m", "dmemfs_fuse.dmemctl", *args],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
 def ctl_json(*args: str) -> Any:
     return json.loads(dmemctl("--json", *args).stdout)
 
@@ -70,13 +82,13 @@ def test_status_extents_and_files(two_pools: tuple[Mount, int]) -> None:
     assert (status["total_dpages"], status["free_dpages"]) == (32, 22)
     assert [p["pool"] for p in status["pools"]] == [0, 1]
     assert status["pools"][0]["free_dpages"] == 6 and status["pools"][0]["largest_free_run"] == 6
-    human = dmemctl("status").stdout  # the only dmemfs: no -m needed
+    human = only_mount_dmemctl(mount.path, "status").stdout  # the only dmemfs: no -m needed
     assert "total_dpages 32  free_dpages 22" in human
     ext = ctl_json("extents", str(mount.path / "vm0"))
     assert ext["allocated"] == 20 * M and ext["policy"] == "local"
     assert ext["extents"] == [{"file_offset": 0, "pool": 0, "node": 0, "region_offset": 0,
                                "length": 20 * M, "kernel_nodes": [0]}]
-    files = ctl_json("files")["files"]
+    files = ctl_json("-m", str(mount.path), "files")["files"]
     assert files[0]["path"] == "/vm0" and files[0]["allocated"] == 20 * M
 
 
@@ -132,7 +144,7 @@ def test_bind_enospc_and_preferred_fallback(two_pools: tuple[Mount, int]) -> Non
     make(mount.path / "p" / "f", 4 * M)
     ext = ctl_json("extents", str(mount.path / "p" / "f"))
     assert {e["pool"] for e in ext["extents"]} == {0}
-    status = ctl_json("status")
+    status = ctl_json("-m", str(mount.path), "status")
     assert status["pools"][1]["fallback_dpages"] == 2
     assert status["enospc"] >= 1
 
@@ -167,7 +179,7 @@ def test_map_png_shows_owners_and_free(two_pools: tuple[Mount, int], tmp_path: P
     make(mount.path / "a", 4 * M)
     ino = os.stat(mount.path / "a").st_ino
     out = tmp_path / "map.png"
-    assert "wrote" in dmemctl("map", "--png", str(out)).stdout
+    assert "wrote" in dmemctl("-m", str(mount.path), "map", "--png", str(out)).stdout
     image = Image.open(out).convert("RGB")
     step = CELL + ROW_GAP
 
@@ -182,13 +194,13 @@ def test_map_png_shows_owners_and_free(two_pools: tuple[Mount, int], tmp_path: P
 
 def test_trace_toggles_the_request_log(two_pools: tuple[Mount, int]) -> None:
     mount, _ = two_pools
-    dmemctl("trace", "on")
+    dmemctl("-m", str(mount.path), "trace", "on")
     (mount.path / "traced").write_bytes(b"x")
     deadline = time.monotonic() + 10
     while "create(1, b'traced'" not in mount.log() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert "create(1, b'traced'" in mount.log()
-    dmemctl("trace", "off")
+    dmemctl("-m", str(mount.path), "trace", "off")
     (mount.path / "quiet").write_bytes(b"x")
     time.sleep(0.3)
     assert "b'quiet'" not in mount.log()
