@@ -96,17 +96,20 @@ def run(config: DaemonConfig) -> int:
         # Read and replay the metadata before reserving anything: a file that
         # cannot be trusted stops us here, with the memory untouched.
         found = persistence.find(meta, plan, parse) if meta else None
-        return _run(config, plan, pools, meta, found)
+        return _run(config, plan, pools, lock, found)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _run(config: DaemonConfig, plan: RegionPlan, pools: PoolSet,
-         meta: persistence.MetaPlan | None, found: recovery.Recovered | None) -> int:
+         lock: persistence.MetaLock | None, found: recovery.Recovered | None) -> int:
     ready_fd = -1
     if not config.foreground:
         ready_fd = _detach()
+    meta = lock.meta if lock is not None else None
+    if lock is not None:
+        lock.note_pid()
     # Before any thread exists: every thread must have SIGBUS blocked for the signalfd.
     if not poison.block_sigbus():
         log.info("the kernel refused early memory-error notices (PR_MCE_KILL_EARLY)")

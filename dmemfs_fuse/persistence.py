@@ -80,6 +80,7 @@ class MetaLock:
     """An exclusive lock on ``PATH.lock`` for the daemon's life: one daemon per metadata file."""
 
     def __init__(self, meta: MetaPlan) -> None:
+        self.meta = meta
         self.path = meta.path + ".lock"
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -89,6 +90,10 @@ class MetaLock:
             os.close(self.fd)
             raise ConfigError(f"meta={meta.path}: in use by another dmemfs (pid {holder})"
                               ) from None
+        self.note_pid()
+
+    def note_pid(self) -> None:
+        """Write this process's pid into the lock file (again after detaching: a new pid)."""
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
 

@@ -326,12 +326,12 @@ def test_sigkill_at_random_points_loses_nothing_confirmed(tmp_path: Path, region
     options = f"size=64M,pagesize=4K,region={region},meta={meta},checkpoint=32K"
     rng = random.Random(int(os.environ.get("DMEMFS_CRASH_SEED", "20261128")))
     writer = Writer(tmp_path / "mnt", Model(), rng)
-    rounds = 25
+    rounds = 30
     for _ in range(rounds):
         with daemon(tmp_path, options) as proc:
             seen, _ = observe(writer.root)
             settle(writer, seen)
-            killer = threading.Timer(rng.uniform(0.05, 0.6), os.kill, (proc.pid, signal.SIGKILL))
+            killer = threading.Timer(rng.uniform(0.05, 1.0), os.kill, (proc.pid, signal.SIGKILL))
             killer.start()
             try:
                 deadline = time.monotonic() + 10
