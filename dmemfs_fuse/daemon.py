@@ -125,6 +125,7 @@ def _run(config: DaemonConfig, plan: RegionPlan, pools: PoolSet,
         progress.close()
     mount: _Mount | None = None
     journal: Journal | None = None
+    served_to_the_end = False
     try:  # from here on, every exit path releases the region
         opts = config.options
         store = FileStore(region, pools)
@@ -146,12 +147,15 @@ def _run(config: DaemonConfig, plan: RegionPlan, pools: PoolSet,
             registry, ops.metrics = build_registry(reporter)
         mount = _Mount(config, ops, ready_fd, notifier, reporter)
         trio.run(_serve, mount, reporter, registry)
+        served_to_the_end = True
     finally:
         notifier.stopping()
         if mount is not None and mount.mounted:
             pyfuse3.close(unmount=True)
         if journal is not None:
-            journal.close()
+            # Only a clean stop checkpoints: after an error or a second signal the
+            # memory may hold half a request, while the log holds whole ones.
+            journal.close(checkpoint=served_to_the_end)
         region.close()
         log.info("region released; exiting")
     return 0
@@ -159,9 +163,12 @@ def _run(config: DaemonConfig, plan: RegionPlan, pools: PoolSet,
 
 def _scan_for_poison(reporter: Reporter) -> None:
     """Mark dpages on frames the kernel already flagged HWPOISON, before anyone uses them."""
+    region = reporter.store.region
+    for dpage in region.poisoned_dpages:
+        reporter.kernel_error(dpage * region.dpage_size, region.dpage_size)
     try:
         found = reporter.scan()
-    except OSError as exc:
+    except Exception as exc:  # the scan is a safeguard: never a reason not to start
         log.warning("cannot scan the region for HWPOISON frames: %s", exc)
         return
     log.info("HWPOISON scan: %d frames checked, %d bad dpages found", found["frames_checked"],
@@ -252,8 +259,11 @@ async def _watch_memory_errors(mount: _Mount) -> None:
     """Take the kernel's SIGBUS memory-error notices for the region (poison.py)."""
     region = mount.ops.store.region
 
-    async def on_error(offset: int) -> None:
-        mount.reporter.kernel_error(offset)
+    async def on_error(offset: int, length: int) -> None:
+        try:
+            mount.reporter.kernel_error(offset, length)
+        except Exception:  # a notice must never take the daemon down
+            log.exception("handling the memory-error notice at region offset %d", offset)
         await mount.ops.flush_invalidations()
 
     await poison.watch_sigbus(poison.open_sigbus_fd(), region.addr, region.size, on_error)

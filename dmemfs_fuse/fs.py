@@ -130,6 +130,9 @@ class DmemOperations(pyfuse3.Operations):
         self.initialized = trio.Event()
         # Inodes whose page cache must be dropped (a memory error hit them).
         self._to_invalidate: set[int] = set()
+        # One flusher at a time: a second caller must not answer while the first is
+        # still dropping pages it asked for.
+        self._invalidating = trio.Lock()
 
     def commit(self) -> None:
         """Write pending metadata changes (made outside a request) to the journal."""
@@ -146,12 +149,13 @@ class DmemOperations(pyfuse3.Operations):
         In a worker thread: the kernel writes dirty pages back first, and those
         WRITE requests must be served by this very loop while it waits.
         """
-        while self._to_invalidate:
-            ino = self._to_invalidate.pop()
-            try:
-                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, False)
-            except OSError as exc:  # the kernel may not know the inode (never looked up)
-                log.debug("invalidate inode %d: %s", ino, exc)
+        async with self._invalidating:
+            while self._to_invalidate:
+                ino = self._to_invalidate.pop()
+                try:
+                    await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, False)
+                except OSError as exc:  # the kernel may not know the inode (never looked up)
+                    log.debug("invalidate inode %d: %s", ino, exc)
 
     def set_trace(self, on: bool) -> None:
         """Log every request (op, arguments, result, time) at debug level, or stop."""

@@ -96,6 +96,8 @@ class Journal:
         self.healthy = True
         # Where the last whole frame ends: a failed append is cut back to here.
         self._good_offset = 0
+        # Log size at which the next checkpoint is due (pushed back when one fails).
+        self._checkpoint_due = checkpoint_bytes
 
     def commit(self) -> None:
         """Append what changed since the last commit as one batch; OSError(EIO) if that fails.
@@ -121,11 +123,17 @@ class Journal:
         self.log_bytes += len(data)
         self._good_offset += len(data)
         self.changes.clear()
-        if self.log_bytes > max(self.checkpoint_bytes, self.snapshot_bytes):
-            self.checkpoint()
+        if self.log_bytes > max(self._checkpoint_due, self.snapshot_bytes):
+            # The batch is in the log: the request has succeeded whatever happens here.
+            self.checkpoint(required=False)
 
-    def checkpoint(self) -> None:
-        """Rewrite the file as header + snapshot (atomically); OSError(EIO) if that fails."""
+    def checkpoint(self, *, required: bool = True) -> None:
+        """Rewrite the file as header + snapshot (atomically); OSError(EIO) if that fails.
+
+        A checkpoint that is not *required* (the log merely grew) only logs a
+        failure and is tried again after another ``checkpoint_bytes`` of log:
+        appends still work, so requests go on succeeding.
+        """
         started = time.monotonic()
         generation = self.generation + 1
         data = frame(header_record(self.layout, self.uuid, generation)) + frame(self._snapshot())
@@ -142,6 +150,12 @@ class Journal:
                 os.unlink(tmp)
                 raise
         except OSError as exc:
+            if not required:
+                self.failures += 1
+                self._checkpoint_due = self.log_bytes + self.checkpoint_bytes
+                log.warning("metadata %s: checkpoint failed (%s); the log keeps growing and "
+                            "it is tried again later", self.path, exc)
+                return
             self._failed("checkpointing", exc)
             raise OSError(errno.EIO, f"metadata checkpoint {self.path}: {exc.strerror}") from None
         try:  # the rename is done: the new file is the record whatever happens here
@@ -155,6 +169,7 @@ class Journal:
         self.seq = 0
         self.log_bytes = 0
         self.snapshot_bytes = self._good_offset = len(data)
+        self._checkpoint_due = self.checkpoint_bytes
         self.checkpoints += 1
         self.changes.clear()
         if not self.healthy:
@@ -163,14 +178,20 @@ class Journal:
         log.debug("checkpoint %d of %s: %d bytes, %d inodes in %.3f s", generation, self.path,
                   len(data), len(self.table.inodes), time.monotonic() - started)
 
-    def close(self) -> None:
-        """A last checkpoint (a clean stop restarts from one record), then close the file."""
+    def close(self, *, checkpoint: bool = True) -> None:
+        """A last checkpoint (a clean stop restarts from one record), then close the file.
+
+        Without *checkpoint* (the daemon is going down on an error or a second
+        signal, possibly in the middle of a request) the log is left as it is:
+        it holds exactly the requests that were answered.
+        """
         if self.fd < 0:
             return
-        try:
-            self.checkpoint()
-        except OSError as exc:
-            log.error("%s", exc)
+        if checkpoint:
+            try:
+                self.checkpoint()
+            except OSError as exc:
+                log.error("%s", exc)
         os.close(self.fd)
         self.fd = -1
 

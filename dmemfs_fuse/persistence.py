@@ -55,6 +55,11 @@ def plan_meta(opts: MountOptions, plan: RegionPlan) -> MetaPlan | None:
                         "unless meta=PATH names where to keep the metadata", plan.path)
             return None
         path = default_meta_path(plan.path)
+    if opts.size is not None and opts.size.all_but:
+        raise ConfigError(f"size=!{format_size(opts.size.size, binary=True)}: the pool sizes "
+                          "would follow free memory and differ from start to start, so a "
+                          f"persistent region (metadata {path}) needs size=SIZE or nodes=; "
+                          "or meta=none")
     if not os.path.isdir(os.path.dirname(path) or "/"):
         raise ConfigError(f"meta={path}: its directory does not exist")
     if os.path.isdir(path):

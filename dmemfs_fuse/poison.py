@@ -40,6 +40,8 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 KPF_HWPOISON = 19
 PFN_MASK = (1 << 55) - 1
 PAGE_PRESENT = 1 << 63
+PAGE_SWAP = 1 << 62
+SWAP_TYPE_SHIFT = 5  # MAX_SWAPFILES_SHIFT
 BUS_MCEERR_AR = 4
 BUS_MCEERR_AO = 5
 PR_MCE_KILL, PR_MCE_KILL_SET, PR_MCE_KILL_EARLY = 33, 1, 1
@@ -151,10 +153,15 @@ def hwpoisoned_dpages(addr: int, size: int, dpage_size: int,
             raw = os.pread(pm.fileno(), count * 8, (addr // PAGE_SIZE + first) * 8)
             entries = np.frombuffer(raw, dtype=np.uint64)
             present = (entries & np.uint64(PAGE_PRESENT)) != 0
+            swapped = (entries & np.uint64(PAGE_SWAP)) != 0
             pfns = (entries & np.uint64(PFN_MASK)).astype(np.int64)
             if present.any() and not pfns[present].any():
                 raise PermissionError(errno.EPERM, "frame numbers are hidden (needs root)")
-            index = np.flatnonzero(present)
+            # memory_failure() unmaps a poisoned page and leaves a hwpoison swap entry;
+            # pagemap shows it as "swapped" with type | pfn << 5.  The locked region is
+            # never really swapped, so every swap entry is checked by its frame's flags.
+            pfns[swapped] >>= SWAP_TYPE_SHIFT
+            index = np.flatnonzero(present | swapped)
             checked += len(index)
             flags = _kpageflags(kf.fileno(), pfns[index])
             poisoned = index[(flags >> np.uint64(KPF_HWPOISON)) & np.uint64(1) != 0]
@@ -177,7 +184,9 @@ def _kpageflags(fd: int, pfns: np.ndarray) -> np.ndarray:
     for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(sorted_pfns)], strict=True):
         start, stop = int(sorted_pfns[lo]), int(sorted_pfns[hi - 1]) + 1
         raw = os.pread(fd, (stop - start) * 8, start * 8)
-        flags = np.frombuffer(raw, dtype=np.uint64)
+        # Frames past the kernel's max_pfn (device memory) have no flags: read as 0.
+        flags = np.zeros(stop - start, dtype=np.uint64)
+        flags[: len(raw) // 8] = np.frombuffer(raw, dtype=np.uint64, count=len(raw) // 8)
         out[order[lo:hi]] = flags[sorted_pfns[lo:hi] - start]
     return out
 
@@ -209,11 +218,14 @@ def open_sigbus_fd() -> int:
     return int(fd)
 
 
-def parse_sigbus(data: bytes) -> tuple[int, int]:
-    """``(si_code, si_addr)`` of one struct signalfd_siginfo."""
+def parse_sigbus(data: bytes) -> tuple[int, int, int]:
+    """``(si_code, si_addr, si_addr_lsb)`` of one struct signalfd_siginfo.
+
+    si_addr_lsb is the log2 of the poisoned unit: 12 for a page, 21 for a 2M
+    huge page."""
     code = struct.unpack_from("<i", data, 8)[0]
-    addr = struct.unpack_from("<Q", data, 72)[0]
-    return int(code), int(addr)
+    addr, lsb = struct.unpack_from("<QH", data, 72)
+    return int(code), int(addr), int(lsb)
 
 
 def send_mce_notice(addr: int) -> None:
@@ -233,8 +245,9 @@ def send_mce_notice(addr: int) -> None:
 
 
 async def watch_sigbus(fd: int, region_addr: int, region_size: int,
-                       on_error: Callable[[int], Awaitable[None]]) -> None:
-    """Read SIGBUS notices from *fd* until cancelled; hand region offsets to *on_error*."""
+                       on_error: Callable[[int, int], Awaitable[None]]) -> None:
+    """Read SIGBUS notices from *fd* until cancelled; hand ``(region offset, length)`` of
+    each poisoned unit to *on_error*."""
     try:
         while True:
             await trio.lowlevel.wait_readable(fd)
@@ -242,13 +255,15 @@ async def watch_sigbus(fd: int, region_addr: int, region_size: int,
                 data = os.read(fd, SIGNALFD_SIGINFO)
             except BlockingIOError:
                 continue
-            code, addr = parse_sigbus(data)
+            code, addr, lsb = parse_sigbus(data)
             if code not in (BUS_MCEERR_AO, BUS_MCEERR_AR):
                 log.warning("SIGBUS with code %d at %#x: not a memory-error notice", code, addr)
                 continue
             if not region_addr <= addr < region_addr + region_size:
                 log.warning("memory-error notice for %#x, outside the region", addr)
                 continue
-            await on_error(addr - region_addr)
+            unit = 1 << lsb if 0 < lsb < 64 else PAGE_SIZE
+            start = max(addr & ~(unit - 1), region_addr)
+            await on_error(start - region_addr, unit)
     finally:
         os.close(fd)

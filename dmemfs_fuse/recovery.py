@@ -98,7 +98,10 @@ def load(path: str, layout: Layout, parse_policy: Callable[[str], Policy]) -> Re
         raise MetadataError(f"metadata {path}, snapshot: {exc}") from None
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise MetadataError(f"metadata {path}, snapshot: malformed ({exc!r})") from None
-    rebuilt = _allocated(inodes, state.bad)
+    try:
+        rebuilt = _allocated(inodes, state.bad)
+    except MetadataError as exc:
+        raise MetadataError(f"metadata {path}, snapshot: {exc}") from None
     if rebuilt != state.snapshot_allocated:
         raise MetadataError(f"metadata {path}: the snapshot's extents do not add up to the "
                             "allocation it recorded")
@@ -188,7 +191,9 @@ def _allocated(inodes: dict[int, Inode], bad: set[int]) -> list[Extent]:
             merged.append(Extent(start, count))
     for dpage in sorted(bad):
         merged.append(Extent(dpage, 1))
-    merged.sort()
+    # Longest first among equal starts: a bad dpage that begins a file's run must sort
+    # after that run, where it is recognised as owned, not as an overlap.
+    merged.sort(key=lambda ext: (ext.start, -ext.length))
     out: list[Extent] = []
     for ext in merged:
         if out and ext.start < out[-1].end:
@@ -235,6 +240,8 @@ def install(state: Recovered, table: InodeTable, pools: PoolSet, store: FileStor
     started = time.monotonic()
     inodes = state.inodes
     try:
+        if inodes and state.next_ino <= max(inodes):
+            raise MetadataError(f"the next inode number {state.next_ino} is already in use")
         orphans = _check_namespace(inodes)
         _check_sizes(inodes, store.dpage_size)
         pools.claim(_allocated(inodes, set()))
@@ -330,12 +337,13 @@ def _check_sizes(inodes: dict[int, Inode], dpage_size: int) -> None:
 
 def _zero_tails(inodes: dict[int, Inode], store: FileStore) -> None:
     """Zero each file's last dpage past EOF: a kill between a shrink's log record and its
-    zeroing, or between a write's bytes and its record, can leave bytes there."""
+    zeroing, or between a write's bytes and its record, can leave bytes there.  A bad
+    dpage is left alone: touching real poison is a SIGBUS."""
     dps = store.dpage_size
     for inode in inodes.values():
         if inode.data is None or not inode.size % dps:
             continue
         last = next(inode.data.pieces(inode.size // dps, inode.size // dps + 1))
-        if last.region is not None:
+        if last.region is not None and not store.pools.bad_in(last.region, 1):
             start = last.region * dps + inode.size % dps
             store.region.array[start : (last.region + 1) * dps] = 0

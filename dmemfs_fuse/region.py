@@ -29,6 +29,7 @@ from .options import DPAGE_SIZES, MountOptions, PoolSpec
 log = logging.getLogger(__name__)
 
 MADV_POPULATE_WRITE = 23
+EHWPOISON = 133  # "memory page has hardware error" (errno.EHWPOISON on newer Pythons)
 POPULATE_CHUNK = 256 << 20
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -234,6 +235,8 @@ class Region:
         # file or device may hold old bytes, which must be zeroed before use.
         self.fresh = True
         self.populate_seconds = 0.0
+        # Dpages whose memory the kernel reported poisoned while populating.
+        self.poisoned_dpages: list[int] = []
         self._reservation = hugepages.HugePageReservation(plan.dpage_size)
         self.view: memoryview = memoryview(b"")
         self.array: np.ndarray = np.zeros(0, dtype=np.uint8)
@@ -338,6 +341,12 @@ class Region:
             length = min(POPULATE_CHUNK, self.size - done)
             if _libc.madvise(ctypes.c_void_p(self.addr + done), length, MADV_POPULATE_WRITE):
                 err = ctypes.get_errno()
+                if err == EHWPOISON:
+                    # A reused region with poisoned memory: populate around it, one dpage
+                    # at a time, and report those dpages for marking bad.
+                    self._populate_around_poison(done, length)
+                    done += length
+                    continue
                 hint = ""
                 if err in (errno.ENOMEM, errno.EFAULT):
                     hint = " (not enough memory or huge pages for the region)"
@@ -347,6 +356,18 @@ class Region:
             if progress:
                 progress(done, self.size)
         self.populate_seconds = time.monotonic() - started
+
+    def _populate_around_poison(self, start: int, length: int) -> None:
+        for offset in range(start, start + length, self.dpage_size):
+            if _libc.madvise(ctypes.c_void_p(self.addr + offset), self.dpage_size,
+                             MADV_POPULATE_WRITE) == 0:
+                continue
+            err = ctypes.get_errno()
+            if err != EHWPOISON:
+                raise OSError(err, f"populating {self.describe()} at offset {_human(offset)}: "
+                              f"{os.strerror(err)}")
+            log.warning("region offset %d: the kernel reports poisoned memory there", offset)
+            self.poisoned_dpages.append(offset // self.dpage_size)
 
     def close(self) -> None:
         """Unlock, unmap and close the region and give back reserved huge pages; never raises."""

@@ -163,9 +163,20 @@ class Reporter:
         send_mce_notice(self.store.region.addr + offset)
         return {"sent": True, "region_offset": offset}
 
-    def kernel_error(self, offset: int) -> JSON:
-        """The kernel reported a memory error at region byte *offset*: mark its dpage bad."""
-        return self._marked(self.errors.mark(offset // self.store.dpage_size, "kernel"))
+    def kernel_error(self, offset: int, length: int) -> JSON:
+        """The kernel reported a memory error in region bytes ``[offset, offset+length)``
+        (a page, or a whole huge page): mark every dpage there bad, then rescan, because
+        SIGBUS does not queue and a second notice may have been merged into this one."""
+        dps = self.store.dpage_size
+        last = min(offset + max(length, 1), self.store.region.size) - 1
+        marked = [self._marked(self.errors.mark(d, "kernel"))
+                  for d in range(offset // dps, last // dps + 1)]
+        try:
+            rescan = self.scan()
+        except Exception as exc:  # the notice itself is handled; the rescan is extra
+            log.warning("rescan after a memory-error notice failed: %s", exc)
+            rescan = {"bad": []}
+        return {"marked": marked, "rescan": rescan["bad"]}
 
     def scan(self) -> JSON:
         """Look for HWPOISON frames under the region and mark their dpages bad."""
@@ -175,9 +186,10 @@ class Reporter:
         return {"frames_checked": frames, "bad": marked}
 
     def _marked(self, result: Poisoned) -> JSON:
-        self.frontend.commit()
+        # Invalidate first: the page cache must go even if the journal write fails.
         if result.owner is not None and result.newly:
             self.frontend.invalidate_later(result.owner)
+        self.frontend.commit()
         return asdict(result)
 
     def map(self) -> JSON:

@@ -82,9 +82,8 @@ class FileStore:
         if end <= off:
             return file_size, 0
         dps = self.dpage_size
-        if self.pools.bad_dpages:
-            self._replace_bad(extents, off, end, node, policy)
-        self._allocate(extents, off // dps, -(-end // dps), node, policy)
+        replace = self._bad_to_replace(extents, off, end) if self.pools.bad_dpages else []
+        self._allocate(extents, off // dps, -(-end // dps), node, policy, replace=replace)
         view = self.region.view
         source = memoryview(data)  # slicing a view copies nothing
         pos = 0
@@ -115,7 +114,8 @@ class FileStore:
         self.free(released)
         if new_size % dps:
             last = next(extents.pieces(new_size // dps, new_size // dps + 1))
-            if last.region is not None:
+            # Never write into a bad dpage: on real poison that is a SIGBUS.
+            if last.region is not None and not self.pools.bad_in(last.region, 1):
                 start = last.region * dps + new_size % dps
                 self.region.array[start : (last.region + 1) * dps] = 0
 
@@ -129,16 +129,13 @@ class FileStore:
             self.dirty[ext.start : ext.end] = True
         self.pools.free(released)
 
-    def _replace_bad(self, extents: FileExtents, off: int, end: int, node: int,
-                     policy: Policy) -> None:
-        """Move file dpages on bad dpages that ``[off, end)`` covers whole to good ones.
+    def _bad_to_replace(self, extents: FileExtents, off: int, end: int) -> list[int]:
+        """File dpages on bad dpages that ``[off, end)`` covers whole (to move to good ones).
 
         EIO, with nothing changed, if the range covers a bad dpage only in part.
-        A fresh dpage is taken before the bad one is let go, so ENOSPC also
-        leaves the file as it was.
         """
         dps = self.dpage_size
-        bad_file_dpages: list[int] = []
+        found: list[int] = []
         for piece in extents.pieces(off // dps, -(-end // dps)):
             if piece.region is None:
                 continue
@@ -147,26 +144,14 @@ class FileStore:
                 if off > file_dpage * dps or end < (file_dpage + 1) * dps:
                     raise fs_error(errno.EIO, f"write of bytes [{off}, {end}) covers only part "
                                    f"of file dpage {file_dpage}, which has a memory error")
-                bad_file_dpages.append(file_dpage)
-        if not bad_file_dpages:
-            return
-        fresh: list[tuple[int, Extent]] = []
-        try:
-            for file_dpage in bad_file_dpages:
-                fresh.extend(self.pools.allocate(1, policy=policy, node=node,
-                                                 file_dpage=file_dpage))
-        except BaseException:
-            self.pools.free([ext for _, ext in fresh])
-            raise
-        self._zero_dirty([ext for _, ext in fresh])
-        for file_dpage, ext in fresh:
-            self.free(extents.punch(file_dpage, 1))  # the bad dpage stays out of the free runs
-            extents.insert(file_dpage, [ext])
-        log.info("moved %d file dpage(s) off bad memory", len(fresh))
+                found.append(file_dpage)
+        return found
 
     def _allocate(self, extents: FileExtents, first: int, end: int, node: int,
-                  policy: Policy) -> None:
-        holes = extents.holes(first, end)
+                  policy: Policy, *, replace: list[int] | None = None) -> None:
+        """Map every hole in ``[first, end)``, and move the file dpages in *replace* (on bad
+        dpages) to fresh ones: all of it or, on ENOSPC, nothing."""
+        holes = extents.holes(first, end) + [(f, 1) for f in replace or ()]
         if not holes:
             return
         # Take everything first, map it only once all of it is there.
@@ -180,8 +165,12 @@ class FileStore:
             self.pools.free([ext for _, ext in done])
             raise
         self._zero_dirty([ext for _, ext in done])
+        for file_dpage in replace or ():
+            self.free(extents.punch(file_dpage, 1))  # the bad dpage stays out of the free runs
         for file_dpage, ext in done:
             extents.insert(file_dpage, [ext])
+        if replace:
+            log.info("moved %d file dpage(s) off bad memory", len(replace))
 
     def _zero_dirty(self, got: list[Extent]) -> None:
         dps = self.dpage_size

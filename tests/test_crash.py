@@ -162,8 +162,11 @@ class Writer:
                 os.unlink(self.root / path)
         elif choice < 0.71:
             path = rng.choice(files + sorted(m.links))
-            new = self._new_name()
+            # Half the time onto an existing file: the old one is replaced (and freed).
+            over = [f for f in files if f != path and m.files[f] is not m.files.get(path)]
+            new = rng.choice(over) if over and rng.random() < 0.5 else self._new_name()
             kind = "rename"
+            after.files.pop(new, None)
             if path in after.files:
                 after.files[new] = after.files.pop(path)
             else:
@@ -412,6 +415,11 @@ def test_damaged_metadata_is_refused_until_start_empty(tmp_path: Path, region: P
                                                 f"meta={meta}"),
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2 and "holds only" in result.stderr
+    # pool sizes that follow free memory cannot describe a persistent region
+    result = subprocess.run(daemon_command(mnt, f"size=!1G,pagesize=4K,region={region},"
+                                                f"meta={meta}"),
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2 and "needs size=SIZE or nodes=" in result.stderr
 
 
 def test_two_daemons_on_one_region_are_refused(tmp_path: Path, region: Path) -> None:

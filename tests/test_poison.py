@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import select
 import signal
 import socket
 import struct
@@ -34,7 +35,9 @@ from dmemfs_fuse.poison import (
     KPF_HWPOISON,
     PAGE_SIZE,
     hwpoisoned_dpages,
+    open_sigbus_fd,
     parse_sigbus,
+    send_mce_notice,
 )
 from dmemfs_fuse.pool import Pool
 from dmemfs_fuse.region import Region, RegionPlan
@@ -118,8 +121,16 @@ def test_scan_finds_hwpoison_frames(tmp_path: Path) -> None:
     pfns = [1000 + i if i < 32 else 90_000 + 3 * i for i in range(pages)]
     pagemap = bytearray()
     for i, pfn in enumerate(pfns):
-        pagemap += struct.pack("<Q", 0 if i == 20 else (1 << 63) | pfn)  # page 20: not present
+        if i == 20:
+            entry = 0  # not present, not swapped: nothing to check
+        elif i == 37:
+            # memory_failure() unmapped it: a hwpoison swap entry, type | pfn << 5
+            entry = (1 << 62) | (pfn << 5) | 23
+        else:
+            entry = (1 << 63) | pfn
+        pagemap += struct.pack("<Q", entry)
     flags = {pfns[9]: 1 << KPF_HWPOISON, pfns[20]: 1 << KPF_HWPOISON,
+             pfns[37]: 1 << KPF_HWPOISON,
              pfns[50]: (1 << KPF_HWPOISON) | 1, pfns[51]: 1 << 5}
     kpf = bytearray(8 * (max(pfns) + 1))
     for pfn, value in flags.items():
@@ -128,7 +139,13 @@ def test_scan_finds_hwpoison_frames(tmp_path: Path) -> None:
     (tmp_path / "kpageflags").write_bytes(bytes(kpf))
     bad, checked = hwpoisoned_dpages(0, pages * PAGE_SIZE, dpage, str(tmp_path / "pagemap"),
                                      str(tmp_path / "kpageflags"))
-    assert bad == [9 // 4, 50 // 4] and checked == pages - 1
+    assert bad == [9 // 4, 37 // 4, 50 // 4] and checked == pages - 1
+    # frames past the end of kpageflags (device memory beyond max_pfn) read as no flags
+    short = bytes(kpf[: 8 * 90_120])  # ends between pfns[37] and pfns[50]
+    (tmp_path / "kpageflags").write_bytes(short)
+    bad, _ = hwpoisoned_dpages(0, pages * PAGE_SIZE, dpage, str(tmp_path / "pagemap"),
+                               str(tmp_path / "kpageflags"))
+    assert bad == [9 // 4, 37 // 4]
 
 
 def test_scan_of_a_real_mapping_reads_real_frames() -> None:
@@ -142,11 +159,47 @@ def test_scan_of_a_real_mapping_reads_real_frames() -> None:
     assert numa.online_nodes()
 
 
-def test_signalfd_siginfo_layout() -> None:
-    data = bytearray(128)
-    struct.pack_into("<Iii", data, 0, signal.SIGBUS, 0, BUS_MCEERR_AO)
-    struct.pack_into("<Q", data, 72, 0x7F00_1234_5000)
-    assert parse_sigbus(bytes(data)) == (BUS_MCEERR_AO, 0x7F00_1234_5000)
+def test_a_notice_in_the_kernels_format_comes_through_a_signalfd() -> None:
+    """send_mce_notice queues the siginfo the kernel's memory-failure code sends; the
+    signalfd must hand back its code, address and granularity."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGBUS})
+    fd = open_sigbus_fd()
+    try:
+        send_mce_notice(0x7F00_1234_5000)
+        readable, _, _ = select.select([fd], [], [], 10)
+        assert readable, "no SIGBUS arrived on the signalfd"
+        assert parse_sigbus(os.read(fd, 128)) == (BUS_MCEERR_AO, 0x7F00_1234_5000,
+                                                  PAGE_SIZE.bit_length() - 1)
+    finally:
+        os.close(fd)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def test_write_over_a_bad_dpage_and_a_hole_is_all_or_nothing(store: FileStore) -> None:
+    """The move off a bad dpage and the allocation of a hole are one step: when the
+    pools cannot give both, the bad dpage stays where it was (EIO, not zeros)."""
+    fx = FileExtents()
+    size, _ = store.write(fx, 0, 0, b"a" * DPS)  # file dpage 0
+    store.write(FileExtents(), 0, 0, b"f" * (30 * DPS))  # another file leaves one free dpage
+    store.pools.mark_bad(fx.runs()[0][1])
+    assert store.pools.free_dpages == 1
+    with pytest.raises(OSError) as info:  # dpage 0 (bad) and dpage 1 (a hole): two wanted
+        store.write(fx, size, 0, b"b" * (2 * DPS))
+    assert info.value.errno == errno.ENOSPC
+    with pytest.raises(OSError) as info:
+        store.read(fx, size, 0, DPS)
+    assert info.value.errno == errno.EIO
+    assert store.pools.free_dpages == 1
+
+
+def test_a_shrink_never_writes_into_a_bad_dpage(store: FileStore) -> None:
+    fx = FileExtents()
+    size, _ = store.write(fx, 0, 0, b"a" * (2 * DPS))
+    bad = fx.runs()[0][1] + 1
+    store.pools.mark_bad(bad)
+    store.region.array[bad * DPS : (bad + 1) * DPS] = 7  # stands for memory we must not touch
+    store.resize(fx, size, DPS + 10)
+    assert (store.region.array[bad * DPS : (bad + 1) * DPS] == 7).all()
 
 
 # -- end to end, through dmemctl ---------------------------------------------------------
