@@ -237,7 +237,7 @@ def install(state: Recovered, table: InodeTable, pools: PoolSet, store: FileStor
     try:
         orphans = _check_namespace(inodes)
         _check_sizes(inodes, store.dpage_size)
-        pools.claim(_allocated(inodes, set()))
+        store.claim(_allocated(inodes, set()))
         for dpage in sorted(state.bad):
             pools.mark_bad(dpage)
     except AllocatorError as exc:

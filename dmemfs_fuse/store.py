@@ -1,10 +1,12 @@
 """File contents: reads, writes and size changes of files whose bytes live in the region.
 
-The store owns the zeroing rule.  A freed dpage is marked dirty and is zeroed
-when it is handed out again, so no file ever sees another file's old bytes,
-and fresh memory (zero from the kernel) costs nothing to allocate.  Bytes past
-EOF inside a file's last dpage are kept zero, so growing a file needs no work
-on the dpage it already has.
+The store owns the zeroing rule: no file ever sees another file's old bytes.
+A freed dpage is marked dirty (zeroing.py keeps the dirty runs).  A
+background task zeroes dirty dpages while the daemon is idle, and an
+allocation that still gets a dirty dpage zeroes it before handing it out, so
+fresh memory (zero from the kernel) and memory the zeroer has caught up with
+cost nothing to allocate.  Bytes past EOF inside a file's last dpage are kept
+zero, so growing a file needs no work on the dpage it already has.
 
 Bad dpages (memory errors, poison.py) stay with the file that owns them:
 reads that touch one answer EIO; a write that covers a bad dpage whole moves
@@ -17,14 +19,13 @@ from __future__ import annotations
 import errno
 import logging
 
-import numpy as np
-
 from .errors import fs_error
 from .extents import FileExtents
 from .policy import LOCAL, Policy
 from .pool import Extent
 from .poolset import PoolSet
 from .region import Region
+from .zeroing import DEFAULT_CHUNK_BYTES, DirtyRuns, Zeroer
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +33,18 @@ log = logging.getLogger(__name__)
 class FileStore:
     """Reads and writes file bytes in *region*, taking and returning dpages through *pools*."""
 
-    def __init__(self, region: Region, pools: PoolSet) -> None:
+    def __init__(self, region: Region, pools: PoolSet, *,
+                 zero_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
         self.region = region
         self.pools = pools
         self.dpage_size = region.dpage_size
         self.max_file_size = region.size
-        # One flag per region dpage: True = may hold old bytes, zero before reuse.
-        self.dirty = np.full(region.size // region.dpage_size, not region.fresh, dtype=np.bool_)
+        # Region dpages that may hold old bytes: zeroed before a file gets them.
+        self.dirty = DirtyRuns()
+        if not region.fresh:  # a reused file or device: anything may be in it
+            self.dirty.add(0, region.size // region.dpage_size)
+        self.zeroer = Zeroer(self.dirty, self.dpage_size, lambda: self.region.array,
+                             pools.bad_in, zero_chunk_bytes)
 
     def read(self, extents: FileExtents, file_size: int, off: int,
              length: int) -> memoryview | bytes:
@@ -125,9 +131,20 @@ class FileStore:
 
     def free(self, released: list[Extent]) -> None:
         """Return *released* to the pools, marking them dirty."""
-        for ext in released:
-            self.dirty[ext.start : ext.end] = True
-        self.pools.free(released)
+        # Marked dirty only once a pool took them back: a refused free (a bug)
+        # must not mark another file's dpages.
+        self.pools.free(released, freed=self.dirty.add)
+        if released:
+            self.zeroer.notify()
+
+    def claim(self, extents: list[Extent]) -> None:
+        """Take exactly *extents* for files recovered from the metadata log (PoolSet.claim).
+
+        They hold those files' bytes, so they are no longer dirty.
+        """
+        self.pools.claim(extents)
+        for ext in extents:
+            self.dirty.take(ext.start, ext.length)
 
     def _replace_bad(self, extents: FileExtents, off: int, end: int, node: int,
                      policy: Policy) -> None:
@@ -184,14 +201,8 @@ class FileStore:
             extents.insert(file_dpage, [ext])
 
     def _zero_dirty(self, got: list[Extent]) -> None:
-        dps = self.dpage_size
-        array = self.region.array
+        """Zero the dpages of *got* the background zeroer has not reached yet."""
+        if not self.dirty:
+            return
         for ext in got:
-            flags = self.dirty[ext.start : ext.end]
-            if not flags.any():
-                continue
-            padded = np.concatenate(([False], flags, [False])).astype(np.int8)
-            edges = np.flatnonzero(np.diff(padded))
-            for lo, hi in zip(edges[0::2], edges[1::2], strict=True):
-                array[(ext.start + lo) * dps : (ext.start + hi) * dps] = 0
-            flags[:] = False
+            self.zeroer.zero(self.dirty.take(ext.start, ext.length))

@@ -1,0 +1,279 @@
+"""Dirty dpages and the background zeroer.
+
+A dpage is *dirty* when it may hold bytes a file left behind.  The store's
+rule (store.py) is that no file ever sees another file's old bytes, so a
+dirty dpage is zeroed before a file can see it.  Which dpages are dirty is
+kept as merged runs (:class:`DirtyRuns`), not one flag per dpage: frees
+come as extents, and after a restart on a reused region every free dpage is
+dirty, which is one run.
+
+The :class:`Zeroer` zeroes dirty runs in the background, one bounded chunk at
+a time, so that most allocations find their dpages already zero.
+
+Who may be in the dirty set (the invariant everything here relies on):
+
+* a free dpage, or
+* a dpage allocated to a file that has neither read nor written it since
+  (only when the store defers zeroing, see store.py): its contents are
+  zeros as far as the file is concerned, whatever the memory holds.
+
+Every path that reads or writes a file's bytes first takes the dpages it
+touches out of the set (zeroing those it does not overwrite whole), and an
+allocation that zeroes eagerly takes its dpages out too.  So zeroing any
+dpage that is still in the set is harmless: no file has bytes in it.
+
+The race with requests: the daemon serves requests and runs the zeroer on
+one trio thread, and neither the store nor :meth:`Zeroer.step` awaits.  A
+step therefore runs whole between two requests.  It takes its dpages out of
+the set and zeroes them in that same step, and a request cannot come in
+between.  A dpage larger than the chunk (1G dpages) is zeroed over several
+steps.  It stays in the set until its last part is done, and each step first
+checks that it is still there.  If a request took it out meanwhile (zeroed
+it in full, or wrote into it), the zeroer drops it and does not touch it
+again.  Bad dpages (memory errors) are never written: they are dropped from
+the set untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import trio
+from sortedcontainers import SortedDict
+
+from .pool import Extent
+
+log = logging.getLogger(__name__)
+
+# Bytes zeroed per step: about 1 ms of memset here, so a request waits at
+# most that long for the zeroer.
+DEFAULT_CHUNK_BYTES = 32 << 20
+
+
+class DirtyRuns:
+    """A set of dpages kept as maximal runs ``start -> length`` in a SortedDict.
+
+    Adding and taking a range cost O(log runs + runs it touches); nothing is
+    per dpage.  ``dpages`` is the number of dpages in the set.
+    """
+
+    def __init__(self) -> None:
+        self._runs: SortedDict = SortedDict()
+        self.dpages = 0
+
+    def __bool__(self) -> bool:
+        return bool(self._runs)
+
+    def __len__(self) -> int:
+        """Number of runs."""
+        return len(self._runs)
+
+    def __iter__(self) -> Iterator[Extent]:
+        return (Extent(s, n) for s, n in self._runs.items())
+
+    def __contains__(self, dpage: object) -> bool:
+        if not isinstance(dpage, int):
+            return False
+        pos = self._runs.bisect_right(dpage) - 1
+        if pos < 0:
+            return False
+        start, length = self._runs.peekitem(pos)
+        return bool(dpage < start + length)
+
+    def add(self, start: int, count: int) -> None:
+        """Put dpages ``[start, start+count)`` in the set (some may be there already)."""
+        if count <= 0:
+            return
+        end = start + count
+        pos = self._runs.bisect_right(start) - 1
+        if pos >= 0:
+            left_start, left_len = self._runs.peekitem(pos)
+            if left_start + left_len >= start:  # overlaps or touches: grow it
+                start = left_start
+                end = max(end, left_start + left_len)
+                del self._runs[left_start]
+                self.dpages -= left_len
+        for key in list(self._runs.irange(minimum=start, maximum=end)):
+            length = self._runs.pop(key)
+            end = max(end, key + length)
+            self.dpages -= length
+        self._runs[start] = end - start
+        self.dpages += end - start
+
+    def take(self, start: int, count: int) -> list[Extent]:
+        """Remove dpages ``[start, start+count)`` from the set; return those that were in it."""
+        if count <= 0 or not self._runs:
+            return []
+        end = start + count
+        out: list[Extent] = []
+        keys = list(self._runs.irange(minimum=start, maximum=end - 1))
+        pos = self._runs.bisect_left(start) - 1
+        if pos >= 0:  # a run that starts before the range may reach into it
+            keys.insert(0, self._runs.peekitem(pos)[0])
+        for key in keys:
+            length = self._runs[key]
+            run_end = key + length
+            if run_end <= start:
+                continue
+            del self._runs[key]
+            self.dpages -= length
+            if key < start:
+                self._put(key, start - key)
+            if run_end > end:
+                self._put(end, run_end - end)
+            lo, hi = max(key, start), min(run_end, end)
+            out.append(Extent(lo, hi - lo))
+        return out
+
+    def overlaps(self, start: int, count: int) -> bool:
+        """Whether any dpage of ``[start, start+count)`` is in the set."""
+        if count <= 0 or not self._runs:
+            return False
+        pos = self._runs.bisect_left(start + count) - 1
+        if pos < 0:
+            return False
+        key, length = self._runs.peekitem(pos)
+        return bool(key + length > start)
+
+    def first(self) -> Extent | None:
+        """The lowest run, or None when the set is empty."""
+        if not self._runs:
+            return None
+        start, length = self._runs.peekitem(0)
+        return Extent(start, length)
+
+    def clear(self) -> None:
+        """Forget every dirty dpage."""
+        self._runs.clear()
+        self.dpages = 0
+
+    def _put(self, start: int, length: int) -> None:
+        self._runs[start] = length
+        self.dpages += length
+
+
+class Zeroer:
+    """Zeroes the dirty dpages of *array* (the region's bytes) in bounded steps.
+
+    *bad_in(start, count)* names the bad dpages of a range: those are dropped
+    from the set and never written.  *array* is called for the region's bytes
+    only when there is something to zero (the region may be set up later).
+    """
+
+    def __init__(self, dirty: DirtyRuns, dpage_size: int, array: Callable[[], np.ndarray],
+                 bad_in: Callable[[int, int], list[int]],
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+        if chunk_bytes <= 0:
+            raise ValueError(f"zeroing chunk of {chunk_bytes} bytes")
+        self.dirty = dirty
+        self.dpage_size = dpage_size
+        self.array = array
+        self.bad_in = bad_in
+        self.chunk_bytes = chunk_bytes
+        # Counters for status: dpages zeroed by the background task, and by
+        # requests that found their dpages still dirty (in dpages).
+        self.background_dpages = 0
+        self.foreground_dpages = 0
+        self.steps = 0
+        # A dpage larger than a chunk, partly zeroed: (dpage, bytes done).  It
+        # stays dirty until done, so anyone else who needs it zeroes it whole.
+        self._partial: tuple[int, int] | None = None
+        self._wake = trio.Event()
+
+    def notify(self) -> None:
+        """Dpages were added to the set: wake the background task if it sleeps."""
+        self._wake.set()
+
+    def zero(self, extents: Iterable[Extent]) -> int:
+        """Zero *extents* now (a request needs them), skipping bad dpages; return dpages zeroed.
+
+        The caller has taken them out of the set already.
+        """
+        done = 0
+        for ext in extents:
+            done += self._zero_good(ext)
+        self.foreground_dpages += done
+        return done
+
+    def step(self) -> int:
+        """Zero at most one chunk of dirty dpages; return the bytes it dealt with (zeroed, or
+        dropped because bad), 0 when there is nothing left to do.
+
+        Synchronous: it checks the set, takes its dpages out and zeroes them
+        with no await in between (see the module's note on the race).
+        """
+        dps = self.dpage_size
+        if self._partial is not None and self._partial[0] not in self.dirty:
+            self._partial = None  # a request zeroed it whole or wrote into it: hands off
+        if self._partial is None:
+            run = self.dirty.first()
+            if run is None:
+                return 0
+            self.steps += 1
+            whole = self.chunk_bytes // dps
+            if whole:
+                taken = self.dirty.take(run.start, min(run.length, whole))
+                self.background_dpages += sum(self._zero_good(ext) for ext in taken)
+                return sum(ext.length for ext in taken) * dps
+            self._partial = (run.start, 0)  # dpages larger than a chunk: one in parts
+        return self._continue_partial()
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Run the background task in *nursery* until it is cancelled."""
+        nursery.start_soon(self.run)
+
+    async def run(self) -> None:
+        """Zero dirty dpages a chunk at a time, letting requests run between chunks."""
+        while True:
+            if not self.dirty:
+                # No checkpoint between this test and the wait: a notify()
+                # cannot be missed.
+                self._wake = trio.Event()
+                await self._wake.wait()
+                log.debug("zeroing %d dirty dpages in the background", self.dirty.dpages)
+                continue
+            self.step()
+            await trio.sleep(0)
+
+    def statistics(self) -> dict[str, Any]:
+        """The backlog and the counters, JSON-ready."""
+        return {"dirty_dpages": self.dirty.dpages, "dirty_runs": len(self.dirty),
+                "background_zeroed_dpages": self.background_dpages,
+                "foreground_zeroed_dpages": self.foreground_dpages}
+
+    def _continue_partial(self) -> int:
+        """Zero the next chunk of the partly zeroed dpage, which is still dirty."""
+        assert self._partial is not None
+        dpage, done = self._partial
+        dps = self.dpage_size
+        if self.bad_in(dpage, 1):
+            self.dirty.take(dpage, 1)
+            self._partial = None
+            return dps
+        length = min(self.chunk_bytes, dps - done)
+        base = dpage * dps + done
+        self.array()[base : base + length] = 0
+        done += length
+        if done == dps:
+            self.dirty.take(dpage, 1)
+            self._partial = None
+            self.background_dpages += 1
+        else:
+            self._partial = (dpage, done)
+        return length
+
+    def _zero_good(self, ext: Extent) -> int:
+        """Zero the dpages of *ext* that are not bad; return how many."""
+        dps = self.dpage_size
+        array = self.array()
+        start, end = ext.start, ext.end
+        zeroed = 0
+        for bad in [*self.bad_in(start, ext.length), end]:
+            if bad > start:
+                array[start * dps : bad * dps] = 0
+                zeroed += bad - start
+            start = bad + 1
+        return zeroed
