@@ -30,8 +30,10 @@ whenever a step starts.  A step takes its dpages out of the set and zeroes
 them in one go, and no request can come in between.  A dpage larger than
 the chunk (1G dpages) is zeroed over several steps.  It stays in the set
 until its last part is done, and each step first checks that it is still
-there.  If a request took it out meanwhile (zeroed it in full, or wrote into
-it), the zeroer drops it and does not touch it again.  Bad dpages (memory
+there: not merely in the set, but never taken out since the last step (it
+may have been handed out, written and freed again, dirty anew with a file's
+bytes in the part already done).  If a request took it out meanwhile, the
+zeroer lets go of it and, should it be dirty again, starts it over.  Bad dpages (memory
 errors) are never written: they are dropped from the set untouched.
 """
 
@@ -65,6 +67,10 @@ class DirtyRuns:
     def __init__(self) -> None:
         self._runs: SortedDict = SortedDict()
         self.dpages = 0
+        # One dpage whose leaving the set must be noticed even if it comes back
+        # (the zeroer's partly zeroed one): see watch().
+        self._watched: int | None = None
+        self.watched_left = False
 
     def __bool__(self) -> bool:
         return bool(self._runs)
@@ -128,7 +134,16 @@ class DirtyRuns:
                 self._put(end, run_end - end)
             lo, hi = max(key, start), min(run_end, end)
             out.append(Extent(lo, hi - lo))
+            if self._watched is not None and lo <= self._watched < hi:
+                self.watched_left = True
         return out
+
+    def watch(self, dpage: int | None) -> None:
+        """Note in ``watched_left`` whether *dpage* is ever taken out from now on (None:
+        stop watching).  Being in the set again later does not undo that: it may have
+        been handed out, written and freed in between."""
+        self._watched = dpage
+        self.watched_left = False
 
     def overlaps(self, start: int, count: int) -> bool:
         """Whether any dpage of ``[start, start+count)`` is in the set."""
@@ -151,6 +166,8 @@ class DirtyRuns:
         """Forget every dirty dpage."""
         self._runs.clear()
         self.dpages = 0
+        if self._watched is not None:
+            self.watched_left = True
 
     def _put(self, start: int, length: int) -> None:
         self._runs[start] = length
@@ -208,8 +225,12 @@ class Zeroer:
         with no await in between (see the module's note on the race).
         """
         dps = self.dpage_size
-        if self._partial is not None and self._partial[0] not in self.dirty:
-            self._partial = None  # a request zeroed it whole or wrote into it: hands off
+        if self._partial is not None and self.dirty.watched_left:
+            # A request took it out since the last step: it zeroed it whole, or wrote
+            # into it (and maybe freed it again, dirty anew with bytes in the part
+            # already done).  Hands off; if it is dirty again it is zeroed from the start.
+            self._partial = None
+            self.dirty.watch(None)
         if self._partial is None:
             run = self.dirty.first()
             if run is None:
@@ -221,6 +242,7 @@ class Zeroer:
                 self.background_dpages += sum(self._zero_good(ext) for ext in taken)
                 return sum(ext.length for ext in taken) * dps
             self._partial = (run.start, 0)  # dpages larger than a chunk: one in parts
+            self.dirty.watch(run.start)
         return self._continue_partial()
 
     def start(self, nursery: trio.Nursery) -> None:
@@ -257,20 +279,25 @@ class Zeroer:
         dpage, done = self._partial
         dps = self.dpage_size
         if self.bad_in(dpage, 1):
-            self.dirty.take(dpage, 1)
-            self._partial = None
+            self._finish_partial()
             return dps
         length = min(self.chunk_bytes, dps - done)
         base = dpage * dps + done
         self.array()[base : base + length] = 0
         done += length
         if done == dps:
-            self.dirty.take(dpage, 1)
-            self._partial = None
+            self._finish_partial()
             self.background_dpages += 1
         else:
             self._partial = (dpage, done)
         return length
+
+    def _finish_partial(self) -> None:
+        """The partly zeroed dpage is done (or bad): out of the set, no longer watched."""
+        assert self._partial is not None
+        self.dirty.watch(None)
+        self.dirty.take(self._partial[0], 1)
+        self._partial = None
 
     def _zero_good(self, ext: Extent) -> int:
         """Zero the dpages of *ext* that are not bad; return how many."""

@@ -174,6 +174,23 @@ def test_a_dpage_larger_than_the_chunk_is_zeroed_in_parts_and_let_go_if_taken() 
     assert bytes(store.read(owner, 8 * dps, 100, 4)) == b"mine"
 
 
+def test_a_partly_zeroed_dpage_that_came_back_dirty_is_started_over() -> None:
+    """Taken by a file, written, freed again while the zeroer was part-way: the part
+    already done now holds that file's bytes, so the zeroer must not just finish the rest."""
+    dps = 64 * 1024
+    store = make_store(4, dps, chunk=16 * 1024)
+    old = FileExtents()
+    store.write(old, 0, 0, b"\xff" * (4 * dps))
+    store.release(old)
+    assert store.zeroer.step() == 16 * 1024  # the first quarter of dpage 0
+    fx = FileExtents()
+    store.write(fx, 0, 0, b"\x02")  # dpage 0 (best fit: the lowest of one run)
+    assert fx.runs() == [(0, 0, 1)]
+    store.release(fx)  # dirty again, with b"\x02" in the quarter already done
+    drain(store.zeroer)
+    assert dpage_bytes(store, 0) == bytes(dps)
+
+
 def test_large_dpages_drain_in_parts() -> None:
     dps = 64 * 1024
     store = make_store(4, dps, chunk=16 * 1024)
