@@ -124,7 +124,9 @@ def _run(config: DaemonConfig, plan: RegionPlan, pools: PoolSet,
     journal: Journal | None = None
     try:  # from here on, every exit path releases the region
         opts = config.options
-        store = FileStore(region, pools)
+        # A persistent region outlives a kill: its allocations must be zero at once
+        # (store.py says why).
+        store = FileStore(region, pools, defer_zeroing=meta is None)
         inodes = InodeTable(opts.nr_inodes, opts.mode, opts.uid, opts.gid,
                             release_data=store.release,
                             parse_policy=lambda text: parse_policy(text, pools.ids),

@@ -2,11 +2,25 @@
 
 The store owns the zeroing rule: no file ever sees another file's old bytes.
 A freed dpage is marked dirty (zeroing.py keeps the dirty runs).  A
-background task zeroes dirty dpages while the daemon is idle, and an
-allocation that still gets a dirty dpage zeroes it before handing it out, so
-fresh memory (zero from the kernel) and memory the zeroer has caught up with
-cost nothing to allocate.  Bytes past EOF inside a file's last dpage are kept
-zero, so growing a file needs no work on the dpage it already has.
+background task zeroes dirty dpages while the daemon is idle, so fresh
+memory (zero from the kernel) and memory the zeroer has caught up with cost
+nothing to allocate.  An allocation that still gets dirty dpages either:
+
+* zeroes them before handing them out (eager), or
+* with ``defer_zeroing``, leaves them dirty: they now belong to a file that
+  has not touched them, so they read as zeros to it whatever the memory
+  holds.  The first read or write of such a dpage zeroes it first (a write
+  that covers it whole just takes it out of the set), and the background
+  zeroer may zero it before that.  A truncate then costs the same whether
+  its dpages were used before or not.
+
+Deferring is only for regions that do not outlive the daemon (no metadata
+log): after a kill, a persistent mount's recovery would take a dpage that
+was allocated but not yet zeroed for the file's data.  So persistent
+mounts zero eagerly.
+
+Bytes past EOF inside a file's last dpage are kept zero, so growing a file
+needs no work on the dpage it already has.
 
 Bad dpages (memory errors, poison.py) stay with the file that owns them:
 reads that touch one answer EIO; a write that covers a bad dpage whole moves
@@ -33,12 +47,13 @@ log = logging.getLogger(__name__)
 class FileStore:
     """Reads and writes file bytes in *region*, taking and returning dpages through *pools*."""
 
-    def __init__(self, region: Region, pools: PoolSet, *,
+    def __init__(self, region: Region, pools: PoolSet, *, defer_zeroing: bool = False,
                  zero_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
         self.region = region
         self.pools = pools
         self.dpage_size = region.dpage_size
         self.max_file_size = region.size
+        self.defer_zeroing = defer_zeroing
         # Region dpages that may hold old bytes: zeroed before a file gets them.
         self.dirty = DirtyRuns()
         if not region.fresh:  # a reused file or device: anything may be in it
@@ -59,6 +74,10 @@ class FileStore:
                 if piece.region is not None and self.pools.bad_in(piece.region, piece.length):
                     raise fs_error(errno.EIO, f"read of bytes [{off}, {end}): a memory error in "
                                    "this range")
+        if self.dirty:  # only allocated dpages this file never touched (deferred zeroing)
+            for piece in pieces:
+                if piece.region is not None:
+                    self._zero_now(piece.region, piece.length)
         view = self.region.view
         if len(pieces) == 1 and pieces[0].region is not None:
             base = pieces[0].region * dps + (off - pieces[0].file_dpage * dps)
@@ -91,6 +110,8 @@ class FileStore:
         if self.pools.bad_dpages:
             self._replace_bad(extents, off, end, node, policy)
         self._allocate(extents, off // dps, -(-end // dps), node, policy)
+        if self.dirty:
+            self._settle_for_write(extents, off, end)
         view = self.region.view
         source = memoryview(data)  # slicing a view copies nothing
         pos = 0
@@ -121,7 +142,9 @@ class FileStore:
         self.free(released)
         if new_size % dps:
             last = next(extents.pieces(new_size // dps, new_size // dps + 1))
-            if last.region is not None:
+            # A dpage still dirty was never touched by this file: all of it reads as
+            # zeros already, and whoever touches it first zeroes it whole.
+            if last.region is not None and not self.dirty.overlaps(last.region, 1):
                 start = last.region * dps + new_size % dps
                 self.region.array[start : (last.region + 1) * dps] = 0
 
@@ -175,7 +198,7 @@ class FileStore:
         except BaseException:
             self.pools.free([ext for _, ext in fresh])
             raise
-        self._zero_dirty([ext for _, ext in fresh])
+        self._allocated([ext for _, ext in fresh])
         for file_dpage, ext in fresh:
             self.free(extents.punch(file_dpage, 1))  # the bad dpage stays out of the free runs
             extents.insert(file_dpage, [ext])
@@ -196,13 +219,34 @@ class FileStore:
         except BaseException:
             self.pools.free([ext for _, ext in done])
             raise
-        self._zero_dirty([ext for _, ext in done])
+        self._allocated([ext for _, ext in done])
         for file_dpage, ext in done:
             extents.insert(file_dpage, [ext])
 
-    def _zero_dirty(self, got: list[Extent]) -> None:
-        """Zero the dpages of *got* the background zeroer has not reached yet."""
-        if not self.dirty:
+    def _allocated(self, got: list[Extent]) -> None:
+        """New dpages for a file: zero those the background zeroer has not reached yet,
+        unless zeroing is deferred to the file's first touch."""
+        if self.defer_zeroing or not self.dirty:
             return
         for ext in got:
-            self.zeroer.zero(self.dirty.take(ext.start, ext.length))
+            self._zero_now(ext.start, ext.length)
+
+    def _zero_now(self, start: int, count: int) -> None:
+        """Zero the dirty dpages of ``[start, start+count)`` and take them out of the set."""
+        self.zeroer.zero(self.dirty.take(start, count))
+
+    def _settle_for_write(self, extents: FileExtents, off: int, end: int) -> None:
+        """Before bytes ``[off, end)`` are written: take the file's dirty dpages there out of
+        the set, zeroing the ones the write covers only in part."""
+        dps = self.dpage_size
+        whole_lo, whole_hi = -(-off // dps), end // dps  # file dpages covered whole
+        for piece in extents.pieces(off // dps, -(-end // dps)):
+            assert piece.region is not None
+            for ext in self.dirty.take(piece.region, piece.length):
+                first = piece.file_dpage + ext.start - piece.region  # file dpage of ext.start
+                keep_lo = min(max(first, whole_lo), first + ext.length)
+                keep_hi = max(min(first + ext.length, whole_hi), keep_lo)
+                # [keep_lo, keep_hi) is overwritten whole: no need to zero it first.
+                parts = [Extent(ext.start, keep_lo - first),
+                         Extent(ext.start + keep_hi - first, first + ext.length - keep_hi)]
+                self.zeroer.zero(part for part in parts if part.length)

@@ -264,3 +264,137 @@ def test_background_task_yields_to_requests_and_drains_when_idle() -> None:
     assert not store.dirty and bytes(store.region.view) == bytes(64 * DPS)
     assert store.zeroer.steps == 64
     assert store.zeroer.background_dpages == 64 and store.zeroer.foreground_dpages == 0
+
+
+# -- deferred zeroing: dirty dpages handed to a file, zeroed at its first touch -------------
+
+def dirty_store(defer: bool = True, dpages: int = 16, dps: int = DPS, **kwargs: Any
+                ) -> FileStore:
+    """A store whose every dpage was used and freed, none of them zeroed yet."""
+    store = make_store(dpages, dps, defer_zeroing=defer, **kwargs)
+    old = FileExtents()
+    store.write(old, 0, 0, b"\xff" * (dpages * dps))
+    store.release(old)
+    assert store.dirty.dpages == dpages
+    return store
+
+
+def test_deferred_truncate_zeroes_nothing_and_reads_zeros() -> None:
+    store = dirty_store()
+    fx = FileExtents()
+    store.resize(fx, 0, 16 * DPS)
+    assert store.zeroer.foreground_dpages == 0 and store.dirty.dpages == 16
+    assert bytes(store.read(fx, 16 * DPS, DPS + 5, 2 * DPS)) == bytes(2 * DPS)
+    assert store.zeroer.foreground_dpages == 3  # the three dpages that read touched
+    assert store.dirty.dpages == 13
+
+
+def test_deferred_write_zeroes_only_partly_covered_dpages() -> None:
+    store = dirty_store()
+    fx = FileExtents()
+    store.resize(fx, 0, 16 * DPS)
+    store.write(fx, 16 * DPS, 2 * DPS, b"a" * (3 * DPS))  # three whole dpages: no zeroing
+    assert store.zeroer.foreground_dpages == 0 and store.dirty.dpages == 13
+    store.write(fx, 16 * DPS, 6 * DPS + 10, b"b" * (DPS + 20))  # two partial dpages
+    assert store.zeroer.foreground_dpages == 2 and store.dirty.dpages == 11
+    out = bytes(store.read(fx, 16 * DPS, 0, 16 * DPS))
+    want = bytearray(16 * DPS)
+    want[2 * DPS : 5 * DPS] = b"a" * (3 * DPS)
+    want[6 * DPS + 10 : 7 * DPS + 30] = b"b" * (DPS + 20)
+    assert out == bytes(want)
+
+
+def test_write_into_a_fresh_allocation_zeroes_the_rest_of_its_dpage() -> None:
+    store = dirty_store()
+    fx = FileExtents()
+    store.write(fx, 0, 100, b"xyz")  # allocates one dirty dpage
+    assert bytes(store.read(fx, DPS, 0, DPS)) == bytes(100) + b"xyz" + bytes(DPS - 103)
+
+
+def test_zeroer_may_zero_untouched_allocated_dpages_but_never_written_ones() -> None:
+    store = dirty_store(chunk=2 * DPS)
+    fx = FileExtents()
+    store.resize(fx, 0, 16 * DPS)
+    store.zeroer.step()  # two of the file's dpages, which it has not touched
+    store.write(fx, 16 * DPS, 5 * DPS, b"keep" * 100)
+    drain(store.zeroer)
+    assert not store.dirty and store.zeroer.background_dpages == 15
+    assert bytes(store.read(fx, 16 * DPS, 5 * DPS, 400)) == b"keep" * 100
+    assert bytes(store.read(fx, 16 * DPS, 0, 5 * DPS)) == bytes(5 * DPS)
+
+
+def test_deferred_large_dpage_taken_mid_zeroing_keeps_what_the_file_wrote() -> None:
+    dps = 64 * 1024
+    store = dirty_store(dpages=4, dps=dps, chunk=16 * 1024)
+    assert store.zeroer.step() == 16 * 1024  # a quarter of dpage 0
+    fx = FileExtents()
+    store.write(fx, 0, 100, b"mine")  # dpage 0: written in part, so zeroed whole first
+    assert 0 in [r for _, r, _ in fx.runs()]
+    drain(store.zeroer)
+    assert bytes(store.read(fx, 104, 0, 104)) == bytes(100) + b"mine"
+
+
+def test_deferred_shrink_leaves_an_untouched_last_dpage_alone() -> None:
+    store = dirty_store()
+    fx = FileExtents()
+    store.resize(fx, 0, 4 * DPS)
+    store.resize(fx, 4 * DPS, DPS + 10)  # the tail of dpage 1 need not be zeroed: it is dirty
+    assert store.zeroer.foreground_dpages == 0
+    store.resize(fx, DPS + 10, 3 * DPS)
+    assert bytes(store.read(fx, 3 * DPS, 0, 3 * DPS)) == bytes(3 * DPS)
+
+
+def test_eager_store_zeroes_at_allocation() -> None:
+    store = dirty_store(defer=False)
+    fx = FileExtents()
+    store.resize(fx, 0, 16 * DPS)
+    assert store.zeroer.foreground_dpages == 16 and not store.dirty
+    assert bytes(store.region.view) == bytes(16 * DPS)
+
+
+store_ops = st.lists(
+    st.tuples(st.sampled_from(["write", "resize", "read", "release", "step", "step"]),
+              st.integers(0, 2), st.integers(0, 12 * DPS), st.integers(0, 3 * DPS)),
+    max_size=60,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(ops=store_ops, defer=st.booleans(), chunk=st.sampled_from([DPS // 2, DPS, 3 * DPS]))
+def test_no_file_sees_old_bytes_and_the_zeroer_never_clobbers(
+        ops: list[tuple[str, int, int, int]], defer: bool, chunk: int) -> None:
+    """Files against bytearrays, with zeroer steps anywhere in between."""
+    store = make_store(24, defer_zeroing=defer, chunk=chunk, pools=2)
+    store.region.array[:] = 0xEE  # a reused region: every byte is somebody's old byte
+    store.dirty.add(0, 24)
+    files = [FileExtents() for _ in range(3)]
+    model = [bytearray() for _ in range(3)]
+    for number, (op, which, a, b) in enumerate(ops):
+        fx, want = files[which], model[which]
+        try:
+            if op == "write":
+                data = bytes([number % 250 + 1]) * b
+                store.write(fx, len(want), a, data)
+                if a > len(want):
+                    want.extend(bytes(a - len(want)))
+                want[a : a + b] = data
+            elif op == "resize":
+                store.resize(fx, len(want), a)
+                del want[a:]
+                want.extend(bytes(a - len(want)))
+            elif op == "read":
+                got = bytes(store.read(fx, len(want), a, b))
+                assert got == bytes(want[a : a + b])
+            elif op == "release":
+                store.release(fx)
+                want.clear()
+            else:
+                store.zeroer.step()
+        except OSError as exc:
+            assert exc.errno == 28  # ENOSPC: nothing changed
+    # Read everything only at the end: reading settles dirty dpages, so checking after
+    # every step would hide untouched dirty dpages from the later steps.
+    for fx, want in zip(files, model, strict=True):
+        assert bytes(store.read(fx, len(want), 0, len(want))) == bytes(want)
+    for pool in store.pools.pools:
+        pool.check()
