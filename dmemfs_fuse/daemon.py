@@ -128,7 +128,9 @@ def _run(config: DaemonConfig, plan: RegionPlan, pools: PoolSet,
     served_to_the_end = False
     try:  # from here on, every exit path releases the region
         opts = config.options
-        store = FileStore(region, pools)
+        # A persistent region outlives a kill: its allocations must be zero at once
+        # (store.py says why).
+        store = FileStore(region, pools, defer_zeroing=meta is None)
         inodes = InodeTable(opts.nr_inodes, opts.mode, opts.uid, opts.gid,
                             release_data=store.release,
                             parse_policy=lambda text: parse_policy(text, pools.ids),
@@ -248,6 +250,8 @@ async def _serve(mount: _Mount, reporter: Reporter, registry: CollectorRegistry 
         nursery.start_soon(_watch_signals, nursery.cancel_scope)
         nursery.start_soon(_watch_memory_errors, mount)
         mount.mount()
+        # Freed dpages are zeroed between requests, a chunk at a time (zeroing.py).
+        mount.ops.store.zeroer.start(nursery)
         nursery.start_soon(_tune_bdi, mount)
         if mount.notifier.active:
             nursery.start_soon(_update_status, mount)

@@ -108,6 +108,9 @@ def show_status(mount: str, st: dict[str, Any]) -> str:
                  f"ENOSPC {st['enospc']}; trace {'on' if st['trace'] else 'off'}")
     lines.append(f"bad dpages {st['bad_dpages']} ({_size(st['bad_dpages'] * dps)}); "
                  f"memory errors {st['memory_errors']}")
+    if "dirty_dpages" in st:
+        lines.append(f"dirty dpages {st['dirty_dpages']} ({_size(st['dirty_dpages'] * dps)} "
+                     "freed, not zeroed yet)")
     journal = st.get("journal")
     if journal:
         lines.append(f"metadata {journal['path']}: generation {journal['generation']}, "

@@ -91,6 +91,16 @@ class PoolCollector(Collector):
             yield cfamily
         yield CounterMetricFamily("dmemfs_enospc", "Allocations refused for lack of space",
                                   value=status["enospc"])
+        yield GaugeMetricFamily("dmemfs_dirty_bytes",
+                                "Freed bytes not zeroed yet (the background zeroer's backlog)",
+                                value=status["dirty_dpages"] * dps)
+        zeroing = status["zeroing"]
+        yield CounterMetricFamily("dmemfs_background_zeroed_bytes",
+                                  "Bytes zeroed by the background zeroer",
+                                  value=zeroing["background_zeroed_dpages"] * dps)
+        yield CounterMetricFamily("dmemfs_foreground_zeroed_bytes",
+                                  "Bytes zeroed inside requests (the zeroer had not caught up)",
+                                  value=zeroing["foreground_zeroed_dpages"] * dps)
         yield GaugeMetricFamily("dmemfs_dpage_size_bytes", "Bytes per dpage", value=dps)
         yield GaugeMetricFamily("dmemfs_inodes_used", "Inodes in use",
                                 value=status["inodes_used"])

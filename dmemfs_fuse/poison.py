@@ -169,7 +169,22 @@ def hwpoisoned_dpages(addr: int, size: int, dpage_size: int,
     if not bad_pages:
         return [], 0
     pages_bad = np.concatenate(bad_pages)
-    return sorted({int(p) * PAGE_SIZE // dpage_size for p in pages_bad}), checked
+    found = sorted({int(p) * PAGE_SIZE // dpage_size for p in pages_bad})
+    del raw, entries, present, swapped, pfns, index, flags, poisoned, bad_pages, pages_bad
+    trim_heap()
+    return found, checked
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the kernel (glibc malloc_trim).
+
+    The scan reads 8 bytes of pagemap per 4 KiB of region in chunks of a few
+    MiB.  glibc keeps those freed chunks in the heap, which left the daemon
+    about 14 MiB larger for good after scanning a 16 GiB region.
+    """
+    trim = getattr(_libc, "malloc_trim", None)  # glibc only
+    if trim is not None:
+        trim(0)
 
 
 def _kpageflags(fd: int, pfns: np.ndarray) -> np.ndarray:

@@ -1,7 +1,7 @@
 """A pool: one slice of the region, managed as a bitmap of dpages.
 
-The bitmap (one entry per dpage, True = allocated) is the record, as in the
-dmemfs patchset.  Beside it a free-run index (free runs sorted by start and by
+The bitmap (one bit per dpage, set = allocated, bitmap.py) is the record, as
+in the dmemfs patchset.  Beside it a free-run index (free runs sorted by start and by
 length) answers "where is a run of N free dpages" without scanning, so an
 allocation costs O(extents returned x log(free runs)), not O(pool size).  The
 vocabulary follows the kernel's genalloc: a pool has a size and avail; an
@@ -17,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 from sortedcontainers import SortedDict, SortedList
 
+from .bitmap import Bitmap
 from .errors import AllocatorError, NoSpaceError
 
 log = logging.getLogger(__name__)
@@ -90,8 +91,8 @@ class Pool:
         self.allocs = 0
         self.frees = 0
         self.fallback_dpages = 0
-        # True = allocated.  One byte per dpage: 256 KiB per GiB at 4K dpages.
-        self.bitmap = np.zeros(size, dtype=np.bool_)
+        # Set = allocated (or bad).  One bit per dpage: 32 KiB per GiB at 4K dpages.
+        self.bitmap = Bitmap(size)
         self._runs_by_start: SortedDict = SortedDict({first_dpage: size})
         self._runs_by_size: SortedList = SortedList([(size, first_dpage)])
         # Dpages with memory errors: kept out of the free runs for good.
@@ -150,9 +151,8 @@ class Pool:
                 f"[{self.first_dpage}, {self.end_dpage})"
             )
         lo = start - self.first_dpage
-        bits = self.bitmap[lo : lo + count]
-        if not bits.all():
-            bad = start + int(np.flatnonzero(~bits)[0])
+        if not self.bitmap.all(lo, count):
+            bad = start + int(np.flatnonzero(~self.bitmap.bits(lo, count))[0])
             raise AllocatorError(f"pool {self.index}: free of dpage {bad}, which is not allocated")
         self.frees += 1
         # A bad dpage stays taken: only the good runs between bad ones go back.
@@ -198,8 +198,7 @@ class Pool:
 
     def _release(self, start: int, count: int) -> None:
         """Put allocated dpages ``[start, start+count)`` back in the free runs."""
-        lo = start - self.first_dpage
-        self.bitmap[lo : lo + count] = False
+        self.bitmap.clear(start - self.first_dpage, count)
         self.avail += count
         new_start, new_len = start, count
         pos = self._runs_by_start.bisect_right(start) - 1
@@ -243,7 +242,8 @@ class Pool:
 
         O(pool size); meant for tests and on-demand verification.
         """
-        free = np.concatenate(([False], ~self.bitmap, [False])).astype(np.int8)
+        taken = self.bitmap.bits()
+        free = np.concatenate(([False], ~taken, [False])).astype(np.int8)
         edges = np.flatnonzero(np.diff(free))
         starts, ends = edges[0::2], edges[1::2]
         from_bitmap = {int(s) + self.first_dpage: int(e - s)
@@ -252,8 +252,10 @@ class Pool:
             raise AllocatorError(f"pool {self.index}: free-run index disagrees with the bitmap")
         if sorted((n, s) for s, n in from_bitmap.items()) != list(self._runs_by_size):
             raise AllocatorError(f"pool {self.index}: size index disagrees with the bitmap")
-        if int((~self.bitmap).sum()) != self.avail:
+        if self.size - self.bitmap.count() != self.avail:
             raise AllocatorError(f"pool {self.index}: avail {self.avail} disagrees with the bitmap")
+        if not all(taken[d - self.first_dpage] for d in self.bad):
+            raise AllocatorError(f"pool {self.index}: a bad dpage is clear in the bitmap")
 
     def _run_containing(self, dpage: int) -> tuple[int, int]:
         pos = self._runs_by_start.bisect_right(dpage) - 1
@@ -272,10 +274,10 @@ class Pool:
         if start + count < run_end:
             self._add_run(start + count, run_end - start - count)
         lo = start - self.first_dpage
-        bits = self.bitmap[lo : lo + count]
-        if bits.any():
+        # O(count / 64) word tests: cheap enough to keep on the allocation path.
+        if self.bitmap.any(lo, count):
             raise AllocatorError(f"pool {self.index}: free-run index handed out allocated dpages")
-        bits[:] = True
+        self.bitmap.set(lo, count)
         self.avail -= count
         return Extent(start, count)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bisect
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from . import numa
@@ -115,14 +115,21 @@ class PoolSet:
         """Take *count* contiguous-as-possible dpages for a caller on *node* (local policy)."""
         return [ext for _, ext in self.allocate(count, node=node, goal=goal)]
 
-    def free(self, extents: Iterable[Extent]) -> None:
-        """Give *extents* back to their pools; an extent may span adjacent pools."""
+    def free(self, extents: Iterable[Extent],
+             freed: Callable[[int, int], None] | None = None) -> None:
+        """Give *extents* back to their pools; an extent may span adjacent pools.
+
+        *freed(start, count)* is called for each part a pool took back, right
+        after it did (a pool refuses a part whole or takes it whole).
+        """
         for ext in extents:
             start, end = ext.start, ext.end
             while start < end:
                 pool = self.pool_of(start)
                 stop = min(end, pool.end_dpage)
                 pool.free(start, stop - start)
+                if freed is not None:
+                    freed(start, stop - start)
                 start = stop
 
     def claim(self, extents: Iterable[Extent]) -> None:

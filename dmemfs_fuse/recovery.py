@@ -244,7 +244,7 @@ def install(state: Recovered, table: InodeTable, pools: PoolSet, store: FileStor
             raise MetadataError(f"the next inode number {state.next_ino} is already in use")
         orphans = _check_namespace(inodes)
         _check_sizes(inodes, store.dpage_size)
-        pools.claim(_allocated(inodes, set()))
+        store.claim(_allocated(inodes, set()))
         for dpage in sorted(state.bad):
             pools.mark_bad(dpage)
     except AllocatorError as exc:

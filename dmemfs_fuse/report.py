@@ -84,6 +84,9 @@ class Reporter:
             "free_bytes": stats.free_dpages * dps,
             "enospc": stats.enospc,
             "bad_dpages": stats.bad_dpages,
+            # Freed dpages not zeroed yet (the background zeroer's backlog).
+            "dirty_dpages": self.store.dirty.dpages,
+            "zeroing": self.store.zeroer.statistics(),
             "memory_errors": self.errors.events,
             "inodes_used": self.inodes.used,
             "inodes_total": self.inodes.nr_inodes,

@@ -1,10 +1,26 @@
 """File contents: reads, writes and size changes of files whose bytes live in the region.
 
-The store owns the zeroing rule.  A freed dpage is marked dirty and is zeroed
-when it is handed out again, so no file ever sees another file's old bytes,
-and fresh memory (zero from the kernel) costs nothing to allocate.  Bytes past
-EOF inside a file's last dpage are kept zero, so growing a file needs no work
-on the dpage it already has.
+The store owns the zeroing rule: no file ever sees another file's old bytes.
+A freed dpage is marked dirty (zeroing.py keeps the dirty runs).  A
+background task zeroes dirty dpages while the daemon is idle, so fresh
+memory (zero from the kernel) and memory the zeroer has caught up with cost
+nothing to allocate.  An allocation that still gets dirty dpages either:
+
+* zeroes them before handing them out (eager), or
+* with ``defer_zeroing``, leaves them dirty: they now belong to a file that
+  has not touched them, so they read as zeros to it whatever the memory
+  holds.  The first read or write of such a dpage zeroes it first (a write
+  that covers it whole just takes it out of the set), and the background
+  zeroer may zero it before that.  A truncate then costs the same whether
+  its dpages were used before or not.
+
+Deferring is only for regions that do not outlive the daemon (no metadata
+log): after a kill, a persistent mount's recovery would take a dpage that
+was allocated but not yet zeroed for the file's data.  So persistent
+mounts zero eagerly.
+
+Bytes past EOF inside a file's last dpage are kept zero, so growing a file
+needs no work on the dpage it already has.
 
 Bad dpages (memory errors, poison.py) stay with the file that owns them:
 reads that touch one answer EIO; a write that covers a bad dpage whole moves
@@ -17,14 +33,13 @@ from __future__ import annotations
 import errno
 import logging
 
-import numpy as np
-
 from .errors import fs_error
 from .extents import FileExtents
 from .policy import LOCAL, Policy
 from .pool import Extent
 from .poolset import PoolSet
 from .region import Region
+from .zeroing import DEFAULT_CHUNK_BYTES, DirtyRuns, Zeroer
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +47,19 @@ log = logging.getLogger(__name__)
 class FileStore:
     """Reads and writes file bytes in *region*, taking and returning dpages through *pools*."""
 
-    def __init__(self, region: Region, pools: PoolSet) -> None:
+    def __init__(self, region: Region, pools: PoolSet, *, defer_zeroing: bool = False,
+                 zero_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
         self.region = region
         self.pools = pools
         self.dpage_size = region.dpage_size
         self.max_file_size = region.size
-        # One flag per region dpage: True = may hold old bytes, zero before reuse.
-        self.dirty = np.full(region.size // region.dpage_size, not region.fresh, dtype=np.bool_)
+        self.defer_zeroing = defer_zeroing
+        # Region dpages that may hold old bytes: zeroed before a file gets them.
+        self.dirty = DirtyRuns()
+        if not region.fresh:  # a reused file or device: anything may be in it
+            self.dirty.add(0, region.size // region.dpage_size)
+        self.zeroer = Zeroer(self.dirty, self.dpage_size, lambda: self.region.array,
+                             pools.bad_in, zero_chunk_bytes)
 
     def read(self, extents: FileExtents, file_size: int, off: int,
              length: int) -> memoryview | bytes:
@@ -53,6 +74,10 @@ class FileStore:
                 if piece.region is not None and self.pools.bad_in(piece.region, piece.length):
                     raise fs_error(errno.EIO, f"read of bytes [{off}, {end}): a memory error in "
                                    "this range")
+        if self.dirty:  # only allocated dpages this file never touched (deferred zeroing)
+            for piece in pieces:
+                if piece.region is not None:
+                    self._zero_now(piece.region, piece.length)
         view = self.region.view
         if len(pieces) == 1 and pieces[0].region is not None:
             base = pieces[0].region * dps + (off - pieces[0].file_dpage * dps)
@@ -84,6 +109,8 @@ class FileStore:
         dps = self.dpage_size
         replace = self._bad_to_replace(extents, off, end) if self.pools.bad_dpages else []
         self._allocate(extents, off // dps, -(-end // dps), node, policy, replace=replace)
+        if self.dirty:
+            self._settle_for_write(extents, off, end)
         view = self.region.view
         source = memoryview(data)  # slicing a view copies nothing
         pos = 0
@@ -114,8 +141,11 @@ class FileStore:
         self.free(released)
         if new_size % dps:
             last = next(extents.pieces(new_size // dps, new_size // dps + 1))
-            # Never write into a bad dpage: on real poison that is a SIGBUS.
-            if last.region is not None and not self.pools.bad_in(last.region, 1):
+            # Never write into a bad dpage: on real poison that is a SIGBUS.  A dpage
+            # still dirty was never touched by this file: all of it reads as zeros
+            # already, and whoever touches it first zeroes it whole.
+            if (last.region is not None and not self.pools.bad_in(last.region, 1)
+                    and not self.dirty.overlaps(last.region, 1)):
                 start = last.region * dps + new_size % dps
                 self.region.array[start : (last.region + 1) * dps] = 0
 
@@ -125,9 +155,20 @@ class FileStore:
 
     def free(self, released: list[Extent]) -> None:
         """Return *released* to the pools, marking them dirty."""
-        for ext in released:
-            self.dirty[ext.start : ext.end] = True
-        self.pools.free(released)
+        # Marked dirty only once a pool took them back: a refused free (a bug)
+        # must not mark another file's dpages.
+        self.pools.free(released, freed=self.dirty.add)
+        if released:
+            self.zeroer.notify()
+
+    def claim(self, extents: list[Extent]) -> None:
+        """Take exactly *extents* for files recovered from the metadata log (PoolSet.claim).
+
+        They hold those files' bytes, so they are no longer dirty.
+        """
+        self.pools.claim(extents)
+        for ext in extents:
+            self.dirty.take(ext.start, ext.length)
 
     def _bad_to_replace(self, extents: FileExtents, off: int, end: int) -> list[int]:
         """File dpages on bad dpages that ``[off, end)`` covers whole (to move to good ones).
@@ -164,7 +205,7 @@ class FileStore:
         except BaseException:
             self.pools.free([ext for _, ext in done])
             raise
-        self._zero_dirty([ext for _, ext in done])
+        self._allocated([ext for _, ext in done])
         for file_dpage in replace or ():
             self.free(extents.punch(file_dpage, 1))  # the bad dpage stays out of the free runs
         for file_dpage, ext in done:
@@ -172,15 +213,30 @@ class FileStore:
         if replace:
             log.info("moved %d file dpage(s) off bad memory", len(replace))
 
-    def _zero_dirty(self, got: list[Extent]) -> None:
-        dps = self.dpage_size
-        array = self.region.array
+    def _allocated(self, got: list[Extent]) -> None:
+        """New dpages for a file: zero those the background zeroer has not reached yet,
+        unless zeroing is deferred to the file's first touch."""
+        if self.defer_zeroing or not self.dirty:
+            return
         for ext in got:
-            flags = self.dirty[ext.start : ext.end]
-            if not flags.any():
-                continue
-            padded = np.concatenate(([False], flags, [False])).astype(np.int8)
-            edges = np.flatnonzero(np.diff(padded))
-            for lo, hi in zip(edges[0::2], edges[1::2], strict=True):
-                array[(ext.start + lo) * dps : (ext.start + hi) * dps] = 0
-            flags[:] = False
+            self._zero_now(ext.start, ext.length)
+
+    def _zero_now(self, start: int, count: int) -> None:
+        """Zero the dirty dpages of ``[start, start+count)`` and take them out of the set."""
+        self.zeroer.zero(self.dirty.take(start, count))
+
+    def _settle_for_write(self, extents: FileExtents, off: int, end: int) -> None:
+        """Before bytes ``[off, end)`` are written: take the file's dirty dpages there out of
+        the set, zeroing the ones the write covers only in part."""
+        dps = self.dpage_size
+        whole_lo, whole_hi = -(-off // dps), end // dps  # file dpages covered whole
+        for piece in extents.pieces(off // dps, -(-end // dps)):
+            assert piece.region is not None
+            for ext in self.dirty.take(piece.region, piece.length):
+                first = piece.file_dpage + ext.start - piece.region  # file dpage of ext.start
+                keep_lo = min(max(first, whole_lo), first + ext.length)
+                keep_hi = max(min(first + ext.length, whole_hi), keep_lo)
+                # [keep_lo, keep_hi) is overwritten whole: no need to zero it first.
+                parts = [Extent(ext.start, keep_lo - first),
+                         Extent(ext.start + keep_hi - first, first + ext.length - keep_hi)]
+                self.zeroer.zero(part for part in parts if part.length)

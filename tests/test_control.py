@@ -12,7 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +92,49 @@ def test_status_extents_and_files(two_pools: tuple[Mount, int]) -> None:
     assert files[0]["path"] == "/vm0" and files[0]["allocated"] == 20 * M
 
 
+def metrics(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        assert resp.status == 200
+        body = resp.read().decode()
+    values: dict[str, float] = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def wait_for(mount: Mount, done: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    """Poll ``status`` until *done* holds (or a minute passes); return the last answer."""
+    deadline = time.monotonic() + 60
+    status: dict[str, Any] = ctl_json("-m", str(mount.path), "status")
+    while not done(status) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        status = ctl_json("-m", str(mount.path), "status")
+    return status
+
+
+def test_freed_dpages_are_zeroed_in_the_background(two_pools: tuple[Mount, int]) -> None:
+    mount, port = two_pools
+    (mount.path / "big").write_bytes(b"\xff" * (40 * M))
+    os.unlink(mount.path / "big")
+    # The kernel's FORGET frees the dpages, then the zeroer drains the backlog between
+    # requests; neither is timed.
+    status = wait_for(mount, lambda st: st["free_dpages"] == 32 and not st["dirty_dpages"])
+    assert status["free_dpages"] == 32 and status["dirty_dpages"] == 0
+    assert status["zeroing"]["background_zeroed_dpages"] == 20
+    assert "dirty dpages 0 (" in dmemctl(
+        "-m", str(mount.path), "status").stdout
+    values = metrics(port)
+    assert values["dmemfs_dirty_bytes"] == 0
+    assert values["dmemfs_background_zeroed_bytes_total"] == 40 * M
+    # The same dpages again: zero already, so the truncate had nothing to zero.
+    make(mount.path / "again", 64 * M)
+    assert (mount.path / "again").read_bytes() == bytes(64 * M)
+    status = ctl_json("-m", str(mount.path), "status")
+    assert status["zeroing"]["foreground_zeroed_dpages"] == 0
+
+
 def test_extents_are_placed_where_the_kernel_says(two_pools: tuple[Mount, int]) -> None:
     mount, _ = two_pools
     (mount.path / "d").mkdir()
@@ -153,14 +196,7 @@ def test_metrics_endpoint(two_pools: tuple[Mount, int]) -> None:
     mount, port = two_pools
     make(mount.path / "a", 6 * M)
     (mount.path / "a").read_bytes()
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        assert resp.status == 200
-        body = resp.read().decode()
-    values: dict[str, float] = {}
-    for line in body.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
+    values = metrics(port)
     assert values['dmemfs_pool_free_bytes{node="0",pool="0"}'] == 26 * M
     assert values['dmemfs_pool_total_bytes{node="0",pool="1"}'] == 32 * M
     assert values['dmemfs_pool_allocations_total{node="0",pool="0"}'] >= 1

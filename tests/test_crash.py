@@ -4,6 +4,7 @@ seen confirmed; the one request in flight at the kill may have happened or not."
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import os
@@ -471,3 +472,29 @@ def test_hugetlbfs_region_file_comes_back_after_sigkill(tmp_path: Path) -> None:
             region.unlink(missing_ok=True)
             for leftover in meta.parent.glob(meta.name + "*"):
                 leftover.unlink()
+
+
+def test_reused_dpages_read_as_zeros_after_sigkill(tmp_path: Path, region: Path) -> None:
+    """A persistent mount zeroes reused dpages before the truncate that takes them returns:
+    after a kill, recovery hands the file exactly those dpages, as its bytes."""
+    options = f"size=1G,pagesize=4K,region={region}"
+    root = tmp_path / "mnt"
+    size, tail = 1000 * M, 16 * M
+    with daemon(tmp_path, options) as proc:
+        fd = os.open(root / "f", os.O_RDWR | os.O_CREAT, 0o644)
+        os.ftruncate(fd, size)
+        os.pwrite(fd, b"\xff" * tail, size - tail)
+        # The same dpages again at once: the background zeroer works upwards from the
+        # region's start, so it is far from the old bytes at the end when the kill lands.
+        os.ftruncate(fd, 0)
+        os.ftruncate(fd, size)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    with daemon(tmp_path, options):
+        with open(root / "f", "rb") as f:
+            f.seek(size - 2 * tail)
+            data = f.read()
+        assert len(data) == 2 * tail
+        assert data.count(0) == len(data), "a recovered file shows another file's old bytes"

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dmemfs_fuse.bitmap import Bitmap
 from dmemfs_fuse.errors import AllocatorError, NoSpaceError
 from dmemfs_fuse.pool import Extent, Pool
 from dmemfs_fuse.poolset import PoolSet
@@ -148,3 +149,114 @@ def test_random_sequences_never_overlap_or_leak(
     for got in live:
         pools.free(got)
     assert pools.free_dpages == total
+
+
+# -- the packed bitmap ---------------------------------------------------------------
+
+def test_bitmap_is_one_bit_per_dpage() -> None:
+    assert Bitmap(1 << 18).nbytes == (1 << 18) // 8  # 1 GiB of 4K dpages: 32 KiB
+    assert Bitmap(65).nbytes == 16  # whole 64-bit words
+    pool = Pool(0, 0, 0, 1 << 18, 4096)
+    assert pool.bitmap.nbytes == 32 << 10
+
+
+def test_bitmap_word_edges() -> None:
+    bits = Bitmap(200)
+    bits.set(63, 2)  # across the first word boundary
+    assert bits.all(63, 2) and not bits.any(0, 63) and not bits.any(65, 135)
+    bits.set(64, 128)  # one whole word and the partial ones around it
+    assert bits.all(63, 129) and not bits.all(62, 2)
+    bits.clear(100, 100)
+    assert bits.bits(60, 45).tolist() == [False] * 3 + [True] * 37 + [False] * 5
+    assert bits.count() == 100 - 63
+    with pytest.raises(IndexError):
+        bits.set(199, 2)
+
+
+bit_ops = st.lists(
+    st.tuples(st.sampled_from(["set", "clear", "any", "all"]), st.integers(0, 299),
+              st.integers(0, 300)),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(size=st.integers(1, 300), ops=bit_ops)
+def test_bitmap_agrees_with_a_list_of_bools(size: int, ops: list[tuple[str, int, int]]) -> None:
+    bits = Bitmap(size)
+    model = [False] * size
+    for op, raw_start, raw_count in ops:
+        start = raw_start % size
+        count = min(raw_count, size - start)
+        if op == "set":
+            bits.set(start, count)
+            model[start : start + count] = [True] * count
+        elif op == "clear":
+            bits.clear(start, count)
+            model[start : start + count] = [False] * count
+        elif op == "any":
+            assert bits.any(start, count) == any(model[start : start + count])
+        else:
+            assert bits.all(start, count) == all(model[start : start + count])
+        assert bits.bits().tolist() == model
+        assert bits.count() == sum(model)
+
+
+pool_ops = st.lists(
+    st.tuples(st.sampled_from(["alloc", "free", "claim", "bad", "bad_free"]),
+              st.integers(1, 40), st.integers(0, 1000)),
+    max_size=50,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(size=st.integers(1, 130), first=st.integers(0, 100), ops=pool_ops)
+def test_pool_bitmap_follows_every_operation(size: int, first: int,
+                                             ops: list[tuple[str, int, int]]) -> None:
+    """alloc, free, claim and mark_bad against a model: the bitmap, the free-run index and
+    avail stay exact, misuse raises and changes nothing, bad dpages stay set."""
+    pool = Pool(0, 0, first, size, DPS)
+    taken = [False] * size  # allocated to someone, or bad
+    bad: set[int] = set()
+    live: list[Extent] = []
+    for op, wanted, pick in ops:
+        dpage = first + pick % size
+        count = min(wanted, first + size - dpage)  # for claim and bad_free: inside the pool
+        if op == "alloc":
+            count = wanted
+            if count > pool.avail:
+                with pytest.raises(NoSpaceError):
+                    pool.alloc(count, goal=dpage)
+            else:
+                got = pool.alloc(count, goal=dpage)
+                assert sum(e.length for e in got) == count
+                for ext in got:
+                    assert not any(taken[ext.start - first : ext.end - first])
+                    taken[ext.start - first : ext.end - first] = [True] * ext.length
+                live.extend(got)
+        elif op == "free" and live:
+            ext = live.pop(pick % len(live))
+            pool.free(ext.start, ext.length)
+            for d in range(ext.start, ext.end):
+                taken[d - first] = d in bad
+        elif op == "claim":
+            if any(taken[dpage - first : dpage - first + count]):
+                with pytest.raises(AllocatorError):
+                    pool.claim(dpage, count)
+            else:
+                pool.claim(dpage, count)
+                taken[dpage - first : dpage - first + count] = [True] * count
+                live.append(Extent(dpage, count))
+        elif op == "bad":
+            was_free = not taken[dpage - first]
+            assert pool.mark_bad(dpage) == (was_free and dpage not in bad)
+            bad.add(dpage)
+            taken[dpage - first] = True
+        elif op == "bad_free" and not all(taken[dpage - first : dpage - first + count]):
+            before = pool.avail  # freeing what is not allocated is loud and changes nothing
+            with pytest.raises(AllocatorError, match="not allocated"):
+                pool.free(dpage, count)
+            assert pool.avail == before
+        assert pool.bitmap.bits().tolist() == taken
+        assert pool.avail == size - sum(taken)
+        pool.check()
