@@ -250,7 +250,8 @@ async def _serve(mount: _Mount, reporter: Reporter, registry: CollectorRegistry 
         nursery.start_soon(_watch_signals, nursery.cancel_scope)
         nursery.start_soon(_watch_memory_errors, mount)
         mount.mount()
-        # Freed dpages are zeroed between requests, a chunk at a time (zeroing.py).
+        # Freed dpages are zeroed while no request is being served, a chunk at a time
+        # (zeroing.py).
         mount.ops.store.zeroer.start(nursery)
         nursery.start_soon(_tune_bdi, mount)
         if mount.notifier.active:

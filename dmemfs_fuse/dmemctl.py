@@ -110,7 +110,7 @@ def show_status(mount: str, st: dict[str, Any]) -> str:
                  f"memory errors {st['memory_errors']}")
     if "dirty_dpages" in st:
         lines.append(f"dirty dpages {st['dirty_dpages']} ({_size(st['dirty_dpages'] * dps)} "
-                     "freed, not zeroed yet)")
+                     "of old bytes not zeroed yet)")
     journal = st.get("journal")
     if journal:
         lines.append(f"metadata {journal['path']}: generation {journal['generation']}, "

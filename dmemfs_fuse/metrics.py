@@ -92,7 +92,7 @@ class PoolCollector(Collector):
         yield CounterMetricFamily("dmemfs_enospc", "Allocations refused for lack of space",
                                   value=status["enospc"])
         yield GaugeMetricFamily("dmemfs_dirty_bytes",
-                                "Freed bytes not zeroed yet (the background zeroer's backlog)",
+                                "Bytes of old data not zeroed yet (the zeroer's backlog)",
                                 value=status["dirty_dpages"] * dps)
         zeroing = status["zeroing"]
         yield CounterMetricFamily("dmemfs_background_zeroed_bytes",

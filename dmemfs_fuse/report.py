@@ -84,7 +84,8 @@ class Reporter:
             "free_bytes": stats.free_dpages * dps,
             "enospc": stats.enospc,
             "bad_dpages": stats.bad_dpages,
-            # Freed dpages not zeroed yet (the background zeroer's backlog).
+            # Dpages that may still hold old bytes: free ones, and (deferred zeroing)
+            # ones a file has not touched yet.  The background zeroer's backlog.
             "dirty_dpages": self.store.dirty.dpages,
             "zeroing": self.store.zeroer.statistics(),
             "memory_errors": self.errors.events,
