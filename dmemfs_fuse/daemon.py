@@ -110,7 +110,9 @@ def _run(config: DaemonConfig, plan: RegionPlan, pools: PoolSet,
     meta = lock.meta if lock is not None else None
     if lock is not None:
         lock.note_pid()
-    # Before any thread exists: every thread must have SIGBUS blocked for the signalfd.
+    # Before the threads we start (trio's workers, tqdm's monitor), which inherit the
+    # mask: the signalfd must be the only taker of SIGBUS.  numpy's OpenBLAS threads
+    # are older; the kernel's notice goes to this (the early-kill) thread anyway.
     if not poison.block_sigbus():
         log.info("the kernel refused early memory-error notices (PR_MCE_KILL_EARLY)")
     # Until trio takes over the signals, a SIGTERM must still unwind through
