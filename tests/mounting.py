@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -136,3 +138,33 @@ def run_daemon(tmp: Path, options: str, timeout: float = 60) -> subprocess.Compl
     finally:
         if is_mounted(path):
             subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False)
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def dmemctl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run dmemctl; with *check*, fail unless it exits 0."""
+    result = subprocess.run([sys.executable, "-m", "dmemfs_fuse.dmemctl", *args],
+                            capture_output=True, text=True, timeout=60, check=False)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def metrics(port: int) -> dict[str, float]:
+    """The daemon's Prometheus samples by name (with labels)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        assert resp.status == 200
+        body = resp.read().decode()
+    values: dict[str, float] = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mounting import Mount, dmemfs, unescape
+from mounting import Mount, dmemfs, free_port, unescape
 
 from dmemfs_fuse.control import socket_path
 
@@ -470,13 +470,6 @@ def test_peer_credentials_refuse_other_users(tmp_path: Path, public_dir: Path, o
 
 
 # -- the metrics endpoint ---------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def tcp_listeners(port: int) -> list[tuple[str, int]]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import socket
 import stat
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mounting import Mount, dmemfs
+from mounting import Mount, dmemctl, dmemfs, free_port, metrics
 from PIL import Image
 
 from dmemfs_fuse.control import socket_path
@@ -30,13 +29,6 @@ POLICY = "user.dmem.policy"
 pytestmark = pytest.mark.mount
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def two_pools(tmp_path: Path) -> Iterator[tuple[Mount, int]]:
     """Two 32 MiB pools of 2 MiB dpages on node 0, with metrics on a free port."""
@@ -44,14 +36,6 @@ def two_pools(tmp_path: Path) -> Iterator[tuple[Mount, int]]:
     with dmemfs(tmp_path, f"nodes=0:32M,0:32M,pagesize=2M,metrics={port}") as mount:
         yield mount, port
     assert mount.exit_code == 0, mount.log()
-
-
-def dmemctl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", "dmemfs_fuse.dmemctl", *args],
-                            capture_output=True, text=True, timeout=60, check=False)
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
 
 
 def only_mount_dmemctl(mount: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -90,18 +74,6 @@ def test_status_extents_and_files(two_pools: tuple[Mount, int]) -> None:
                                "length": 20 * M, "kernel_nodes": [0]}]
     files = ctl_json("-m", str(mount.path), "files")["files"]
     assert files[0]["path"] == "/vm0" and files[0]["allocated"] == 20 * M
-
-
-def metrics(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        assert resp.status == 200
-        body = resp.read().decode()
-    values: dict[str, float] = {}
-    for line in body.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
-    return values
 
 
 def wait_for(mount: Mount, done: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:

@@ -209,6 +209,16 @@ def test_random_operations_with_checkpoints(tmp_path: Path) -> None:
         again.close()
 
 
+def assert_refused(tmp_path: Path, match: str, **options: Any) -> None:
+    """Recovering a fresh Fs from the metadata file in *tmp_path* fails, naming *match*."""
+    new = Fs(tmp_path, **options)
+    try:
+        with pytest.raises(MetadataError, match=match):
+            new.recover()
+    finally:
+        new.close()
+
+
 def test_torn_last_append_is_dropped(tmp_path: Path, fs: Fs) -> None:
     ids = populate(fs)
     before = fs.dump()
@@ -244,12 +254,7 @@ def test_damage_in_the_middle_is_refused(tmp_path: Path, fs: Fs) -> None:
     data = bytearray(Path(fs.meta).read_bytes())
     data[len(data) // 2] ^= 0xFF
     Path(fs.meta).write_bytes(bytes(data))
-    new = Fs(tmp_path)
-    try:
-        with pytest.raises(MetadataError, match=r"checksum|decode"):
-            new.recover()
-    finally:
-        new.close()
+    assert_refused(tmp_path, r"checksum|decode")
 
 
 def test_foreign_file_is_refused(tmp_path: Path, fs: Fs) -> None:
@@ -269,12 +274,7 @@ def test_foreign_file_is_refused(tmp_path: Path, fs: Fs) -> None:
 def test_other_layout_is_refused(tmp_path: Path, fs: Fs) -> None:
     populate(fs)
     fs.close()
-    new = Fs(tmp_path, pools=(POOL_DPAGES, POOL_DPAGES // 2))
-    try:
-        with pytest.raises(MetadataError, match="same size, nodes and pagesize"):
-            new.recover()
-    finally:
-        new.close()
+    assert_refused(tmp_path, "same size, nodes and pagesize", pools=(POOL_DPAGES, POOL_DPAGES // 2))
 
 
 def test_recreated_region_is_refused(tmp_path: Path, fs: Fs) -> None:
@@ -283,12 +283,7 @@ def test_recreated_region_is_refused(tmp_path: Path, fs: Fs) -> None:
     region = Path(fs.plan.path or "")
     region.unlink()
     region.write_bytes(bytes(2 * POOL_DPAGES * DPS))  # same size, new file: the data is gone
-    new = Fs(tmp_path)
-    try:
-        with pytest.raises(MetadataError, match="another region"):
-            new.recover()
-    finally:
-        new.close()
+    assert_refused(tmp_path, "another region")
 
 
 def test_extent_claimed_twice_is_refused(tmp_path: Path, fs: Fs) -> None:
@@ -300,12 +295,7 @@ def test_extent_claimed_twice_is_refused(tmp_path: Path, fs: Fs) -> None:
     b.size = 101 * DPS
     fs.journal.checkpoint()
     fs.close()
-    new = Fs(tmp_path)
-    try:
-        with pytest.raises(MetadataError, match="claimed twice"):
-            new.recover()
-    finally:
-        new.close()
+    assert_refused(tmp_path, "claimed twice")
 
 
 def test_extent_outside_the_region_is_refused(tmp_path: Path, fs: Fs) -> None:
@@ -316,12 +306,7 @@ def test_extent_outside_the_region_is_refused(tmp_path: Path, fs: Fs) -> None:
     node.size = 10_001 * DPS
     fs.journal.checkpoint()
     fs.close()
-    new = Fs(tmp_path)
-    try:
-        with pytest.raises(MetadataError, match=r"outside|add up"):
-            new.recover()
-    finally:
-        new.close()
+    assert_refused(tmp_path, r"outside|add up")
 
 
 def test_broken_link_count_is_refused(tmp_path: Path, fs: Fs) -> None:
@@ -330,12 +315,7 @@ def test_broken_link_count_is_refused(tmp_path: Path, fs: Fs) -> None:
     fs.table.get(ids["b"]).touch()
     fs.commit()
     fs.close()
-    new = Fs(tmp_path)
-    try:
-        with pytest.raises(MetadataError, match="names but a link count"):
-            new.recover()
-    finally:
-        new.close()
+    assert_refused(tmp_path, "names but a link count")
 
 
 def test_unlinked_open_file_is_freed(tmp_path: Path, fs: Fs) -> None:
@@ -465,12 +445,7 @@ def test_extent_outside_the_pools_is_refused_by_the_pools(tmp_path: Path, fs: Fs
                 fields[15].append([10_000, beyond, 1])
         contents.snapshot["allocated"].append([beyond, 1])  # the snapshot agrees with itself
     _rewrite(fs.meta, add_extent)
-    new = Fs(tmp_path)
-    try:
-        with pytest.raises(MetadataError, match="outside every pool"):
-            new.recover()
-    finally:
-        new.close()
+    assert_refused(tmp_path, "outside every pool")
 
 
 def test_next_inode_number_in_use_is_refused(tmp_path: Path, fs: Fs) -> None:
@@ -481,12 +456,7 @@ def test_next_inode_number_in_use_is_refused(tmp_path: Path, fs: Fs) -> None:
     def rewind(contents: metalog.LogContents) -> None:
         contents.snapshot["next_ino"] = 2
     _rewrite(fs.meta, rewind)
-    new = Fs(tmp_path)
-    try:
-        with pytest.raises(MetadataError, match="next inode number 2 is already in use"):
-            new.recover()
-    finally:
-        new.close()
+    assert_refused(tmp_path, "next inode number 2 is already in use")
 
 
 def test_a_failed_checkpoint_does_not_fail_the_request(tmp_path: Path) -> None:

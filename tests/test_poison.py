@@ -12,18 +12,16 @@ import json
 import os
 import select
 import signal
-import socket
 import struct
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from mounting import Mount, dmemfs
+from mounting import Mount, dmemctl, dmemfs, free_port, metrics
 
 from dmemfs_fuse import numa
 from dmemfs_fuse.daemon import build_pools
@@ -203,32 +201,6 @@ def test_a_shrink_never_writes_into_a_bad_dpage(store: FileStore) -> None:
 
 
 # -- end to end, through dmemctl ---------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def metrics(port: int) -> dict[str, float]:
-    """The daemon's Prometheus samples by name (with labels)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        body = resp.read().decode()
-    values = {}
-    for line in body.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
-    return values
-
-
-def dmemctl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", "dmemfs_fuse.dmemctl", *args],
-                            capture_output=True, text=True, timeout=60, check=False)
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
 
 
 def status(mount: Mount) -> Any:
