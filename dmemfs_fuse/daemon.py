@@ -169,7 +169,8 @@ def _scan_for_poison(reporter: Reporter) -> None:
     """Mark dpages on frames the kernel already flagged HWPOISON, before anyone uses them."""
     region = reporter.store.region
     for dpage in region.poisoned_dpages:
-        reporter.kernel_error(dpage * region.dpage_size, region.dpage_size)
+        # The full scan below follows: no rescan per dpage.
+        reporter.kernel_error(dpage * region.dpage_size, region.dpage_size, rescan=False)
     try:
         found = reporter.scan()
     except Exception as exc:  # the scan is a safeguard: never a reason not to start

@@ -167,7 +167,7 @@ class Reporter:
         send_mce_notice(self.store.region.addr + offset)
         return {"sent": True, "region_offset": offset}
 
-    def kernel_error(self, offset: int, length: int) -> JSON:
+    def kernel_error(self, offset: int, length: int, *, rescan: bool = True) -> JSON:
         """The kernel reported a memory error in region bytes ``[offset, offset+length)``
         (a page, or a whole huge page): mark every dpage there bad, then rescan, because
         SIGBUS does not queue and a second notice may have been merged into this one."""
@@ -175,12 +175,13 @@ class Reporter:
         last = min(offset + max(length, 1), self.store.region.size) - 1
         marked = [self._marked(self.errors.mark(d, "kernel"))
                   for d in range(offset // dps, last // dps + 1)]
-        try:
-            rescan = self.scan()
-        except Exception as exc:  # the notice itself is handled; the rescan is extra
-            log.warning("rescan after a memory-error notice failed: %s", exc)
-            rescan = {"bad": []}
-        return {"marked": marked, "rescan": rescan["bad"]}
+        found: list[JSON] = []
+        if rescan:
+            try:
+                found = self.scan()["bad"]
+            except Exception as exc:  # the notice itself is handled; the rescan is extra
+                log.warning("rescan after a memory-error notice failed: %s", exc)
+        return {"marked": marked, "rescan": found}
 
     def scan(self) -> JSON:
         """Look for HWPOISON frames under the region and mark their dpages bad."""
