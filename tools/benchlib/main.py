@@ -32,7 +32,16 @@ from tqdm import tqdm
 from . import machine, mounts, report
 from .machine import GIB, MIB, HugePageReservation
 from .mounts import MountError, MountInfo
-from .workloads import BY_NAME, QUICK, WORKLOADS, Params, Variant, Workload, fits
+from .workloads import (
+    BOOK_PREFIX,
+    BY_NAME,
+    QUICK,
+    WORKLOADS,
+    Params,
+    Variant,
+    Workload,
+    fits,
+)
 
 
 def _parse_size(text: str) -> int:
@@ -140,10 +149,15 @@ class Bench:
         if args.pools:
             pools = tuple(_parse_size(p) for p in args.pools.split(","))
             changes.update(alloc_pools=pools, book_pools=pools)
+        self.workloads = _select(args.only)
+        names = {w.name for w in self.workloads}
+        changes["book_on_alloc_mounts"] = {"alloc", "book"} <= names
         self.params = dataclasses.replace(base, **changes)
         self.rounds = args.rounds or (2 if args.quick else 5)
         self.abs_rounds = args.abs_rounds or (1 if args.quick else 2)
-        self.workloads = _select(args.only)
+        # Samples taken on another workload's mounts (workload 7 on workload 6's), by
+        # (workload, variant label, round): that workload then mounts nothing for them.
+        self.shared: dict[tuple[str, str, int], dict[str, Any]] = {}
         self.also = shlex.split(args.also_dmemfs) if args.also_dmemfs else []
         self.also_bdi = dict(item.split("=", 1) for item in args.also_bdi)
         self.root = Path(tempfile.mkdtemp(prefix="dmemfs-bench."))
@@ -210,7 +224,8 @@ class Bench:
             self.bar = None
 
     def run_workload(self, work: Workload, variants: list[Variant], rounds: int) -> None:
-        """Alternate the variants of *work* for *rounds* rounds, each on a fresh mount."""
+        """Alternate the variants of *work* for *rounds* rounds, each on a fresh mount
+        (or on the mount another workload measured it on: see ``Params.book_on_alloc_mounts``)."""
         entry: dict[str, Any] = {
             "title": work.title, "rounds": rounds, "skipped": [], "errors": [], "notes": [],
             "sizes": self._sizes(work),
@@ -240,6 +255,15 @@ class Bench:
             for rnd in range(rounds):
                 for v in variants:
                     if v.skip:
+                        continue
+                    shared = self.shared.pop((work.name, v.label, rnd), None)
+                    if shared is not None:
+                        self.results["samples"].append(shared)
+                        assert self.bar is not None
+                        self.bar.update(1)
+                        self.say(f"   {work.name} r{rnd + 1} {v.label:<24} "
+                                 + _brief(work, shared)
+                                 + f" (on the {shared['mount_shared_with']} mount)")
                         continue
                     self.measure(work, v, rnd, rounds, entry)
         finally:
@@ -287,7 +311,11 @@ class Bench:
                                    "read_ahead_kb": m.read_ahead_kb(), "pid": m.pid,
                                    **m.details}
                 started = time.perf_counter()
-                sample["metrics"] = work.run(v, m, self.params)
+                metrics = work.run(v, m, self.params)
+                sample["metrics"] = {k: val for k, val in metrics.items()
+                                     if not k.startswith(BOOK_PREFIX)}
+                book = {k.removeprefix(BOOK_PREFIX): val for k, val in metrics.items()
+                        if k.startswith(BOOK_PREFIX)}
                 if v.kind in ("dmemfs", "plainfs"):  # as the workload found it (the daemon
                     sample["bdi"] = m.bdi_knobs()     # may tune it after INIT)
                 sample["seconds"] = round(time.perf_counter() - started, 3)
@@ -297,6 +325,9 @@ class Bench:
                 if "output" in v.info:
                     (self.logs / f"{path.name}.out").write_text(v.info["output"])
                     entry["output"] = v.info["output"]
+                if book:
+                    self.shared[("book", v.label, rnd)] = {**sample, "workload": "book",
+                                                   "metrics": book, "mount_shared_with": work.name}
         except MountError as exc:
             # Retried next round (huge pages may be taken by someone else for a moment);
             # given up after two failures in a row.

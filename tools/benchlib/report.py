@@ -216,7 +216,9 @@ def markdown(results: dict[str, Any]) -> str:
     lines += [f"- command: `{results['command']}`",
               f"- run: {results['started']} to {results['finished']} "
               f"({results['elapsed_s'] / 60:.1f} min); rounds: {results['rounds']} "
-              f"(alloc/book: {results['rounds_absolute']}); each measurement on a fresh mount, "
+              f"(alloc/book: {results['rounds_absolute']}); each measurement on a fresh mount "
+              + ("(bookkeeping: on the allocation workload's mounts), "
+                 if results["params"].get("book_on_alloc_mounts") else ", ") +
               "variants alternated round by round (A B C A B C ...); cells are medians "
               "with (min-max)"]
     if results.get("interrupted"):
