@@ -15,6 +15,8 @@ Crash-consistency rules (the README states them for users):
   before it.
 * A checkpoint writes header + snapshot to ``PATH.new``, fsyncs it and renames
   it over PATH: the file is always the old or the new one, whole.
+* A batch longer than ``metalog.MAX_TORN_TAIL`` is written as a checkpoint
+  instead: recovery would take a torn tail that long for damage.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import uuid as uuidlib
 from dataclasses import dataclass
 from typing import Any
 
+from . import metalog
 from .changes import ChangeLog
 from .inodes import InodeTable
 from .metalog import BATCH, SNAPSHOT, Layout, encode_inode, frame, header_record
@@ -110,8 +113,15 @@ class Journal:
         if not self.healthy:
             self.checkpoint()
             return
-        record = self._batch()
-        data = frame(record)
+        try:
+            data: bytes | None = frame(self._batch())
+        except OSError:  # over MAX_FRAME
+            data = None
+        if data is None or len(data) > metalog.MAX_TORN_TAIL:
+            # Recovery takes a torn tail this long for damage, so a batch this big (a
+            # many-GiB allocation at 4K dpages) goes in as a checkpoint: whole or not at all.
+            self.checkpoint()
+            return
         try:
             _write_all(self.fd, data)
         except OSError as exc:
@@ -136,9 +146,10 @@ class Journal:
         """
         started = time.monotonic()
         generation = self.generation + 1
-        data = frame(header_record(self.layout, self.uuid, generation)) + frame(self._snapshot())
         tmp = self.path + ".new"
         try:
+            data = (frame(header_record(self.layout, self.uuid, generation))
+                    + frame(self._snapshot()))
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC,
                          0o600)
             try:

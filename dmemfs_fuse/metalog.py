@@ -23,6 +23,7 @@ good frames after it is damage, and the file is refused.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import stat
 import struct
@@ -117,8 +118,12 @@ def region_identity(path: str) -> str:
 
 
 def frame(record: dict[str, Any]) -> bytes:
-    """One record as a frame, ready to append."""
+    """One record as a frame, ready to append; OSError(EFBIG) past ``MAX_FRAME``,
+    which the reader would take for damage."""
     payload: bytes = msgpack.packb(record, use_bin_type=True)
+    if len(payload) > MAX_FRAME:
+        raise OSError(errno.EFBIG, f"a {record.get('t')} record of {len(payload)} bytes is over "
+                      f"the {MAX_FRAME}-byte limit of one frame")
     return FRAME.pack(len(payload), zlib.crc32(payload)) + payload
 
 

@@ -479,6 +479,50 @@ def test_a_failed_checkpoint_does_not_fail_the_request(tmp_path: Path) -> None:
         again.close()
 
 
+def test_a_batch_too_long_for_a_torn_tail_goes_in_as_a_checkpoint(
+        tmp_path: Path, fs: Fs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recovery takes a torn tail longer than MAX_TORN_TAIL for damage, so the journal
+    must never append a batch that long: it checkpoints instead."""
+    monkeypatch.setattr(metalog, "MAX_TORN_TAIL", 600)
+    ino = fs.table.make(ROOT_INO, b"small", FILE, 0, 0).ino
+    fs.commit()
+    assert fs.journal.seq == 1 and fs.journal.checkpoints == 1  # a short batch: appended
+    for n in range(40):  # one request touching 40 inodes: a batch of about 2 KB
+        fs.table.make(ROOT_INO, b"f%02d" % n, FILE, 0, 0)
+    fs.commit()
+    assert fs.journal.seq == 0 and fs.journal.checkpoints == 2 and fs.journal.log_bytes == 0
+    fs.write(ino, 0, b"after")  # appends go on after it
+    assert fs.journal.seq == 1
+    before = fs.dump()
+    again = reopen(tmp_path, fs)
+    try:
+        assert again.dump() == before
+    finally:
+        again.close()
+
+
+def test_a_record_over_the_frame_limit_fails_the_request(
+        tmp_path: Path, fs: Fs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record the reader would refuse (longer than MAX_FRAME) is never written: the
+    request answers EIO, and the file keeps the last state that fits."""
+    before = fs.dump()
+    monkeypatch.setattr(metalog, "MAX_FRAME", 300)
+    for n in range(40):
+        fs.table.make(ROOT_INO, b"f%02d" % n, FILE, 0, 0)
+    with pytest.raises(OSError) as exc:
+        fs.commit()
+    assert exc.value.errno == errno.EIO and "limit of one frame" in str(exc.value)
+    assert not fs.journal.healthy
+    monkeypatch.undo()
+    fs.close()
+    again = Fs(tmp_path)
+    try:
+        again.recover()
+        assert again.dump() == before
+    finally:
+        again.close()
+
+
 def _attributes(node: Inode) -> tuple[object, ...]:
     return (node.mode, node.uid, node.gid, node.rdev, node.size, node.atime_ns, node.mtime_ns,
             node.ctime_ns, node.btime_ns, node.link_count, node.nlink, node.target,
