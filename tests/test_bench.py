@@ -17,7 +17,14 @@ def test_bench_quick_runs_every_workload(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads((tmp_path / "bench-results.json").read_text())
-    assert set(data["workloads"]) >= {"seq", "rand", "mmap", "guest", "meta", "alloc"}
+    assert set(data["workloads"]) >= {"seq", "rand", "mmap", "guest", "meta", "alloc", "book"}
+    # bookkeeping is read on the allocation workload's mounts, one sample per dmemfs mount
+    book = [s for s in data["samples"] if s["workload"] == "book"]
+    assert book and all(s["ok"] and s["mount_shared_with"] == "alloc" for s in book)
+    assert all(s["metrics"]["full_nonregion_rss"] > 0 for s in book)
+    alloc_mounts = {(s["variant"], s["round"]) for s in data["samples"]
+                    if s["workload"] == "alloc" and s["ok"] and s["kind"] == "dmemfs"}
+    assert {(s["variant"], s["round"]) for s in book} <= alloc_mounts
     assert not data["interrupted"] and data["leftover_mounts"] == []
     assert data["targets"], "no target was evaluated"
     assert (tmp_path / "bench-results.md").read_text().startswith("# dmemfs-fuse benchmark")
