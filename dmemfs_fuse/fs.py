@@ -9,7 +9,10 @@ and answered with EIO.  Only FUSEError leaves a handler; ``init`` and
 On a persistent mount the boundary is also where a request's metadata
 changes are committed to the journal, before the reply.  Handlers make their
 changes without awaiting in between (the one await, in statfs, changes
-nothing), so the changes pending at a handler's end are its own.
+nothing), so the changes pending at a handler's end are its own.  When the
+commit fails the request answers EIO, and the references its reply would have
+handed out (a lookup, an open handle) are dropped again: the kernel never
+forgets or releases what it did not get.
 """
 
 from __future__ import annotations
@@ -43,6 +46,10 @@ log = logging.getLogger(__name__)
 # kernel send 60% more LOOKUPs in the metadata benchmark (docs/performance.md).
 CACHE_TIMEOUT = 60.0
 FORGET_GRACE = 0.1
+# Handlers whose reply gives the kernel a reference (a lookup count) to the entry.
+ENTRY_OPS = frozenset({"lookup", "mknod", "mkdir", "symlink", "link", "create"})
+# Handlers the kernel does not retry or undo whatever the reply: they always run.
+RELEASE_OPS = frozenset({"release", "releasedir"})
 QUIET_ERRNOS = {errno.ENOENT, errno.EEXIST, errno.ENODATA, errno.ENOTEMPTY, errno.EOPNOTSUPP}
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -72,9 +79,18 @@ def _boundary(handler: F) -> F:
         timed = self.trace or self.metrics is not None
         started = time.perf_counter() if timed else 0.0
         try:
+            if self.journal is not None and not self.journal.healthy and name not in RELEASE_OPS:
+                # Heal first (a checkpoint) or answer EIO before the handler changes or
+                # hands out anything (readdirplus hands out lookups with no trace in
+                # its result).
+                self.journal.commit()
             result = await handler(self, *args)
             if self.journal is not None:
-                self.journal.commit()
+                try:
+                    self.journal.commit()
+                except OSError:
+                    self._give_back(name, result)
+                    raise
         except pyfuse3.FUSEError as exc:
             self._commit_quietly()
             self._account(name, started, errno.errorcode.get(exc.errno, str(exc.errno)))
@@ -167,6 +183,21 @@ class DmemOperations(pyfuse3.Operations):
         if self.journal is not None:
             with contextlib.suppress(OSError):
                 self.journal.commit()
+
+    def _give_back(self, op: str, result: Any) -> None:
+        """Undo the references a handler handed out in *result*, which is not sent.
+
+        The kernel takes nothing from an error reply, so it will never send the
+        FORGET or RELEASE that would drop them, and an unlinked file would keep its
+        dpages until restart.
+        """
+        entry = result[1] if isinstance(result, tuple) else result
+        if op in ENTRY_OPS and isinstance(entry, pyfuse3.EntryAttributes):
+            self.inodes.forget(entry.st_ino, 1)
+        info = result[0] if isinstance(result, tuple) else result
+        if isinstance(info, pyfuse3.FileInfo):
+            handle = self._handles.pop(info.fh)
+            self.inodes.close(handle.ino)
 
     def _account(self, op: str, started: float, result: str) -> None:
         if self.metrics is not None:

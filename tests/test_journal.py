@@ -9,13 +9,17 @@ import random
 import stat
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
+import pyfuse3
 import pytest
+import trio
 
 from dmemfs_fuse import metalog, persistence
 from dmemfs_fuse.changes import ChangeLog
 from dmemfs_fuse.daemon import build_pools
+from dmemfs_fuse.fs import DmemOperations
 from dmemfs_fuse.inodes import RENAME_EXCHANGE, ROOT_INO, Inode, InodeTable
 from dmemfs_fuse.journal import Journal
 from dmemfs_fuse.metalog import MetadataError
@@ -369,6 +373,42 @@ def test_failed_append_answers_eio_then_heals(tmp_path: Path, fs: Fs) -> None:
         assert again.dump() == before
     finally:
         again.close()
+
+
+def test_a_request_answered_eio_hands_out_no_references(tmp_path: Path, fs: Fs) -> None:
+    """If the journal cannot record a create, the kernel gets EIO and will never send
+    FORGET or RELEASE for it: the inode must not keep a lookup or an open count, or
+    unlinking it later would leave its dpages allocated until restart."""
+    ops = DmemOperations(fs.table, fs.store, journal=fs.journal)
+    # what handlers read of a pyfuse3.RequestContext (which cannot be built in Python)
+    ctx = cast(pyfuse3.RequestContext, SimpleNamespace(pid=os.getpid(), uid=0, gid=0, umask=0o022))
+    info_kept, _ = trio.run(ops.create, ROOT_INO, b"kept", 0o644, os.O_RDWR, ctx)
+    good = fs.journal.fd
+    fs.journal.fd = os.open("/dev/full", os.O_WRONLY)  # appends fail
+    Path(fs.meta + ".new").mkdir()  # and so do checkpoints
+    try:
+        with pytest.raises(pyfuse3.FUSEError) as info:
+            trio.run(ops.create, ROOT_INO, b"lost", 0o644, os.O_RDWR, ctx)
+        assert info.value.errno == errno.EIO and not fs.journal.healthy
+        # while the journal fails, a request answers EIO before it takes anything
+        with pytest.raises(pyfuse3.FUSEError):
+            trio.run(ops.lookup, ROOT_INO, b"lost", ctx)
+        # but a release always runs: the kernel drops its handle whatever the answer
+        with pytest.raises(pyfuse3.FUSEError):
+            trio.run(ops.release, info_kept.fh)
+    finally:
+        os.close(fs.journal.fd)
+        fs.journal.fd = good
+        Path(fs.meta + ".new").rmdir()
+    node = fs.table.lookup(ROOT_INO, b"lost")  # the create did happen (EIO: maybe)
+    assert (node.lookup_count, node.open_count) == (1, 0)  # the 1 is this lookup's
+    assert ops._handles == {} and fs.table.lookup(ROOT_INO, b"kept").open_count == 0
+    fs.table.forget(node.ino, 1)
+    fs.write(node.ino, 0, b"x" * 3 * DPS)  # heals the journal: a checkpoint
+    assert fs.journal.healthy
+    free = fs.pools.free_dpages
+    trio.run(ops.unlink, ROOT_INO, b"lost", ctx)
+    assert node.ino not in fs.table.inodes and fs.pools.free_dpages == free + 3
 
 
 def test_start_empty_keeps_the_old_file(tmp_path: Path, fs: Fs) -> None:
