@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "filesystem (issue #6). Needs root.",
         epilog="workloads: " + ", ".join(f"{w.name} ({w.number}. {w.title})" for w in WORKLOADS))
     parser.add_argument("--quick", action="store_true",
-                        help="small sizes and 2 rounds: about two minutes")
+                        help="small sizes and 2 rounds: about a minute")
     parser.add_argument("--rounds", type=int, default=None,
                         help="rounds of the comparative workloads (default 5, quick 2)")
     parser.add_argument("--abs-rounds", type=int, default=None,
