@@ -12,7 +12,9 @@ changes without awaiting in between (the one await, in statfs, changes
 nothing), so the changes pending at a handler's end are its own.  When the
 commit fails the request answers EIO, and the references its reply would have
 handed out (a lookup, an open handle) are dropped again: the kernel never
-forgets or releases what it did not get.
+forgets or releases what it did not get.  A readdir, whose entries take
+lookups that its result does not show, answers EIO before it runs while the
+journal is failing.
 """
 
 from __future__ import annotations
@@ -48,8 +50,10 @@ CACHE_TIMEOUT = 60.0
 FORGET_GRACE = 0.1
 # Handlers whose reply gives the kernel a reference (a lookup count) to the entry.
 ENTRY_OPS = frozenset({"lookup", "mknod", "mkdir", "symlink", "link", "create"})
-# Handlers the kernel does not retry or undo whatever the reply: they always run.
-RELEASE_OPS = frozenset({"release", "releasedir"})
+# Handlers that hand out references their result does not show (readdirplus entries
+# each take a lookup): while the journal is failing they answer EIO before running,
+# since a failed commit afterwards could not give those back.
+HEAL_FIRST_OPS = frozenset({"readdir"})
 QUIET_ERRNOS = {errno.ENOENT, errno.EEXIST, errno.ENODATA, errno.ENOTEMPTY, errno.EOPNOTSUPP}
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -78,32 +82,37 @@ def _boundary(handler: F) -> F:
         name = handler.__name__
         timed = self.trace or self.metrics is not None
         started = time.perf_counter() if timed else 0.0
+        journal_failed = False  # the journal failed in this request: no second try
         try:
-            if self.journal is not None and not self.journal.healthy and name not in RELEASE_OPS:
-                # Heal first (a checkpoint) or answer EIO before the handler changes or
-                # hands out anything (readdirplus hands out lookups with no trace in
-                # its result).
-                self.journal.commit()
+            if self.journal is not None and not self.journal.healthy and name in HEAL_FIRST_OPS:
+                journal_failed = True
+                self.journal.commit()  # heal (a checkpoint) or answer EIO before running
+                journal_failed = False
             result = await handler(self, *args)
             if self.journal is not None:
+                journal_failed = True
                 try:
                     self.journal.commit()
                 except OSError:
                     self._give_back(name, result)
                     raise
+                journal_failed = False
         except pyfuse3.FUSEError as exc:
-            self._commit_quietly()
+            if not journal_failed:
+                self._commit_quietly()
             self._account(name, started, errno.errorcode.get(exc.errno, str(exc.errno)))
             raise
         except OSError as exc:
-            self._commit_quietly()
+            if not journal_failed:
+                self._commit_quietly()
             code = exc.errno or errno.EIO
             level = logging.DEBUG if code in QUIET_ERRNOS else logging.INFO
             log.log(level, "%s(%s): %s", name, _summary(args), exc)
             self._account(name, started, errno.errorcode.get(code, str(code)))
             raise pyfuse3.FUSEError(code) from None
         except Exception:
-            self._commit_quietly()
+            if not journal_failed:
+                self._commit_quietly()
             log.exception("%s(%s) failed; answering EIO", name, _summary(args))
             self._account(name, started, "EIO")
             raise pyfuse3.FUSEError(errno.EIO) from None

@@ -375,7 +375,8 @@ def test_failed_append_answers_eio_then_heals(tmp_path: Path, fs: Fs) -> None:
         again.close()
 
 
-def test_a_request_answered_eio_hands_out_no_references(tmp_path: Path, fs: Fs) -> None:
+def test_a_request_answered_eio_hands_out_no_references(
+        tmp_path: Path, fs: Fs, monkeypatch: pytest.MonkeyPatch) -> None:
     """If the journal cannot record a create, the kernel gets EIO and will never send
     FORGET or RELEASE for it: the inode must not keep a lookup or an open count, or
     unlinking it later would leave its dpages allocated until restart."""
@@ -390,18 +391,26 @@ def test_a_request_answered_eio_hands_out_no_references(tmp_path: Path, fs: Fs) 
         with pytest.raises(pyfuse3.FUSEError) as info:
             trio.run(ops.create, ROOT_INO, b"lost", 0o644, os.O_RDWR, ctx)
         assert info.value.errno == errno.EIO and not fs.journal.healthy
-        # while the journal fails, a request answers EIO before it takes anything
-        with pytest.raises(pyfuse3.FUSEError):
+        with pytest.raises(pyfuse3.FUSEError):  # a lookup's reference is given back too
             trio.run(ops.lookup, ROOT_INO, b"lost", ctx)
-        # but a release always runs: the kernel drops its handle whatever the answer
+        # readdirplus entries take lookups that its result does not show: while the
+        # journal fails it must answer EIO before it hands any out
+        monkeypatch.setattr(pyfuse3, "readdir_reply", lambda *args: True)
+        with pytest.raises(pyfuse3.FUSEError):
+            trio.run(ops.readdir, ROOT_INO, 0, cast(pyfuse3.ReaddirToken, None))
+        # a release runs (the kernel drops its handle whatever the answer), and the
+        # failing journal is tried once per request, not twice
+        checkpoints_tried = fs.journal.failures
         with pytest.raises(pyfuse3.FUSEError):
             trio.run(ops.release, info_kept.fh)
+        assert fs.journal.failures == checkpoints_tried + 1
     finally:
         os.close(fs.journal.fd)
         fs.journal.fd = good
         Path(fs.meta + ".new").rmdir()
     node = fs.table.lookup(ROOT_INO, b"lost")  # the create did happen (EIO: maybe)
-    assert (node.lookup_count, node.open_count) == (1, 0)  # the 1 is this lookup's
+    # the 1 is this lookup's: none from the create, the lookup or the readdir
+    assert (node.lookup_count, node.open_count) == (1, 0)
     assert ops._handles == {} and fs.table.lookup(ROOT_INO, b"kept").open_count == 0
     fs.table.forget(node.ino, 1)
     fs.write(node.ino, 0, b"x" * 3 * DPS)  # heals the journal: a checkpoint

@@ -326,8 +326,11 @@ class Bench:
                     (self.logs / f"{path.name}.out").write_text(v.info["output"])
                     entry["output"] = v.info["output"]
                 if book:
-                    self.shared[("book", v.label, rnd)] = {**sample, "workload": "book",
-                                                   "metrics": book, "mount_shared_with": work.name}
+                    # The mount and its time are charged to the workload that made it.
+                    self.shared[("book", v.label, rnd)] = {
+                        **sample, "workload": "book", "metrics": book, "seconds": 0.0,
+                        "mount": {**sample["mount"], "seconds": 0.0},
+                        "mount_shared_with": work.name}
         except MountError as exc:
             # Retried next round (huge pages may be taken by someone else for a moment);
             # given up after two failures in a row.
