@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import sys
+from pathlib import Path
 from typing import Any
 
 from humanfriendly import InvalidSize, format_size, parse_size
@@ -52,17 +53,26 @@ def mount_of(path: str | None, mount: str | None) -> str:
     return mounts[0]
 
 
+def exchange(path: Path, payload: dict[str, Any]) -> bytes:
+    """Send *payload* as one JSON line to the control socket at *path*; the raw reply.
+
+    OSError as the socket gives it (no daemon, no permission, timeout).
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(str(path))
+        sock.sendall(json.dumps(payload).encode() + b"\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
 def request(mount: str, payload: dict[str, Any]) -> dict[str, Any]:
     """Send one request to the daemon of *mount*; return its result or raise CtlError."""
     path = socket_path(mount)
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(30)
-            sock.connect(str(path))
-            sock.sendall(json.dumps(payload).encode() + b"\n")
-            data = b""
-            while chunk := sock.recv(65536):
-                data += chunk
+        data = exchange(path, payload)
     except (FileNotFoundError, ConnectionRefusedError):
         raise CtlError(f"no dmemfs daemon answers for {mount} (no control socket at {path})"
                        ) from None

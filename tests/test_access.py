@@ -38,6 +38,7 @@ from typing import Any
 import pytest
 from mounting import Mount, dmemfs, free_port, unescape
 
+from dmemfs_fuse import dmemctl
 from dmemfs_fuse.control import socket_path
 
 pytestmark = pytest.mark.mount
@@ -414,15 +415,8 @@ def test_user_write_clears_setuid(shared: Mount, other: User) -> None:
 
 
 def ask_as_root(path: Path, payload: dict[str, Any]) -> dict[str, Any]:
-    """One control request over the socket at *path*, as dmemctl sends it."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(30)
-        sock.connect(str(path))
-        sock.sendall(json.dumps(payload).encode() + b"\n")
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    reply: dict[str, Any] = json.loads(data)
+    """One control request over the socket at *path*, as dmemctl sends it: the whole reply."""
+    reply: dict[str, Any] = json.loads(dmemctl.exchange(path, payload))
     return reply
 
 

@@ -135,6 +135,16 @@ def reopen(tmp: Path, old: Fs) -> Fs:
     return new
 
 
+def assert_recovers_as_it_was(tmp_path: Path, fs: Fs) -> None:
+    """Crash *fs*; the Fs recovered from its files must show exactly what it showed."""
+    before = fs.dump()
+    again = reopen(tmp_path, fs)
+    try:
+        assert again.dump() == before
+    finally:
+        again.close()
+
+
 def populate(fs: Fs) -> dict[str, int]:
     t = fs.table
     d = t.make(ROOT_INO, b"dir", DIR, 1000, 100).ino
@@ -205,12 +215,7 @@ def test_random_operations_with_checkpoints(tmp_path: Path) -> None:
             assert exc.errno == errno.ENOSPC
             fs.commit()
     assert fs.journal.checkpoints > 5
-    before = fs.dump()
-    again = reopen(tmp_path, fs)
-    try:
-        assert again.dump() == before
-    finally:
-        again.close()
+    assert_recovers_as_it_was(tmp_path, fs)
 
 
 def assert_refused(tmp_path: Path, match: str, **options: Any) -> None:
@@ -367,12 +372,7 @@ def test_failed_append_answers_eio_then_heals(tmp_path: Path, fs: Fs) -> None:
         fs.journal.fd = good
     fs.commit()  # nothing new, but pending changes: rewritten whole
     assert fs.journal.healthy
-    before = fs.dump()
-    again = reopen(tmp_path, fs)
-    try:
-        assert again.dump() == before
-    finally:
-        again.close()
+    assert_recovers_as_it_was(tmp_path, fs)
 
 
 def test_a_request_answered_eio_hands_out_no_references(
@@ -542,12 +542,7 @@ def test_a_batch_too_long_for_a_torn_tail_goes_in_as_a_checkpoint(
     assert fs.journal.seq == 0 and fs.journal.checkpoints == 2 and fs.journal.log_bytes == 0
     fs.write(ino, 0, b"after")  # appends go on after it
     assert fs.journal.seq == 1
-    before = fs.dump()
-    again = reopen(tmp_path, fs)
-    try:
-        assert again.dump() == before
-    finally:
-        again.close()
+    assert_recovers_as_it_was(tmp_path, fs)
 
 
 def test_a_record_over_the_frame_limit_fails_the_request(
