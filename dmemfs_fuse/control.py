@@ -2,14 +2,16 @@
 
 One JSON object per line each way: ``{"cmd": "status", ...}`` in,
 ``{"ok": true, "result": {...}}`` or ``{"ok": false, "errno": N, "error": "..."}``
-out, then the connection closes.  The socket lives under /run/dmemfs, mode
-0600, and the peer's credentials are checked: only root or the daemon's own
-user may ask.
+out, then the connection closes.  A client that leaves early, sends half a
+line, or never reads its answer ends its own connection and nothing else.
+The socket lives under /run/dmemfs, mode 0600, and the peer's credentials are
+checked: only root or the daemon's own user may ask.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -22,11 +24,19 @@ from typing import Any
 import trio
 
 from .report import JSON, Reporter
+from .tasks import supervise
+
+_one_connection = functools.partial(supervise, restart=False)  # a boundary, no restart
 
 log = logging.getLogger(__name__)
 
 RUN_DIR = Path(os.environ.get("DMEMFS_RUN_DIR", "/run/dmemfs"))
 MAX_REQUEST = 1 << 16
+BACKLOG = socket.SOMAXCONN
+MAX_CONNECTIONS = 256  # served at once; each holds a file descriptor
+READ_TIMEOUT = 10.0    # seconds for a whole request line
+SEND_TIMEOUT = 10.0    # seconds for the peer to take its answer
+ACCEPT_RETRY = 0.1     # seconds between accepts while out of file descriptors
 
 
 def socket_path(mountpoint: str) -> Path:
@@ -80,7 +90,12 @@ def answer(reporter: Reporter, line: bytes) -> bytes:
 
 async def serve(path: Path, reporter: Reporter,
                 task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Listen on *path* until cancelled; the socket file is removed on the way out."""
+    """Listen on *path* until cancelled; the socket file is removed on the way out.
+
+    Each connection is a task of its own with its own boundary: a client that
+    leaves early, never reads, or trips a bug ends only its own connection.
+    At most MAX_CONNECTIONS are served at once; the rest wait in the backlog.
+    """
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
     listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -89,42 +104,84 @@ async def serve(path: Path, reporter: Reporter,
         await listener.bind(str(path))
     finally:
         os.umask(old_umask)
-    listener.listen(16)
+    listener.listen(BACKLOG)
     log.info("control socket %s", path)
-    task_status.started()
+    slots = trio.Semaphore(MAX_CONNECTIONS)
     try:
+        task_status.started()
         async with trio.open_nursery() as nursery:
             while True:
-                conn, _ = await listener.accept()
-                nursery.start_soon(_handle, conn, reporter)
+                await slots.acquire()
+                try:
+                    conn = await _accept(listener)
+                except BaseException:
+                    slots.release()
+                    raise
+                nursery.start_soon(_one_connection, "control connection", _connection, conn,
+                                   reporter, slots)
     finally:
         listener.close()
         path.unlink(missing_ok=True)
 
 
-async def _handle(conn: trio.socket.SocketType, reporter: Reporter) -> None:
-    with conn:
-        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid, uid, _ = struct.unpack("3i", creds)
-        # Read the request even from a peer that will be refused: closing with its
-        # bytes unread would reset the connection and lose the refusal.
-        data = b""
-        with trio.move_on_after(10):
-            while b"\n" not in data and len(data) < MAX_REQUEST:
-                chunk = await conn.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-        if uid not in (0, os.getuid()):
-            log.warning("control request from pid %d uid %d refused", pid, uid)
-            await _send_all(conn, json.dumps({"ok": False, "errno": errno.EPERM,
-                                              "error": "only root may ask"}).encode() + b"\n")
-            return
+async def _accept(listener: trio.socket.SocketType) -> trio.socket.SocketType:
+    """The next connection; out of file descriptors, wait and try again."""
+    while True:
+        try:
+            conn, _ = await listener.accept()
+            return conn
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                raise
+            log.warning("control socket: cannot accept a connection now: %s", exc.strerror)
+            await trio.sleep(ACCEPT_RETRY)
+
+
+async def _connection(conn: trio.socket.SocketType, reporter: Reporter,
+                      slots: trio.Semaphore) -> None:
+    """One connection, from request to reply; a peer that leaves ends only this."""
+    try:
+        with conn:
+            await _converse(conn, reporter)
+    except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as exc:
+        log.debug("control client went away: %s", exc.strerror)
+    finally:
+        slots.release()
+
+
+async def _converse(conn: trio.socket.SocketType, reporter: Reporter) -> None:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, _ = struct.unpack("3i", creds)
+    # Read the request even from a peer that will be refused: closing with its
+    # bytes unread would reset the connection and lose the refusal.
+    data = b""
+    with trio.move_on_after(READ_TIMEOUT) as reading:
+        while b"\n" not in data and len(data) < MAX_REQUEST:
+            chunk = await conn.recv(4096)
+            if not chunk:
+                break  # the peer shut its side: answer what came
+            data += chunk
+    if reading.cancelled_caught:
+        log.debug("control client pid %d sent no whole request within %g s", pid, READ_TIMEOUT)
+        reply = _error(errno.ETIMEDOUT, f"no whole request within {READ_TIMEOUT:g} s")
+    elif b"\n" not in data and len(data) >= MAX_REQUEST:
+        reply = _error(errno.E2BIG, f"a request is one line of at most {MAX_REQUEST} bytes")
+    elif uid not in (0, os.getuid()):
+        log.warning("control request from pid %d uid %d refused", pid, uid)
+        reply = _error(errno.EPERM, "only root may ask")
+    else:
         reply = answer(reporter, data.split(b"\n", 1)[0])
         # Pages of a file hit by a memory error are dropped before the reply, so a
         # caller that sees the answer also sees EIO through its mappings.
         await reporter.frontend.flush_invalidations()
+    with trio.move_on_after(SEND_TIMEOUT) as sending:
         await _send_all(conn, reply)
+    if sending.cancelled_caught:
+        log.debug("control client pid %d did not take its answer within %g s", pid, SEND_TIMEOUT)
+
+
+def _error(code: int, text: str) -> bytes:
+    return json.dumps({"ok": False, "errno": code, "error": text}).encode() + b"\n"
 
 
 async def _send_all(conn: trio.socket.SocketType, data: bytes) -> None:

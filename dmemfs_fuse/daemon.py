@@ -3,6 +3,14 @@
 Order matters: every option is checked (plan_region) before anything is
 reserved; the region is released and reserved huge pages are given back on
 every exit path, SIGTERM during start-up included.
+
+What may end the daemon once it is mounted: the FUSE main loop returning (an
+unmount), SIGTERM, SIGINT or SIGHUP.  Nothing else.  Every other task is a
+side task (the control socket and each connection, metrics, the zeroer, status
+updates, bdi tuning, the SIGBUS watcher, and whatever comes later) and runs
+inside tasks.supervise, its own boundary: what it raises is logged with its
+traceback and the task starts over (a connection just ends).  A new side task
+goes through supervise too, never straight into the nursery.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from .poolset import PoolSet
 from .region import Region, RegionPlan, plan_region
 from .report import Reporter
 from .store import FileStore
+from .tasks import supervise
 
 log = logging.getLogger(__name__)
 
@@ -243,22 +252,28 @@ class _Mount:
 
 
 async def _serve(mount: _Mount, reporter: Reporter, registry: CollectorRegistry | None) -> None:
-    """Start the control socket (and metrics) first, so a taken port fails before mounting."""
+    """Start the control socket (and metrics) first, so a taken port fails before mounting.
+
+    Every task but the FUSE main loop is a side task, run by tasks.supervise:
+    what it raises is logged and it starts over, because only the main loop
+    ending (an unmount), a signal or a start-up failure may end the daemon.
+    """
     async with trio.open_nursery() as nursery:
-        await nursery.start(control.serve, control.socket_path(mount.config.mountpoint),
-                            reporter)
+        await nursery.start(supervise, "control socket", control.serve,
+                            control.socket_path(mount.config.mountpoint), reporter)
         if registry is not None and mount.config.options.metrics:
             host, port = mount.config.options.metrics
-            await nursery.start(metrics.serve, host, port, registry)
+            await nursery.start(supervise, "metrics endpoint", metrics.serve, host, port,
+                                registry)
         nursery.start_soon(_watch_signals, nursery.cancel_scope)
-        nursery.start_soon(_watch_memory_errors, mount)
+        nursery.start_soon(supervise, "memory-error watcher", _watch_memory_errors, mount)
         mount.mount()
         # Freed dpages are zeroed while no request is being served, a chunk at a time
         # (zeroing.py).
-        mount.ops.store.zeroer.start(nursery)
-        nursery.start_soon(_tune_bdi, mount)
+        nursery.start_soon(supervise, "zeroer", mount.ops.store.zeroer.run)
+        nursery.start_soon(supervise, "bdi tuning", _tune_bdi, mount)
         if mount.notifier.active:
-            nursery.start_soon(_update_status, mount)
+            nursery.start_soon(supervise, "status updates", _update_status, mount)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 

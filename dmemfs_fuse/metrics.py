@@ -28,6 +28,7 @@ from .report import Reporter
 
 log = logging.getLogger(__name__)
 
+SEND_TIMEOUT = 10.0  # seconds for a client to take its answer
 LATENCY_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2, 0.1, 1.0)
 
 
@@ -135,9 +136,13 @@ async def serve(host: str, port: int, registry: CollectorRegistry,
                 task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Answer ``GET /metrics`` on *host*:*port* until cancelled."""
     listeners = await trio.open_tcp_listeners(port, host=host)
-    log.info("metrics on http://%s:%d/metrics", host, port)
-    task_status.started()
-    await trio.serve_listeners(functools.partial(_handle, registry=registry), listeners)
+    try:
+        log.info("metrics on http://%s:%d/metrics", host, port)
+        task_status.started()
+        await trio.serve_listeners(functools.partial(_handle, registry=registry), listeners)
+    finally:
+        for listener in listeners:  # so that a restart can bind the port again
+            listener.socket.close()
 
 
 async def _handle(stream: trio.SocketStream, registry: CollectorRegistry) -> None:
@@ -157,7 +162,8 @@ async def _handle(stream: trio.SocketStream, registry: CollectorRegistry) -> Non
             status, ctype, body = "404 Not Found", "text/plain", b"try /metrics\n"
         head = (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
-        await stream.send_all(head + body)
+        with trio.move_on_after(SEND_TIMEOUT):  # a client that never reads
+            await stream.send_all(head + body)
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         log.debug("metrics client went away: %s", exc)
     except Exception:

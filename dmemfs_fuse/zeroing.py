@@ -261,10 +261,6 @@ class Zeroer:
             self.dirty.watch(run.start)
         return self._continue_partial()
 
-    def start(self, nursery: trio.Nursery) -> None:
-        """Run the background task in *nursery* until it is cancelled."""
-        nursery.start_soon(self.run)
-
     async def run(self) -> None:
         """Zero dirty dpages a chunk at a time, only while the daemon has nothing else to do."""
         while True:

@@ -111,14 +111,17 @@ def unmount(path: Path, proc: subprocess.Popen[bytes]) -> int | None:
 
 @contextmanager
 def dmemfs(tmp: Path, options: str = "size=64M,pagesize=2M", *extra: str,
-           name: str = "mnt") -> Iterator[Mount]:
-    """Mount a dmemfs under *tmp* for the duration of the block; always unmount."""
+           name: str = "mnt", env: dict[str, str] | None = None) -> Iterator[Mount]:
+    """Mount a dmemfs under *tmp* for the duration of the block; always unmount.
+
+    *env* is added to the daemon's environment."""
     path = tmp / name
     path.mkdir(exist_ok=True)
     log_path = tmp / f"{name}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(daemon_command(path, options, *extra), stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, **(env or {})})
     mount = Mount(path, proc, log_path)
     try:
         wait_mounted(path, proc, log_path)

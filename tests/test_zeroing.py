@@ -246,7 +246,7 @@ def test_background_task_yields_to_requests_and_drains_when_idle() -> None:
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            store.zeroer.start(nursery)
+            nursery.start_soon(store.zeroer.run)
             await trio.testing.wait_all_tasks_blocked(0.01)
             assert store.zeroer.steps == 0  # up and idle: nothing is dirty
             store.release(fx)

@@ -1,0 +1,158 @@
+"""tasks.supervise, the side tasks' boundary, without a mount."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import pytest
+import trio
+import trio.testing
+
+from dmemfs_fuse import tasks
+from dmemfs_fuse.tasks import FIRST_PAUSE, HEALTHY_RUN, MAX_PAUSE, supervise
+
+
+def run(fn: object) -> None:
+    """Run the async *fn* on a clock that jumps over sleeps."""
+    trio.run(fn, clock=trio.testing.MockClock(autojump_threshold=0))  # type: ignore[arg-type]
+
+
+def failures(caplog: pytest.LogCaptureFixture, name: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage().startswith(f"side task {name} failed")]
+
+
+def test_a_failing_task_is_logged_and_restarted_with_growing_pauses(
+        caplog: pytest.LogCaptureFixture) -> None:
+    starts: list[float] = []
+
+    async def flaky() -> None:
+        starts.append(trio.current_time())
+        if len(starts) <= 8:
+            raise ValueError(f"failure {len(starts)}")
+
+    async def main() -> None:
+        await supervise("flaky", flaky)
+
+    run(main)
+    assert len(starts) == 9
+    pauses = [b - a for a, b in itertools.pairwise(starts)]
+    expected = [min(FIRST_PAUSE * 2**i, MAX_PAUSE) for i in range(8)]
+    assert pauses == pytest.approx(expected)
+    logged = failures(caplog, "flaky")
+    assert len(logged) == 8
+    assert all(r.exc_info and isinstance(r.exc_info[1], ValueError) for r in logged)
+    assert logged[0].getMessage() == f"side task flaky failed; restarting it in {FIRST_PAUSE:g} s"
+
+
+def test_a_healthy_run_starts_the_pauses_over(caplog: pytest.LogCaptureFixture) -> None:
+    starts: list[float] = []
+
+    async def task() -> None:
+        starts.append(trio.current_time())
+        if len(starts) == 4:
+            await trio.sleep(HEALTHY_RUN)  # a long healthy run before this failure
+        if len(starts) < 6:
+            raise RuntimeError("again")
+
+    run(lambda: supervise("t", task))
+    pauses = [b - a for a, b in itertools.pairwise(starts)]
+    assert pauses[:3] == pytest.approx([FIRST_PAUSE, 2 * FIRST_PAUSE, 4 * FIRST_PAUSE])
+    assert pauses[3] == pytest.approx(HEALTHY_RUN + FIRST_PAUSE)  # not 8 * FIRST_PAUSE
+    assert pauses[4] == pytest.approx(2 * FIRST_PAUSE)
+
+
+def test_without_restart_a_failure_is_logged_and_the_task_ends(
+        caplog: pytest.LogCaptureFixture) -> None:
+    calls = 0
+
+    async def once() -> None:
+        nonlocal calls
+        calls += 1
+        raise OSError(5, "boom")
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: supervise("conn", once, restart=False))
+            nursery.start_soon(lambda: supervise("conn", once, restart=False))
+
+    run(main)
+    assert calls == 2
+    assert [r.getMessage() for r in failures(caplog, "conn")] == ["side task conn failed"] * 2
+
+
+def test_a_failure_before_started_is_the_callers() -> None:
+    async def cannot_bind(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        raise OSError(98, "Address already in use")
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(OSError, match="already in use"):
+                await nursery.start(supervise, "listener", cannot_bind)
+
+    run(main)
+
+
+def test_a_failure_after_started_restarts_and_started_is_passed_on_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    runs = 0
+
+    async def listener(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        nonlocal runs
+        runs += 1
+        task_status.started()
+        if runs < 3:
+            raise ConnectionError("a later failure")
+        await trio.sleep_forever()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            assert await nursery.start(supervise, "listener", listener) is None
+            await trio.sleep(10)
+            assert runs == 3
+            nursery.cancel_scope.cancel()
+
+    run(main)
+    assert len(failures(caplog, "listener")) == 2
+
+
+def test_cancellation_passes_through_unlogged(caplog: pytest.LogCaptureFixture) -> None:
+    async def forever() -> None:
+        await trio.sleep_forever()
+
+    async def main() -> None:
+        with trio.move_on_after(1) as scope:
+            await supervise("forever", forever)
+        assert scope.cancelled_caught
+
+    run(main)
+    assert not caplog.records
+
+
+def test_base_exceptions_are_not_caught() -> None:
+    async def leaves() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(lambda: supervise("leaves", leaves))
+
+
+def test_the_test_hook_fails_a_named_task_once(monkeypatch: pytest.MonkeyPatch,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv(tasks.FAIL_TASKS_ENV, "zeroer, other")
+    monkeypatch.setattr(tasks, "_injected", set())
+    calls: list[str] = []
+
+    async def task(name: str) -> None:
+        calls.append(name)
+
+    async def main() -> None:
+        for name in ("zeroer", "zeroer", "untouched"):
+            await supervise(name, task, name)
+
+    run(main)
+    assert calls == ["zeroer", "zeroer", "untouched"]  # the first run never started
+    logged = failures(caplog, "zeroer")
+    assert len(logged) == 1 and logged[0].exc_info
+    assert isinstance(logged[0].exc_info[1], tasks.InjectedFailureError)
+    assert not failures(caplog, "untouched")
