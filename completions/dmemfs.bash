@@ -52,7 +52,8 @@ _dmemfs()
         return
     fi
 
-    # Positionals: SOURCE (ignored; by convention dmemfs or none), then MOUNTPOINT.
+    # Positionals: [SOURCE] MOUNTPOINT.  SOURCE is ignored (by convention dmemfs or none)
+    # and may be left out, so the first word is either; the second is the mountpoint.
     local i npos=0
     for ((i = 1; i < cword; i++)); do
         case ${words[i]} in
@@ -61,15 +62,18 @@ _dmemfs()
             *) ((npos++)) ;;
         esac
     done
-    if ((npos == 0)); then
-        mapfile -t COMPREPLY < <(compgen -W "dmemfs none" -- "$cur")
-    elif ((npos == 1)); then
+    if ((npos < 2)); then
+        local -a dirs=()
         if declare -F _filedir >/dev/null; then
             _filedir -d
+            dirs=("${COMPREPLY[@]}")
         else
             compopt -o filenames 2>/dev/null
-            mapfile -t COMPREPLY < <(compgen -d -- "$cur")
+            mapfile -t dirs < <(compgen -d -- "$cur")
         fi
+        COMPREPLY=()
+        ((npos == 0)) && mapfile -t COMPREPLY < <(compgen -W "dmemfs none" -- "$cur")
+        COMPREPLY+=("${dirs[@]}")
     fi
     return 0
 } &&

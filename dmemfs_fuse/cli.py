@@ -1,4 +1,10 @@
-"""``dmemfs SOURCE MOUNTPOINT -o OPTIONS``: the command line, in the mount.fuse3 convention."""
+"""``dmemfs [SOURCE] MOUNTPOINT -o OPTIONS``: the command line, in the mount.fuse3 convention.
+
+mount.fuse3 runs ``dmemfs MOUNTPOINT -o ...`` for ``mount -t fuse dmemfs MNT`` and
+``dmemfs SOURCE MOUNTPOINT -o ...`` for ``mount -t fuse.dmemfs SOURCE MNT`` and
+``mount -t fuse 'dmemfs#SOURCE' MNT``: with one argument it is the mountpoint.
+SOURCE is ignored, as for tmpfs.
+"""
 
 from __future__ import annotations
 
@@ -29,8 +35,12 @@ def _options_help() -> str:
         "accepted and ignored.",
         "",
         "example:",
-        "  dmemfs none /mnt/dmem -o size=1G,pagesize=2M",
+        "  mount -t fuse dmemfs /mnt/dmem -o size=1G,pagesize=2M",
         "  truncate -s 512M /mnt/dmem/vm0 && df -h /mnt/dmem",
+        "  umount /mnt/dmem",
+        "",
+        "mount -t fuse runs this command as `dmemfs /mnt/dmem -o ...`; running it so",
+        "yourself does the same.",
     ]
     return "\n".join(lines)
 
@@ -44,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_options_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("source", metavar="SOURCE",
-                        help="ignored, as for tmpfs (use 'dmemfs' or 'none')")
+    parser.add_argument("source", metavar="SOURCE", nargs="?",
+                        help="ignored, as for tmpfs ('dmemfs', 'none' or left out)")
     parser.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing directory")
     parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                         help="mount options, see below; may be repeated")
@@ -59,12 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dmemfs`` command."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Intermixed: `dmemfs none -o size=1G /mnt/dmem` works as well as the mount.fuse3 order.
+    args = parser.parse_intermixed_args(argv)
     try:
-        opts = parse_mount_options(args.options)
         mountpoint = os.path.abspath(args.mountpoint)
         if not os.path.isdir(mountpoint):
             raise ConfigError(f"mountpoint {args.mountpoint}: not an existing directory")
+        opts = parse_mount_options(args.options)
     except ConfigError as exc:
         parser.exit(2, f"dmemfs: error: {exc}\n")
     # Under systemd, journald stamps each line itself: no second timestamp.

@@ -189,10 +189,12 @@ def render_dmemfs() -> str:
         "that region. Growing a file with truncate takes its dpages from a pool at once; "
         "removing it gives them back.")]
     out += [".PP", *lines(
-        "The command line follows the mount.fuse3 convention, so mount -t fuse.dmemfs and "
-        "fstab work. SOURCE is ignored. Without -f the command returns once the mount "
-        "answers, or exits non-zero with the reason. Every option is checked before "
-        "anything is reserved.")]
+        "The command line follows the mount.fuse3 convention, so mount -t fuse dmemfs, "
+        "mount -t fuse 'dmemfs#none', mount -t fuse.dmemfs dmemfs and their fstab lines all "
+        "work, and all show the fsname dmemfs and the type fuse.dmemfs in /proc/mounts. With "
+        "one argument it is the MOUNTPOINT; SOURCE is ignored. Without -f the command "
+        "returns once the mount answers, or exits non-zero with the reason. Every option is "
+        "checked before anything is reserved.")]
     out += [".SH OPTIONS", *argument_list(_arguments(parser), "dmemfs")]
     out += [".SH MOUNT OPTIONS", *lines(
         "Given with -o as a comma-separated list; -o may be repeated.")]
@@ -205,13 +207,17 @@ def render_dmemfs() -> str:
         f"{passed}, fsname=, subtype=, comment= and every x-* option (x-systemd.requires= "
         "and the like). ro is refused: dmemfs cannot be mounted read-only.")]
     out += [".SH EXAMPLES", *lines("Mount 1 GiB of 2 MiB dpages by hand:"),
-            *example_block(epilog_examples(parser.epilog) + ["fusermount3 -u /mnt/dmem"]),
+            *example_block(epilog_examples(parser.epilog)),
+            ".PP", *lines("The same without mount(8): dmemfs /mnt/dmem -o size=1G,pagesize=2M "
+                          "(or dmemfs none /mnt/dmem -o ...)."),
             ".PP", *lines("As a systemd service, options in /etc/dmemfs/mnt-dmem.conf "
                           "(DMEMFS_OPTIONS=size=4G,pagesize=2M):"),
             *example_block(["systemctl enable --now dmemfs@mnt-dmem.service"]),
             ".PP", *lines("From /etc/fstab:"),
-            *example_block(["dmemfs /mnt/dmem fuse.dmemfs size=4G,pagesize=2M,nofail,"
-                            "x-systemd.requires=dmemfs-hugepages.service 0 0"])]
+            *example_block(["dmemfs /mnt/dmem fuse size=4G,pagesize=2M,nofail,"
+                            "x-systemd.requires=dmemfs-hugepages.service 0 0"]),
+            ".PP", *lines("dmemfs#none /mnt/dmem fuse ... and dmemfs /mnt/dmem fuse.dmemfs ... "
+                          "are the same mount.")]
     out += [".SH EXIT STATUS", ".TP", "0", *lines("Mounted (detached), or unmounted cleanly "
                                                   "(with -f, also on SIGTERM)."),
             ".TP", "1", *lines("The region could not be reserved, populated or locked, or "

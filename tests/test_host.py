@@ -287,7 +287,11 @@ def test_dmemfs_man_page_has_every_mount_option(staged: Path) -> None:
     for action in cli.build_parser()._actions:
         for option in action.option_strings:
             assert option in text, f"dmemfs(8) lacks {option}"
-    assert "dmemfs none /mnt/dmem -o size=1G,pagesize=2M" in text
+    # The mount -t fuse form is the first example, before the command run by hand.
+    examples = text[text.index("EXAMPLES"):]
+    assert examples.startswith("EXAMPLES Mount 1 GiB of 2 MiB dpages by hand: "
+                               "mount -t fuse dmemfs /mnt/dmem -o size=1G,pagesize=2M "), examples
+    assert "without mount(8): dmemfs /mnt/dmem -o size=1G,pagesize=2M" in text
 
 
 def test_dmemctl_man_page_has_every_subcommand(staged: Path) -> None:
@@ -407,6 +411,19 @@ def test_dmemfs_completes_mount_options(with_bc: bool) -> None:
         ["1G,pagesize="]
     assert complete("dmemfs.bash", "_dmemfs", "dmemfs none /mnt/dmem -o size=1G,pagesize=") == \
         ["4K", "2M", "1G"]
+
+
+def test_dmemfs_completes_a_source_or_a_mountpoint_first(with_bc: bool, tmp_path: Path) -> None:
+    (tmp_path / "mnt").mkdir()
+    (tmp_path / "mnt-file").touch()
+    assert complete("dmemfs.bash", "_dmemfs", "dmemfs no", bash_completion=with_bc) == ["none"]
+    # SOURCE may be left out: a directory is offered first as well as after it.
+    assert complete("dmemfs.bash", "_dmemfs", f"dmemfs {tmp_path}/mn",
+                    bash_completion=with_bc) == [f"{tmp_path}/mnt"]
+    assert complete("dmemfs.bash", "_dmemfs", f"dmemfs none {tmp_path}/mn",
+                    bash_completion=with_bc) == [f"{tmp_path}/mnt"]
+    assert complete("dmemfs.bash", "_dmemfs", f"dmemfs none {tmp_path}/mnt ",
+                    bash_completion=with_bc) == []
 
 
 def test_dmemfs_hugepages_completes_subcommands() -> None:

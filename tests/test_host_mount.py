@@ -1,4 +1,5 @@
-"""The ways a host starts dmemfs: mount -t fuse.dmemfs, fstab, and systemd's notify protocol."""
+"""The ways a host starts dmemfs: every mount -t form, their fstab lines, and systemd's notify
+protocol."""
 
 from __future__ import annotations
 
@@ -69,21 +70,73 @@ def cleanup(mountpoint: Path) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def test_mount_t_fuse_dmemfs_and_umount(tmp_path: Path) -> None:
+# The forms mount(8) accepts for a FUSE filesystem: (type, source).  mount.fuse3 runs
+# `dmemfs MNT -o ...` for the first, `dmemfs none MNT -o ...` and `dmemfs dmemfs MNT -o ...`
+# for the others.
+FORMS = {
+    "fuse dmemfs": ("fuse", "dmemfs"),
+    "fuse dmemfs#none": ("fuse", "dmemfs#none"),
+    "fuse.dmemfs dmemfs": ("fuse.dmemfs", "dmemfs"),
+}
+
+
+def mount_by(way: str, form: str, mnt: Path, options: str, tmp_path: Path
+             ) -> subprocess.CompletedProcess[str]:
+    """Mount *mnt* in *form*, by the command line or through a temporary fstab (``mount
+    MNT`` or ``mount -a``)."""
+    fstype, source = FORMS[form]
+    if way == "command":
+        command = ["mount", "-t", fstype, source, str(mnt), "-o", options]
+    else:
+        fstab = tmp_path / "fstab"
+        other = tmp_path / "other"
+        other.mkdir(exist_ok=True)
+        fstab.write_text(f"# a test fstab\n{source} {mnt} {fstype} {options} 0 0\n"
+                         f"{source} {other} {fstype} {options},noauto 0 0\n")
+        command = ["mount", "--fstab", str(fstab), *(["-a"] if way == "mount -a" else
+                                                     [str(mnt)])]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.mark.parametrize("way", ["command", "fstab, mount MNT", "mount -a"])
+@pytest.mark.parametrize("form", FORMS)
+def test_every_mount_form_mounts_the_same_filesystem(tmp_path: Path, form: str,
+                                                     way: str) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        result = mount_by(way, form, mnt, "size=16M,pagesize=4K,nofail,"
+                          "x-systemd.requires=x.service", tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert is_mounted(mnt)
+        assert not is_mounted(tmp_path / "other")  # noauto is left alone by mount -a
+        # The same fsname and type whatever the form: findmnt -t fuse.dmemfs lists each.
+        line = next(line for line in Path("/proc/mounts").read_text().splitlines()
+                    if line.split()[1] == str(mnt))
+        assert line.split()[:3] == ["dmemfs", str(mnt), "fuse.dmemfs"], line
+        listed = subprocess.run(["findmnt", "-n", "-t", "fuse.dmemfs", "-o", "TARGET"],
+                                capture_output=True, text=True, check=True).stdout.split()
+        assert str(mnt) in listed
+        assert os.statvfs(mnt).f_bsize == 4096 and os.statvfs(mnt).f_blocks == 4096
+        (mnt / "f").write_bytes(b"mounted the usual way")
+        assert (mnt / "f").read_bytes() == b"mounted the usual way"
+        assert os.statvfs(mnt).f_bfree == 4095
+        subprocess.run(["umount", str(mnt)], check=True, timeout=60)
+        assert not is_mounted(mnt)
+        wait_daemon_gone(mnt)
+    finally:
+        cleanup(mnt)
+
+
+def test_mount_t_fuse_reserves_huge_pages_and_gives_them_back(tmp_path: Path) -> None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     pages = HUGE_2M.read_text()
     try:
-        subprocess.run(["mount", "-t", "fuse.dmemfs", "dmemfs", str(mnt), "-o",
+        subprocess.run(["mount", "-t", "fuse", "dmemfs", str(mnt), "-o",
                         "size=32M,pagesize=2M,region=memfd,reserve_hugepages"],
                        check=True, capture_output=True, text=True, timeout=60)
         assert is_mounted(mnt)
-        line = next(line for line in Path("/proc/mounts").read_text().splitlines()
-                    if line.split()[1] == str(mnt))
-        assert line.split()[0] == "dmemfs" and line.split()[2] == "fuse.dmemfs"
-        listed = subprocess.run(["findmnt", "-n", "-t", "fuse.dmemfs", "-o", "TARGET"],
-                                capture_output=True, text=True, check=True).stdout.split()
-        assert str(mnt) in listed
         (mnt / "f").write_bytes(b"mounted the usual way")
         assert os.statvfs(mnt).f_bfree == 15
         assert HUGE_2M.read_text() != pages  # the daemon reserved its huge pages
@@ -95,32 +148,59 @@ def test_mount_t_fuse_dmemfs_and_umount(tmp_path: Path) -> None:
         cleanup(mnt)
 
 
-def test_fstab_entry(tmp_path: Path) -> None:
+@pytest.mark.parametrize("form", FORMS)
+def test_mount_failure_reaches_mount(tmp_path: Path, form: str) -> None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    fstab = tmp_path / "fstab"
-    fstab.write_text(f"# a test fstab\ndmemfs {mnt} fuse.dmemfs "
-                     "size=16M,pagesize=4K,nofail,noauto,x-systemd.requires=x.service 0 0\n")
-    try:
-        subprocess.run(["mount", "--fstab", str(fstab), str(mnt)], check=True,
-                       capture_output=True, text=True, timeout=60)
-        assert is_mounted(mnt)
-        assert os.statvfs(mnt).f_bsize == 4096 and os.statvfs(mnt).f_blocks == 4096
-        subprocess.run(["umount", str(mnt)], check=True, timeout=60)
-        wait_daemon_gone(mnt)
-    finally:
-        cleanup(mnt)
-
-
-def test_mount_failure_reaches_mount(tmp_path: Path) -> None:
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    result = subprocess.run(["mount", "-t", "fuse.dmemfs", "dmemfs", str(mnt), "-o",
-                             "size=3M,pagesize=2M"], capture_output=True,
-                            text=True, timeout=60, check=False)
+    result = mount_by("command", form, mnt, "size=3M,pagesize=2M", tmp_path)
     assert result.returncode != 0
-    assert "not a multiple of pagesize" in result.stderr
+    assert "not a multiple of pagesize" in result.stderr.strip().splitlines()[-1]
     assert not is_mounted(mnt)
+
+
+@pytest.mark.parametrize("argv", [[], ["-o", "size=16M"], ["-f", "-v"]])
+def test_a_call_without_a_mountpoint_says_so(argv: list[str]) -> None:
+    result = subprocess.run([str(VENV_BIN / "dmemfs"), *argv], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == \
+        "dmemfs: error: the following arguments are required: MOUNTPOINT"
+
+
+@pytest.mark.parametrize("argv", [["{gone}"], ["none", "{gone}"], ["{gone}", "-o", "size=16M"],
+                                  ["{gone}", "-o", "size=16M,pagesize=3K"]])
+def test_a_missing_mountpoint_is_one_clear_line(tmp_path: Path, argv: list[str]) -> None:
+    gone = tmp_path / "nowhere"
+    result = subprocess.run([str(VENV_BIN / "dmemfs"), *(a.format(gone=gone) for a in argv)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2
+    assert result.stderr == f"dmemfs: error: mountpoint {gone}: not an existing directory\n"
+
+
+def test_a_source_without_a_mountpoint_is_taken_as_the_mountpoint(tmp_path: Path) -> None:
+    """`dmemfs none -o ...` (the mountpoint forgotten): one argument is the mountpoint, so the
+    line names it, as for `mount -t tmpfs none`."""
+    result = subprocess.run([str(VENV_BIN / "dmemfs"), "none", "-o", "size=16M"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2
+    assert result.stderr == "dmemfs: error: mountpoint none: not an existing directory\n"
+
+
+def test_options_between_source_and_mountpoint(tmp_path: Path) -> None:
+    """`dmemfs none -o OPTIONS MNT` (options first, as some scripts write it) still mounts."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "dmemfs_fuse.cli", "none", "-o",
+                             "size=16M,pagesize=4K", str(mnt), "-f"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not is_mounted(mnt):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        assert os.statvfs(mnt).f_blocks == 4096
+    finally:
+        assert unmount(mnt, proc) == 0
 
 
 @pytest.mark.parametrize("abstract", [False, True])
