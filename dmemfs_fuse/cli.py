@@ -15,6 +15,7 @@ import sys
 import textwrap
 
 from . import __version__
+from .connection import version_text
 from .daemon import DaemonConfig, run
 from .errors import ConfigError
 from .options import OPTIONS, parse_mount_options
@@ -62,8 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-f", "--foreground", action="store_true",
                         help="stay attached to the terminal (default: detach once mounted)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
-    parser.add_argument("--version", action="version", version=f"dmemfs {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="show the version, the libfuse in use and the kernel's FUSE "
+                             "protocol (probed with a throwaway mount as root), and exit")
     return parser
+
+
+class _Version(argparse.Action):
+    """--version: computed when asked, since probing the kernel mounts a throwaway FUSE."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        print(version_text(__version__))
+        parser.exit()
 
 
 def main(argv: list[str] | None = None) -> int:

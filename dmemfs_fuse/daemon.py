@@ -31,7 +31,7 @@ from humanfriendly import format_size
 from prometheus_client import CollectorRegistry
 from tqdm import tqdm
 
-from . import bdi, control, metrics, persistence, poison, recovery
+from . import bdi, connection, control, metrics, persistence, poison, recovery
 from .changes import ChangeLog
 from .fs import DmemOperations
 from .inodes import InodeTable
@@ -92,6 +92,7 @@ def _terminate_on_signal(signum: int, frame: FrameType | None) -> None:
 
 def run(config: DaemonConfig) -> int:
     """Serve until the filesystem is unmounted or a signal stops it; return the exit code."""
+    connection.check_library()
     opts = config.options
     plan = plan_region(opts)
     pools = build_pools(plan, opts.max_alloc_try_dpages, explicit=bool(opts.nodes))

@@ -118,6 +118,10 @@ def show_status(mount: str, st: dict[str, Any]) -> str:
                  f"ENOSPC {st['enospc']}; trace {'on' if st['trace'] else 'off'}")
     lines.append(f"bad dpages {st['bad_dpages']} ({_size(st['bad_dpages'] * dps)}); "
                  f"memory errors {st['memory_errors']}")
+    fuse = st.get("fuse")
+    if fuse:
+        lines.append(f"FUSE: libfuse {fuse['libfuse']}, kernel protocol {fuse['protocol']}; "
+                     f"enabled: {', '.join(fuse['enabled']) or 'none'}")
     if "dirty_dpages" in st:
         lines.append(f"dirty dpages {st['dirty_dpages']} ({_size(st['dirty_dpages'] * dps)} "
                      "of old bytes not zeroed yet)")

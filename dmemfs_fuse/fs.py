@@ -34,6 +34,8 @@ import pyfuse3
 import trio
 
 from . import numa
+from .caller import has_cap_fsetid
+from .connection import Negotiated, negotiate
 from .inodes import Inode, InodeTable
 from .journal import Journal
 from .metrics import RequestMetrics
@@ -128,10 +130,13 @@ def _boundary(handler: F) -> F:
 
 @dataclass
 class Handle:
-    """An open file: its inode and the NUMA node of the process that opened it."""
+    """An open file: its inode, the NUMA node of the process that opened it, and who that
+    process was (for clearing suid/sgid on its writes, see _kill_privileges)."""
 
     ino: int
     node: int
+    pid: int
+    uid: int
 
 
 class DmemOperations(pyfuse3.Operations):
@@ -153,6 +158,8 @@ class DmemOperations(pyfuse3.Operations):
         self._next_fh = 1
         # Set once the kernel has our INIT reply: sysfs tuning of the mount must wait for it.
         self.initialized = trio.Event()
+        # What INIT negotiated (connection.py); None until then.
+        self.connection: Negotiated | None = None
         # Inodes whose page cache must be dropped (a memory error hit them).
         self._to_invalidate: set[int] = set()
         # One flusher at a time: a second caller must not answer while the first is
@@ -212,10 +219,42 @@ class DmemOperations(pyfuse3.Operations):
         if self.metrics is not None:
             self.metrics.observe(op, time.perf_counter() - started, result)
 
+    def init_connection(self, conn: pyfuse3.ConnectionInfo) -> None:
+        """Choose the connection's capabilities while INIT is answered; must not raise."""
+        try:
+            self.connection = negotiate(conn)
+        except Exception:  # INIT goes out as libfuse proposed it
+            log.exception("negotiating the FUSE connection failed")
+
     def init(self) -> None:
         """Called once the kernel has connected; must not raise."""
-        log.info("filesystem ready")
+        got = self.connection
+        if got is not None:
+            log.info("filesystem ready: libfuse %s, kernel FUSE protocol %s; enabled: %s",
+                     got.libfuse, got.protocol, ", ".join(got.names(got.want)) or "none")
+        else:
+            log.info("filesystem ready")
         self.initialized.set()
+
+    @property
+    def kills_privileges(self) -> bool:
+        """Whether this daemon clears suid/sgid on writes (killpriv v2 negotiated)."""
+        return self.connection is not None and self.connection.kills_privileges
+
+    def _kill_privileges(self, node: Inode, pid: int, uid: int) -> None:
+        """A write or O_TRUNC open by *pid*: under killpriv v2 the kernel leaves clearing
+        suid/sgid to us, and libfuse drops its flag for these two, so ask as the kernel
+        does whether the caller holds CAP_FSETID (caller.py).  Truncate and chown carry the
+        kernel's own verdict (SetattrFields.kill_suidgid)."""
+        if (self.kills_privileges and node.mode & (stat.S_ISUID | stat.S_ISGID)
+                and (uid != 0 or not has_cap_fsetid(pid)) and node.kill_suidgid()):
+            # Neither reply carries attributes, and after a write the kernel refreshes
+            # only size and times: without this, `stat -c %a` would show the old mode.
+            # Attributes only: no page lock is taken, so this is safe inside a request.
+            try:
+                pyfuse3.invalidate_inode(node.ino, attr_only=True)
+            except OSError as exc:  # the kernel may not know the inode
+                log.debug("invalidate attributes of inode %d: %s", node.ino, exc)
 
     # -- attributes ------------------------------------------------------------
 
@@ -266,6 +305,8 @@ class DmemOperations(pyfuse3.Operations):
         node = self.inodes.get(inode)
         if fields.update_size:
             self._resize(node, attr.st_size, self._node_of(fh, ctx))
+        if fields.kill_suidgid:  # a truncate or chown that the kernel says clears them
+            node.kill_suidgid()
         now = time.time_ns()
         self.inodes.set_attributes(
             inode,
@@ -343,7 +384,7 @@ class DmemOperations(pyfuse3.Operations):
         self.inodes.open(inode.ino)
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = Handle(inode.ino, numa.process_node(ctx.pid))
+        self._handles[fh] = Handle(inode.ino, numa.process_node(ctx.pid), ctx.pid, ctx.uid)
         # keep_cache: the page cache stays valid across opens, since every
         # change reaches us through the kernel.  No direct_io: MAP_SHARED
         # must keep working.
@@ -362,6 +403,7 @@ class DmemOperations(pyfuse3.Operations):
             raise OSError(errno.EISDIR if node.dir is not None else errno.ENXIO, "open")
         if flags & os.O_TRUNC:  # times change even if the file is already empty
             self._resize(node, 0, numa.process_node(ctx.pid))
+            self._kill_privileges(node, ctx.pid, ctx.uid)
         return self._open_handle(node, ctx)
 
     @_boundary
@@ -386,9 +428,10 @@ class DmemOperations(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         node = self._inode_of(fh)
         assert node.data is not None
+        handle = self._handles[fh]
+        self._kill_privileges(node, handle.pid, handle.uid)  # first, as tmpfs does
         node.size, written = self.store.write(node.data, node.size, off, buf,
-                                              node=self._handles[fh].node,
-                                              policy=node.policy or LOCAL)
+                                              node=handle.node, policy=node.policy or LOCAL)
         node.touch(data=True)
         if self.metrics is not None:
             self.metrics.written_bytes.inc(written)

@@ -13,6 +13,7 @@ from dataclasses import asdict
 from typing import Any, Protocol
 
 from . import numa
+from .connection import Negotiated
 from .errors import fs_error
 from .inodes import ROOT_INO, Inode, InodeTable
 from .journal import Journal
@@ -29,6 +30,7 @@ class Frontend(Protocol):
     """What the reporter needs from the FUSE side: the trace, the journal, the page cache."""
 
     trace: bool
+    connection: Negotiated | None
 
     def set_trace(self, on: bool) -> None:
         """Turn the trace on or off."""
@@ -92,6 +94,7 @@ class Reporter:
             "inodes_used": self.inodes.used,
             "inodes_total": self.inodes.nr_inodes,
             "trace": self.frontend.trace,
+            "fuse": conn.describe() if (conn := self.frontend.connection) else None,
             "persistent": self.journal is not None,
             "journal": asdict(self.journal.statistics()) if self.journal else None,
             "recovered": asdict(self.recovery) if self.recovery else None,

@@ -89,22 +89,23 @@ def wait_mounted(path: Path, proc: subprocess.Popen[bytes], log_path: Path,
     os.stat(path)  # the first request waits for FUSE INIT: the mount now answers
 
 
-def unmount(path: Path, proc: subprocess.Popen[bytes]) -> int | None:
+def unmount(path: Path, proc: subprocess.Popen[bytes],
+            fstype: str = "fuse.dmemfs") -> int | None:
     """Unmount *path* and end *proc*: fusermount3 -u, then -z, then kill.  Returns the exit code."""
-    if is_mounted(path):
+    if is_mounted(path, fstype):
         subprocess.run(["fusermount3", "-u", str(path)], capture_output=True, check=False)
     try:
         return proc.wait(timeout=EXIT_TIMEOUT)
     except subprocess.TimeoutExpired:
         pass
-    if is_mounted(path):
+    if is_mounted(path, fstype):
         subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, check=False)
     try:
         proc.wait(timeout=EXIT_TIMEOUT)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-    if is_mounted(path):
+    if is_mounted(path, fstype):
         subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, check=False)
     return None  # not a clean exit
 

@@ -30,13 +30,13 @@ import subprocess
 import sys
 import tempfile
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from mounting import Mount, dmemfs, free_port, unescape
+from mounting import Mount, dmemfs, free_port, kernel_fs, metrics, unescape
 
 from dmemfs_fuse import dmemctl
 from dmemfs_fuse.control import socket_path
@@ -95,6 +95,8 @@ def run(op, args):
             os.close(fd)
     if op == "truncate":
         return os.truncate(args[0], args[1])
+    if op == "open_trunc":
+        return os.close(os.open(args[0], os.O_WRONLY | os.O_TRUNC))
     if op == "mkdir":
         return os.mkdir(args[0], args[1])
     if op == "symlink":
@@ -409,6 +411,83 @@ def test_user_write_clears_setuid(shared: Mount, other: User) -> None:
     assert stat.S_IMODE(results[4][1][2]) == 0o755
     assert stat.S_IMODE(os.stat(f).st_mode) == 0o755
     assert f.read_bytes() == b"ab"
+
+
+@pytest.fixture(scope="module")
+def shared_tmpfs(public_dir: Path) -> Iterator[Path]:
+    """A tmpfs beside the shared mount: the oracle for what the kernel does to modes."""
+    with kernel_fs(public_dir / "oracle", "tmpfs", "size=16M,mode=1777") as path:
+        yield path
+
+
+KILLERS: dict[str, Callable[[Path, User], None]] = {
+    "write by the owner": lambda f, u: _ok(u.run(("write", str(f), "b"))),
+    "truncate by the owner": lambda f, u: _ok(u.run(("truncate", str(f), 1))),
+    "O_TRUNC open by the owner": lambda f, u: _ok(u.run(("open_trunc", str(f)))),
+    "chmod by the owner": lambda f, u: _ok(u.run(("chmod", str(f), 0o4755))),
+    "write by root": lambda f, u: _append(f, b"r"),
+    "truncate by root": lambda f, u: os.truncate(f, 1),
+    "O_TRUNC open by root": lambda f, u: os.close(os.open(f, os.O_WRONLY | os.O_TRUNC)),
+    "chown by root": lambda f, u: os.chown(f, u.uid, u.gid),
+}
+
+
+def _append(path: Path, data: bytes) -> None:
+    with path.open("ab") as f:
+        f.write(data)
+
+
+def _ok(results: list[tuple[str, Any]]) -> None:
+    assert [status for status, _ in results] == ["ok"] * len(results), results
+
+
+@pytest.mark.parametrize("mode", [0o6755, 0o6745, 0o4711, 0o2775])
+@pytest.mark.parametrize("change", KILLERS)
+def test_suid_and_sgid_are_cleared_as_on_tmpfs(shared: Mount, shared_tmpfs: Path, other: User,
+                                               change: str, mode: int) -> None:
+    """Under killpriv v2 the daemon, not the kernel, clears set-user-ID and set-group-ID
+    bits: on writes, truncates and O_TRUNC opens by a caller without CAP_FSETID, and on
+    every chown.  tmpfs, where the kernel does it, is the oracle for each case."""
+    modes = []
+    for where in (shared.path, shared_tmpfs):
+        f = where / f"killpriv-{abs(hash((change, mode)))}"
+        f.write_bytes(b"a")
+        os.chown(f, other.uid, other.gid)
+        f.chmod(mode)
+        KILLERS[change](f, other)
+        # stat(1) asks statx for the mode alone, which the kernel may answer from its
+        # cache; os.stat asks for everything, which makes a FUSE kernel ask the daemon.
+        cached = subprocess.run(["stat", "-c", "%a", str(f)], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        modes.append((int(cached, 8), stat.S_IMODE(os.stat(f).st_mode)))
+        f.unlink()
+    assert modes[0] == modes[1], f"dmemfs {modes[0]}, tmpfs {modes[1]} (cached, fresh)"
+
+
+def test_writes_send_no_getxattr_after_a_files_first(tmp_path: Path) -> None:
+    """With killpriv v2 the kernel sets SB_NOSEC: it asks for security.capability once per
+    inode, at its first write, and marks the inode S_NOSEC (before: once per write).
+    1,000 4 KiB writes to one file, then 100 to each of 10 files."""
+    port = free_port()
+
+    def count(values: dict[str, float], op: str) -> float:
+        return sum(v for k, v in values.items()
+                   if k.startswith(f'dmemfs_fuse_requests_total{{op="{op}"'))
+
+    with dmemfs(tmp_path, f"{OPTIONS},metrics={port}") as mount:
+        for name, writes in [("one", 1000), *((f"ten{n}", 100) for n in range(10))]:
+            fd = os.open(mount.path / name, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                for i in range(writes):
+                    os.pwrite(fd, b"w" * 4096, i * 4096)
+            finally:
+                os.close(fd)
+            if name == "one":
+                first = metrics(port)
+                assert (count(first, "write"), count(first, "getxattr")) == (1000, 1)
+        values = metrics(port)
+    assert (count(values, "write"), count(values, "getxattr")) == (2000, 11)
+    assert mount.exit_code == 0, mount.log()
 
 
 # -- the control socket -----------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -60,9 +61,21 @@ def test_help_lists_every_option() -> None:
     for opt in OPTIONS:
         assert f"  {opt.name}" in out
         assert opt.default in " ".join(out.split())
+
+
+def test_version_names_the_library_and_the_kernels_protocol() -> None:
+    """libfuse 3.17 is the one loaded (not the system's 3.14), and a throwaway mount asks
+    the kernel for its FUSE protocol; it leaves no mount behind."""
     version = subprocess.run([sys.executable, "-m", "dmemfs_fuse.cli", "--version"],
-                             capture_output=True, text=True, check=True).stdout
-    assert version.startswith("dmemfs ")
+                             capture_output=True, text=True, check=True).stdout.splitlines()
+    assert version[0].startswith("dmemfs ")
+    assert version[1].startswith("libfuse 3.17."), version
+    assert "pyfuse3 3.5.0+dmemfs1" in version[1]
+    # Linux 6.9 and later: protocol 7.40 or newer, with passthrough.
+    assert re.fullmatch(r"kernel FUSE protocol 7\.(4\d|[5-9]\d) \(at INIT of a throwaway "
+                        r"mount\); offered: passthrough, handle_killpriv_v2, .*", version[2]), \
+        version
+    assert "dmemfs-probe" not in Path("/proc/mounts").read_text()
 
 
 def test_hugetlbfs_region_reserves_and_gives_back(tmp_path: Path, hugetlbfs: Path) -> None:

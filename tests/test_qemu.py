@@ -636,12 +636,11 @@ def test_stat_keeps_a_shared_mapping_in_the_page_cache_on_tmpfs() -> None:
     assert before == after == pages
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: write-back WRITEs change mtime in the daemon; libfuse's default "
-    "FUSE_CAP_AUTO_INVAL_DATA (pyfuse3 cannot clear it) makes the next GETATTR that "
-    "sees the new mtime invalidate the file's page cache, unmapping a running share=on "
-    "guest's RAM, which then faults back in through READs. See docs/qemu.md."))
 def test_stat_keeps_a_shared_mapping_in_the_page_cache(mnt: Mount) -> None:
+    """Write-back WRITEs change mtime in the daemon; with libfuse's default
+    FUSE_CAP_AUTO_INVAL_DATA the next GETATTR that saw the new mtime dropped the file's
+    page cache, unmapping a running share=on guest's RAM.  The daemon clears it at INIT
+    (connection.py)."""
     pages, before, after = _resident_after_stat(mnt.path / "vm0")
     assert before == pages
     assert after == pages, f"a stat dropped {pages - after} of {pages} mapped pages"
