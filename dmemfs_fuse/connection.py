@@ -86,7 +86,8 @@ def check_library() -> None:
     parts = tuple(int(p) for p in version.split(".")[:3] if p.isdigit())
     if parts < MIN_LIBFUSE:
         raise ConfigError(f"pyfuse3 is linked against libfuse {version}, older than "
-                           f"{'.'.join(map(str, MIN_LIBFUSE))}; run tools/setup")
+                           f"{'.'.join(map(str, MIN_LIBFUSE))}; run tools/setup (or tools/install) "
+                          "to build the FUSE layer")
 
 
 def negotiate(conn: pyfuse3.ConnectionInfo) -> Negotiated:

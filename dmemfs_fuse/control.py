@@ -37,6 +37,8 @@ MAX_CONNECTIONS = 256  # served at once; each holds a file descriptor
 READ_TIMEOUT = 10.0    # seconds for a whole request line
 SEND_TIMEOUT = 10.0    # seconds for the peer to take its answer
 ACCEPT_RETRY = 0.1     # seconds between accepts while out of file descriptors
+OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+GONE_BEFORE_ACCEPT = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 
 
 def socket_path(mountpoint: str) -> Path:
@@ -98,13 +100,20 @@ async def serve(path: Path, reporter: Reporter,
     """
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
-    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)  # born 0600: no window where others could connect
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        await listener.bind(str(path))
-    finally:
-        os.umask(old_umask)
-    listener.listen(BACKLOG)
+        # Born 0600: no window where others could connect.  Bound here, on this thread
+        # and at once: the umask is the process's, and nothing else may run meanwhile.
+        old_umask = os.umask(0o177)
+        try:
+            raw.bind(str(path))
+        finally:
+            os.umask(old_umask)
+        raw.listen(BACKLOG)
+    except BaseException:
+        raw.close()
+        raise
+    listener = trio.socket.from_stdlib_socket(raw)
     log.info("control socket %s", path)
     slots = trio.Semaphore(MAX_CONNECTIONS)
     try:
@@ -117,8 +126,7 @@ async def serve(path: Path, reporter: Reporter,
                 except BaseException:
                     slots.release()
                     raise
-                nursery.start_soon(_one_connection, "control connection", _connection, conn,
-                                   reporter, slots)
+                nursery.start_soon(_connection_task, conn, reporter, slots)
     finally:
         listener.close()
         path.unlink(missing_ok=True)
@@ -131,22 +139,31 @@ async def _accept(listener: trio.socket.SocketType) -> trio.socket.SocketType:
             conn, _ = await listener.accept()
             return conn
         except OSError as exc:
-            if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            if exc.errno in GONE_BEFORE_ACCEPT:  # that peer is gone; the next one may come
+                continue
+            if exc.errno not in OUT_OF_RESOURCES:
                 raise
             log.warning("control socket: cannot accept a connection now: %s", exc.strerror)
             await trio.sleep(ACCEPT_RETRY)
 
 
-async def _connection(conn: trio.socket.SocketType, reporter: Reporter,
-                      slots: trio.Semaphore) -> None:
-    """One connection, from request to reply; a peer that leaves ends only this."""
+async def _connection_task(conn: trio.socket.SocketType, reporter: Reporter,
+                           slots: trio.Semaphore) -> None:
+    """One connection inside its own boundary; its socket and its slot are given back
+    whatever happens in it."""
     try:
         with conn:
-            await _converse(conn, reporter)
-    except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as exc:
-        log.debug("control client went away: %s", exc.strerror)
+            await _one_connection("control connection", _connection, conn, reporter)
     finally:
         slots.release()
+
+
+async def _connection(conn: trio.socket.SocketType, reporter: Reporter) -> None:
+    """One connection, from request to reply; a peer that leaves ends only this."""
+    try:
+        await _converse(conn, reporter)
+    except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as exc:
+        log.debug("control client went away: %s", exc.strerror)
 
 
 async def _converse(conn: trio.socket.SocketType, reporter: Reporter) -> None:

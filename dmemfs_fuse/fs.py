@@ -34,7 +34,7 @@ import pyfuse3
 import trio
 
 from . import numa
-from .caller import has_cap_fsetid
+from .caller import has_cap_fsetid, in_group
 from .connection import Negotiated, negotiate
 from .inodes import Inode, InodeTable
 from .journal import Journal
@@ -59,6 +59,12 @@ HEAL_FIRST_OPS = frozenset({"readdir"})
 QUIET_ERRNOS = {errno.ENOENT, errno.EEXIST, errno.ENODATA, errno.ENOTEMPTY, errno.EOPNOTSUPP}
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _changes_anything(fields: pyfuse3.SetattrFields) -> bool:
+    return bool(fields.update_atime or fields.update_mtime or fields.update_ctime
+                or fields.update_mode or fields.update_uid or fields.update_gid
+                or fields.update_size)
 
 
 def _summary(args: tuple[Any, ...]) -> str:
@@ -130,13 +136,10 @@ def _boundary(handler: F) -> F:
 
 @dataclass
 class Handle:
-    """An open file: its inode, the NUMA node of the process that opened it, and who that
-    process was (for clearing suid/sgid on its writes, see _kill_privileges)."""
+    """An open file: its inode and the NUMA node of the process that opened it."""
 
     ino: int
     node: int
-    pid: int
-    uid: int
 
 
 class DmemOperations(pyfuse3.Operations):
@@ -223,8 +226,10 @@ class DmemOperations(pyfuse3.Operations):
         """Choose the connection's capabilities while INIT is answered; must not raise."""
         try:
             self.connection = negotiate(conn)
-        except Exception:  # INIT goes out as libfuse proposed it
+        except Exception:  # INIT goes out as libfuse proposed it, and the kernel kills privs
             log.exception("negotiating the FUSE connection failed")
+            with contextlib.suppress(Exception):
+                conn.want &= ~pyfuse3.FUSE_CAP_HANDLE_KILLPRIV_V2
 
     def init(self) -> None:
         """Called once the kernel has connected; must not raise."""
@@ -241,20 +246,15 @@ class DmemOperations(pyfuse3.Operations):
         """Whether this daemon clears suid/sgid on writes (killpriv v2 negotiated)."""
         return self.connection is not None and self.connection.kills_privileges
 
-    def _kill_privileges(self, node: Inode, pid: int, uid: int) -> None:
-        """A write or O_TRUNC open by *pid*: under killpriv v2 the kernel leaves clearing
-        suid/sgid to us, and libfuse drops its flag for these two, so ask as the kernel
-        does whether the caller holds CAP_FSETID (caller.py).  Truncate and chown carry the
-        kernel's own verdict (SetattrFields.kill_suidgid)."""
-        if (self.kills_privileges and node.mode & (stat.S_ISUID | stat.S_ISGID)
-                and (uid != 0 or not has_cap_fsetid(pid)) and node.kill_suidgid()):
-            # Neither reply carries attributes, and after a write the kernel refreshes
-            # only size and times: without this, `stat -c %a` would show the old mode.
-            # Attributes only: no page lock is taken, so this is safe inside a request.
-            try:
-                pyfuse3.invalidate_inode(node.ino, attr_only=True)
-            except OSError as exc:  # the kernel may not know the inode
-                log.debug("invalidate attributes of inode %d: %s", node.ino, exc)
+    def _kill_privileges(self, node: Inode, pid: int) -> bool:
+        """Clear set-user-ID and set-group-ID as the kernel does for caller *pid*, once it has
+        been decided that the caller must lose them (see setattr and open).  Set-group-ID
+        goes too on a file that is not group-executable when the caller is neither in its
+        group nor holds CAP_FSETID (setattr_should_drop_sgid).  Returns whether the mode
+        changed."""
+        stranger = bool(node.mode & stat.S_ISGID and not node.mode & stat.S_IXGRP
+                        and not in_group(pid, node.gid) and not has_cap_fsetid(pid))
+        return node.kill_suidgid(also_sgid=stranger)
 
     # -- attributes ------------------------------------------------------------
 
@@ -305,8 +305,14 @@ class DmemOperations(pyfuse3.Operations):
         node = self.inodes.get(inode)
         if fields.update_size:
             self._resize(node, attr.st_size, self._node_of(fh, ctx))
-        if fields.kill_suidgid:  # a truncate or chown that the kernel says clears them
-            node.kill_suidgid()
+        # Under killpriv v2 the kernel leaves clearing suid/sgid to us, and says when:
+        # FATTR_KILL_SUIDGID on a truncate or chown, and an otherwise empty SETATTR from
+        # file_remove_privs() before a write (or fallocate) by a caller without
+        # CAP_FSETID; the writer is the caller here.  libfuse drops the flag the WRITE
+        # itself carries, and the write-back of a mapping, which keeps the bits, sends none.
+        if fields.kill_suidgid or (self.kills_privileges and node.data is not None
+                                   and not _changes_anything(fields)):
+            self._kill_privileges(node, ctx.pid)
         now = time.time_ns()
         self.inodes.set_attributes(
             inode,
@@ -384,7 +390,7 @@ class DmemOperations(pyfuse3.Operations):
         self.inodes.open(inode.ino)
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = Handle(inode.ino, numa.process_node(ctx.pid), ctx.pid, ctx.uid)
+        self._handles[fh] = Handle(inode.ino, numa.process_node(ctx.pid))
         # keep_cache: the page cache stays valid across opens, since every
         # change reaches us through the kernel.  No direct_io: MAP_SHARED
         # must keep working.
@@ -403,8 +409,21 @@ class DmemOperations(pyfuse3.Operations):
             raise OSError(errno.EISDIR if node.dir is not None else errno.ENXIO, "open")
         if flags & os.O_TRUNC:  # times change even if the file is already empty
             self._resize(node, 0, numa.process_node(ctx.pid))
-            self._kill_privileges(node, ctx.pid, ctx.uid)
+            self._kill_privileges_on_open(node, ctx.pid)
         return self._open_handle(node, ctx)
+
+    def _kill_privileges_on_open(self, node: Inode, pid: int) -> None:
+        """An O_TRUNC open: libfuse drops the kernel's FUSE_OPEN_KILL_SUIDGID, so ask as the
+        kernel does whether the opener (blocked in open) holds CAP_FSETID."""
+        if (self.kills_privileges and node.mode & (stat.S_ISUID | stat.S_ISGID)
+                and not has_cap_fsetid(pid) and self._kill_privileges(node, pid)):
+            # The open reply carries no attributes: without this, `stat -c %a` would show
+            # the old mode.  Attributes only: no page lock is taken, so this is safe inside
+            # a request.
+            try:
+                pyfuse3.invalidate_inode(node.ino, attr_only=True)
+            except OSError as exc:  # the kernel may not know the inode
+                log.debug("invalidate attributes of inode %d: %s", node.ino, exc)
 
     @_boundary
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
@@ -428,10 +447,9 @@ class DmemOperations(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         node = self._inode_of(fh)
         assert node.data is not None
-        handle = self._handles[fh]
-        self._kill_privileges(node, handle.pid, handle.uid)  # first, as tmpfs does
         node.size, written = self.store.write(node.data, node.size, off, buf,
-                                              node=handle.node, policy=node.policy or LOCAL)
+                                              node=self._handles[fh].node,
+                                              policy=node.policy or LOCAL)
         node.touch(data=True)
         if self.metrics is not None:
             self.metrics.written_bytes.inc(written)

@@ -135,12 +135,13 @@ class Inode:
             self.log.touched.add(self.ino)
 
 
-    def kill_suidgid(self) -> bool:
-        """Clear set-user-ID, and set-group-ID if group-executable, as the kernel does on a
-        write, truncate or chown by a caller without CAP_FSETID (the FUSE protocol leaves
-        it to the daemon under killpriv v2).  Returns whether the mode changed."""
+    def kill_suidgid(self, *, also_sgid: bool = False) -> bool:
+        """Clear set-user-ID, and set-group-ID if group-executable (or *also_sgid*), as the
+        kernel does on a write, truncate or chown by a caller without CAP_FSETID (the FUSE
+        protocol leaves it to the daemon under killpriv v2).  Returns whether the mode
+        changed."""
         mode = self.mode & ~stat.S_ISUID
-        if mode & stat.S_IXGRP:
+        if mode & stat.S_IXGRP or also_sgid:
             mode &= ~stat.S_ISGID
         if mode == self.mode:
             return False

@@ -97,6 +97,16 @@ def run(op, args):
         return os.truncate(args[0], args[1])
     if op == "open_trunc":
         return os.close(os.open(args[0], os.O_WRONLY | os.O_TRUNC))
+    if op == "mmap_write":
+        import mmap
+        fd = os.open(args[0], os.O_RDWR)
+        try:
+            with mmap.mmap(fd, 1) as area:
+                area[0:1] = b"z"
+                area.flush()
+        finally:
+            os.close(fd)
+        return None
     if op == "mkdir":
         return os.mkdir(args[0], args[1])
     if op == "symlink":
@@ -420,15 +430,30 @@ def shared_tmpfs(public_dir: Path) -> Iterator[Path]:
         yield path
 
 
+def _write_through_inherited_fd(path: Path, user: User) -> None:
+    """Root opens the file and hands the descriptor to a child running as *user*, which
+    writes while root keeps it open: the kernel judges the writer, not the opener."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        subprocess.run(as_user(user.uid, user.gid, user.python, "-I", "-c",
+                               f"import os; os.write({fd}, b'c')"),
+                       pass_fds=(fd,), check=True, timeout=60)
+    finally:
+        os.close(fd)
+
+
 KILLERS: dict[str, Callable[[Path, User], None]] = {
     "write by the owner": lambda f, u: _ok(u.run(("write", str(f), "b"))),
     "truncate by the owner": lambda f, u: _ok(u.run(("truncate", str(f), 1))),
     "O_TRUNC open by the owner": lambda f, u: _ok(u.run(("open_trunc", str(f)))),
     "chmod by the owner": lambda f, u: _ok(u.run(("chmod", str(f), 0o4755))),
+    "mmap write and msync by the owner": lambda f, u: _ok(u.run(("mmap_write", str(f)))),
+    "write by the owner through root's fd": _write_through_inherited_fd,
     "write by root": lambda f, u: _append(f, b"r"),
     "truncate by root": lambda f, u: os.truncate(f, 1),
     "O_TRUNC open by root": lambda f, u: os.close(os.open(f, os.O_WRONLY | os.O_TRUNC)),
     "chown by root": lambda f, u: os.chown(f, u.uid, u.gid),
+    "chown -1 -1 by root": lambda f, u: os.chown(f, -1, -1),
 }
 
 
@@ -455,11 +480,35 @@ def test_suid_and_sgid_are_cleared_as_on_tmpfs(shared: Mount, shared_tmpfs: Path
         os.chown(f, other.uid, other.gid)
         f.chmod(mode)
         KILLERS[change](f, other)
-        # stat(1) asks statx for the mode alone, which the kernel may answer from its
-        # cache; os.stat asks for everything, which makes a FUSE kernel ask the daemon.
-        cached = subprocess.run(["stat", "-c", "%a", str(f)], capture_output=True, text=True,
-                                check=True).stdout.strip()
-        modes.append((int(cached, 8), stat.S_IMODE(os.stat(f).st_mode)))
+        modes.append(_mode_seen(f))
+        f.unlink()
+    assert modes[0] == modes[1], f"dmemfs {modes[0]}, tmpfs {modes[1]} (cached, fresh)"
+
+
+def _mode_seen(path: Path) -> tuple[int, int]:
+    """(the mode stat(1) shows, which may come from the kernel's cache; the mode a full
+    stat shows, for which a FUSE kernel asks the daemon)."""
+    cached = subprocess.run(["stat", "-c", "%a", str(path)], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    return int(cached, 8), stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.mark.parametrize("mode", [0o2746, 0o2756, 0o6756, 0o4746])
+@pytest.mark.parametrize("op", ["write", "truncate", "open_trunc"])
+def test_a_stranger_to_the_group_loses_set_group_id_as_on_tmpfs(
+        shared: Mount, shared_tmpfs: Path, other: User, op: str, mode: int) -> None:
+    """A caller outside the file's group (root's file, writable by others) loses
+    set-group-ID even where the file is not group-executable (setattr_should_drop_sgid,
+    Linux 6.2 and later); tmpfs is the oracle."""
+    modes = []
+    for where in (shared.path, shared_tmpfs):
+        f = where / f"stranger-{op}-{mode:o}"
+        f.write_bytes(b"a")
+        f.chmod(mode)
+        args: tuple[Any, ...] = (op, str(f), "b") if op == "write" else \
+            (op, str(f), 0) if op == "truncate" else (op, str(f))
+        _ok(other.run(args))
+        modes.append(_mode_seen(f))
         f.unlink()
     assert modes[0] == modes[1], f"dmemfs {modes[0]}, tmpfs {modes[1]} (cached, fresh)"
 

@@ -46,7 +46,7 @@ def test_asks_only_for_what_the_kernel_offers() -> None:
 def test_an_old_libfuse_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pyfuse3, "libfuse_version", lambda: "3.14.0")
     with pytest.raises(ConfigError, match=r"libfuse 3\.14\.0, older than 3\.17\.1; "
-                                          r"run tools/setup"):
+                                          r"run tools/setup \(or tools/install\)"):
         connection.check_library()
     monkeypatch.setattr(pyfuse3, "libfuse_version", lambda: "3.17.1")
     connection.check_library()

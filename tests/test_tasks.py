@@ -156,3 +156,31 @@ def test_the_test_hook_fails_a_named_task_once(monkeypatch: pytest.MonkeyPatch,
     assert len(logged) == 1 and logged[0].exc_info
     assert isinstance(logged[0].exc_info[1], tasks.InjectedFailureError)
     assert not failures(caplog, "untouched")
+
+
+def test_a_restart_that_fails_before_started_is_retried_not_raised(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Run 1 starts and fails; run 2 fails before started() (the caller returned long ago,
+    so that is the task's failure, not a start-up one); run 3 runs."""
+    runs = 0
+
+    async def listener(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        nonlocal runs
+        runs += 1
+        if runs == 2:
+            raise OSError(98, "Address already in use")
+        task_status.started()
+        if runs == 1:
+            raise ConnectionError("after start-up")
+        await trio.sleep_forever()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervise, "listener", listener)
+            await trio.sleep(10)
+            assert runs == 3
+            nursery.cancel_scope.cancel()
+
+    run(main)
+    logged = failures(caplog, "listener")
+    assert [type(r.exc_info[1]) for r in logged if r.exc_info] == [ConnectionError, OSError]
