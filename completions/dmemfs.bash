@@ -20,7 +20,7 @@ _dmemfs()
         local done="" item=$cur
         [[ $cur == *,* ]] && done=${cur%,*}, item=${cur##*,}
         local valued="size= nodes= pagesize= region= meta= checkpoint= hugetlbfs= max_alloc_try_dpages= nr_inodes= mode= uid= gid= metrics="
-        local flags="start_empty reserve_hugepages allow_other allow_unlocked debug"
+        local flags="start_empty reserve_hugepages private allow_other allow_unlocked debug"
         case $item in
             pagesize=*)
                 mapfile -t COMPREPLY < <(compgen -P "${done}pagesize=" -W "4K 2M 1G" -- "${item#*=}") ;;

@@ -78,10 +78,18 @@ def build_pools(plan: RegionPlan, max_alloc_try_dpages: int, explicit: bool = Tr
     return PoolSet(pools, plan.dpage_size, max_alloc_try_dpages, ids)
 
 
-def fuse_options(opts: MountOptions) -> set[str]:
-    """The options handed to libfuse for the mount."""
-    out = set(pyfuse3.default_options) | {"fsname=dmemfs", "subtype=dmemfs"}
-    if opts.allow_other:
+def fuse_options(opts: MountOptions, euid: int | None = None) -> set[str]:
+    """The options handed to libfuse for the mount.
+
+    A mount made by root is open to every user, as tmpfs is, unless it is
+    private; the kernel checks modes either way (default_permissions).  A
+    user's mount stays the user's unless it asks for allow_other, which
+    fusermount3 then allows only with user_allow_other in /etc/fuse.conf.
+    """
+    out = set(pyfuse3.default_options) | {"fsname=dmemfs", "subtype=dmemfs",
+                                          "default_permissions"}
+    root = (os.geteuid() if euid is None else euid) == 0
+    if opts.allow_other or (root and not opts.private):
         out.add("allow_other")
     return out
 

@@ -67,7 +67,13 @@ OPTIONS: tuple[OptionDoc, ...] = (
     OptionDoc("mode", "OCTAL", "1777", "Permissions of the root directory, as on tmpfs."),
     OptionDoc("uid", "UID", "0", "Owner of the root directory."),
     OptionDoc("gid", "GID", "0", "Group of the root directory."),
-    OptionDoc("allow_other", "", "off", "Let users other than root use the mount."),
+    OptionDoc("private", "", "off",
+              "Only the user who mounted it may use the mount (FUSE's own default). Without "
+              "it a mount made by root is open to every user, like tmpfs, and the kernel "
+              "checks modes (default_permissions is always on)."),
+    OptionDoc("allow_other", "", "on for root's mounts",
+              "Let users other than the one who mounted it use the mount: the default when "
+              "root mounts; a user's mount needs it, and user_allow_other in /etc/fuse.conf."),
     OptionDoc("allow_unlocked", "", "off",
               "Keep going (with a warning) if the region cannot be mlock()ed. Without it, a "
               "region that cannot be locked is an error."),
@@ -81,7 +87,8 @@ OPTIONS: tuple[OptionDoc, ...] = (
 IGNORED = {"rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "auto", "noauto", "user",
            "nouser", "users", "nofail", "_netdev", "defaults", "atime", "noatime", "relatime",
            "strictatime", "nodiratime", "lazytime", "async", "sync"}
-FLAGS = {"reserve_hugepages", "allow_other", "allow_unlocked", "debug", "start_empty"}
+FLAGS = {"reserve_hugepages", "private", "allow_other", "allow_unlocked", "debug",
+         "start_empty"}
 VALUED = {o.name for o in OPTIONS} - FLAGS
 
 
@@ -117,7 +124,8 @@ class MountOptions:
     mode: int = 0o1777
     uid: int = 0
     gid: int = 0
-    allow_other: bool = False
+    private: bool = False
+    allow_other: bool = False  # asked for by name (root's mounts have it anyway)
     allow_unlocked: bool = False
     metrics: tuple[str, int] | None = None
     debug: bool = False
@@ -196,6 +204,8 @@ def parse_mount_options(opt_strings: list[str]) -> MountOptions:
     if opts.meta not in (None, "none") and not opts.region.startswith("/"):
         raise ConfigError(f"meta={opts.meta}: region={opts.region} dies with the daemon, so "
                           "there is nothing to find again; use region=PATH")
+    if opts.private and opts.allow_other:
+        raise ConfigError("private and allow_other: give one of them, not both")
     if opts.start_empty and opts.meta == "none":
         raise ConfigError("start_empty: there is no metadata to start from (meta=none)")
     if opts.pagesize is not None:

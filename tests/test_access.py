@@ -6,10 +6,11 @@ process under ``setpriv --reuid --regid --clear-groups`` with no
 capabilities, so the kernel and the daemon see a real other user.  The
 tests prove that:
 
-- without ``allow_other`` only root gets into the mount (FUSE's own rule);
-- with ``allow_other`` the kernel enforces the usual permission checks
-  (the daemon mounts with ``default_permissions``), and the daemon records
-  the caller as the owner of what it creates;
+- a mount made by root is open to every user, as tmpfs is: the kernel
+  enforces the usual permission checks (the daemon mounts with
+  ``default_permissions``), and the daemon records the caller as the owner
+  of what it creates;
+- with ``private`` only root gets into the mount (FUSE's own rule);
 - the control socket is root's alone: mode 0600, and even with the file mode
   opened up the daemon refuses a peer whose uid is not root;
 - the metrics endpoint listens on loopback only.
@@ -243,8 +244,9 @@ def public_dir() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def shared(public_dir: Path, other: User) -> Iterator[Mount]:
-    """One dmemfs mounted with allow_other for the permission tests."""
-    with dmemfs(public_dir, f"{OPTIONS},allow_other", name="shared") as mount:
+    """One dmemfs mounted with the default options (open to every user, like tmpfs) for the
+    permission tests."""
+    with dmemfs(public_dir, OPTIONS, name="shared") as mount:
         yield mount
     assert mount.exit_code == 0, mount.log()
 
@@ -279,13 +281,13 @@ def test_probe_runs_unprivileged(other: User) -> None:
     assert int(caps, 16) == 0
 
 
-def test_without_allow_other_only_root_gets_in(public_dir: Path, other: User) -> None:
-    """Without allow_other FUSE turns every other user away, even from stat of the mountpoint.
+def test_a_private_mount_admits_only_root(public_dir: Path, other: User) -> None:
+    """With private FUSE turns every other user away, even from stat of the mountpoint.
 
     The user can stat the mountpoint's parent, so the refusal comes from FUSE, not from a
     directory it cannot search; root, on the same paths, gets in.
     """
-    with dmemfs(public_dir, OPTIONS, name="private") as mount:
+    with dmemfs(public_dir, f"{OPTIONS},private", name="private") as mount:
         assert "allow_other" not in mount_options(mount.path)
         root_file(mount.path / "f", b"root's", 0o644)
         assert os.stat(mount.path).st_mode & 0o777 == 0o777  # 1777: the mode does not stop it
@@ -300,15 +302,35 @@ def test_without_allow_other_only_root_gets_in(public_dir: Path, other: User) ->
     assert mount.exit_code == 0, mount.log()
 
 
-def test_allow_other_mounts_with_default_permissions(shared: Mount, other: User) -> None:
-    """allow_other lets the user in, and the kernel (default_permissions) does the checks."""
+def test_a_default_mount_is_open_with_default_permissions(shared: Mount, other: User) -> None:
+    """Root's mount lets the user in by default, and the kernel (default_permissions) does
+    the checks."""
     options = mount_options(shared.path)
     assert {"allow_other", "default_permissions"} <= options, options
     uid, gid, mode = other.value("stat", str(shared.path))
     assert (uid, gid, stat.S_IMODE(mode)) == (0, 0, 0o1777)
 
 
-# -- the kernel's permission checks under allow_other ------------------------------------------
+def test_explicit_allow_other_still_works(public_dir: Path, other: User) -> None:
+    """fstab lines written for the old default keep working."""
+    with dmemfs(public_dir, f"{OPTIONS},allow_other", name="explicit") as mount:
+        assert "allow_other" in mount_options(mount.path)
+        assert other.status("stat", str(mount.path)) == "ok"
+    assert mount.exit_code == 0, mount.log()
+
+
+def test_a_user_uses_its_own_files_on_a_default_mount(shared: Mount, other: User) -> None:
+    """Create, write, read, map and truncate, as on tmpfs."""
+    f = shared.path / "users-own"
+    results = other.run(("create", str(f), "abc", 0o600), ("write", str(f), "def"),
+                        ("read", str(f)), ("mmap_write", str(f)), ("read", str(f)),
+                        ("truncate", str(f), 2), ("read", str(f)))
+    assert [status for status, _ in results] == ["ok"] * 7, results
+    assert [results[2][1], results[4][1], results[6][1]] == ["abcdef", "zbcdef", "zb"]
+    assert f.read_bytes() == b"zb"
+
+
+# -- the kernel's permission checks on a mount open to all ------------------------------------
 
 
 def test_created_files_belong_to_their_creator(shared: Mount, other: User) -> None:

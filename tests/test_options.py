@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from dmemfs_fuse.daemon import fuse_options
 from dmemfs_fuse.errors import ConfigError
 from dmemfs_fuse.options import PoolSpec, SizeSpec, parse_mount_options, parse_size
 
@@ -35,6 +36,19 @@ def test_full_option_set() -> None:
     assert "nofail" in opts.ignored
 
 
+@pytest.mark.parametrize(("options", "euid", "open_to_all"), [
+    ("size=1G", 0, True),                # root's mount: open to every user, like tmpfs
+    ("size=1G,private", 0, False),
+    ("size=1G,allow_other", 0, True),
+    ("size=1G", 1000, False),            # a user's mount stays the user's...
+    ("size=1G,allow_other", 1000, True),  # ...unless it asks (fusermount3 checks fuse.conf)
+])
+def test_who_may_use_the_mount(options: str, euid: int, open_to_all: bool) -> None:
+    fuse = fuse_options(parse_mount_options([options]), euid=euid)
+    assert ("allow_other" in fuse) == open_to_all
+    assert "default_permissions" in fuse
+
+
 def test_nodes_list_spans_commas() -> None:
     opts = parse_mount_options(["nodes=0:512M,0:256M,pagesize=4K"])
     assert opts.nodes == (PoolSpec(0, 512 * M), PoolSpec(0, 256 * M))
@@ -54,6 +68,7 @@ def test_all_but() -> None:
     ("size=1G,region=tmp", "region=tmp"),
     ("size=1G,bogus=1", "bogus: unknown option"),
     ("size=1G,allow_other=yes", "takes no value"),
+    ("size=1G,private,allow_other", "private and allow_other: give one of them, not both"),
     ("size=1G,nr_inodes=1", "nr_inodes=1"),
     ("size=1G,mode=99", "mode=99: not an octal number"),
     ("size=1G,max_alloc_try_dpages=-3", "must not be negative"),

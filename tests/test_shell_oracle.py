@@ -88,8 +88,8 @@ def tmpfs(tmp_path: Path) -> Iterator[Path]:
 
 @pytest.fixture
 def dmem(tmp_path: Path) -> Iterator[Mount]:
-    """A 64 MiB dmemfs that other users may enter (allow_other), as the tmpfs allows."""
-    with dmemfs(tmp_path, "size=64M,pagesize=2M,allow_other") as mount:
+    """A 64 MiB dmemfs, which other users may enter by default, as the tmpfs allows."""
+    with dmemfs(tmp_path, "size=64M,pagesize=2M") as mount:
         yield mount
     assert mount.exit_code == 0, f"daemon exit code {mount.exit_code}:\n{mount.log()}"
 
