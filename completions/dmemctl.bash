@@ -114,7 +114,8 @@ _dmemctl()
     fi
 
     if [[ $cur == -* ]]; then
-        local opts="-h --help"
+        # The global options work after the command too.
+        local opts="-h --help -m --mount --json"
         case $cmd in
             files) opts+=" -n --limit" ;;
             map) opts+=" --png" ;;

@@ -180,25 +180,30 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  dmemctl status\n  dmemctl extents /mnt/dmem/vm0\n"
                "  dmemctl policy /mnt/dmem/tenant-a bind:0\n  dmemctl map --png pools.png",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-m", "--mount", help="the dmemfs mountpoint (default: the only one, "
-                        "or the one holding FILE)")
-    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    _global_options(parser, after_command=False)
     parser.add_argument("--version", action="version", version=f"dmemctl {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("status", help="pools: total, free, used, largest free run, fragmentation")
-    ext = sub.add_parser("extents", help="a file's extents: file offset, pool, region offset")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def sub(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        # The global options work after the command too: `dmemctl status --json`.
+        command = commands.add_parser(name, **kwargs)
+        _global_options(command, after_command=True)
+        return command
+
+    sub("status", help="pools: total, free, used, largest free run, fragmentation")
+    ext = sub("extents", help="a file's extents: file offset, pool, region offset")
     ext.add_argument("file", metavar="FILE")
-    pol = sub.add_parser("policy", help="show or set the memory policy of a file or directory")
+    pol = sub("policy", help="show or set the memory policy of a file or directory")
     pol.add_argument("file", metavar="FILE")
     pol.add_argument("policy", metavar="POLICY", nargs="?",
                      help="local | bind:N[,M] | preferred:N | interleave:N-M")
-    files = sub.add_parser("files", help="the largest consumers of dpages")
+    files = sub("files", help="the largest consumers of dpages")
     files.add_argument("-n", "--limit", type=positive, default=20, help="how many (default 20)")
-    trace = sub.add_parser("trace", help="log every FUSE request in the daemon's log, or stop")
+    trace = sub("trace", help="log every FUSE request in the daemon's log, or stop")
     trace.add_argument("state", choices=["on", "off"])
-    picture = sub.add_parser("map", help="draw the pools as coloured strips of dpages")
+    picture = sub("map", help="draw the pools as coloured strips of dpages")
     picture.add_argument("--png", required=True, metavar="OUT", help="PNG file to write")
-    poison = sub.add_parser(
+    poison = sub(
         "poison", help="mark the dpage at a region offset or FILE:OFFSET bad (soft-offline)",
         description="Mark a dpage bad: it is never handed out again, and the file that owns "
                     "it answers EIO for that range until it is truncated away or overwritten "
@@ -207,8 +212,18 @@ def build_parser() -> argparse.ArgumentParser:
     poison.add_argument("--kernel", action="store_true",
                         help="deliver it as the kernel would, as a SIGBUS BUS_MCEERR_AO "
                              "notice to the daemon (tests the kernel path; region offsets only)")
-    sub.add_parser("scan", help="look for HWPOISON frames under the region; mark their dpages")
+    sub("scan", help="look for HWPOISON frames under the region; mark their dpages")
     return parser
+
+
+def _global_options(parser: argparse.ArgumentParser, *, after_command: bool) -> None:
+    """-m and --json.  After the command their defaults are suppressed, so that a value
+    given before the command is not overwritten by the command's own default."""
+    parser.add_argument("-m", "--mount", help="the dmemfs mountpoint (default: the only one, "
+                        "or the one holding FILE)",
+                        default=argparse.SUPPRESS if after_command else None)
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts",
+                        default=argparse.SUPPRESS if after_command else False)
 
 
 def positive(text: str) -> int:

@@ -242,10 +242,12 @@ def render_dmemctl() -> str:
         "mode 0600; the daemon checks the peer's credentials, so only root (or the daemon's "
         "own user) may ask. Without -m, dmemctl uses the mount that holds FILE, or the only "
         "dmemfs mounted.")]
-    out += [".SH OPTIONS", *argument_list(_arguments(parser), "dmemctl")]
+    out += [".SH OPTIONS", *argument_list(_arguments(parser), "dmemctl"), ".PP",
+            *lines("-m and --json may also follow the command, as in dmemctl status --json.")]
     out += [".SH COMMANDS"]
+    global_dests = {a.dest for a in _arguments(parser)}
     for name, text, sub in _subcommands(parser):
-        args = _arguments(sub)
+        args = [a for a in _arguments(sub) if a.dest not in global_dests]
         head = " ".join([bold(name), *(synopsis_item(a) for a in args)])
         out += [".TP", head, *lines(sentence(text))]
         described = [a for a in args if describe(a, f"dmemctl {name}")]

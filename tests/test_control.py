@@ -200,6 +200,20 @@ def test_map_png_shows_owners_and_free(two_pools: tuple[Mount, int], tmp_path: P
     assert cell(2) == FREE
 
 
+def test_global_options_work_after_the_command(two_pools: tuple[Mount, int]) -> None:
+    """`dmemctl status --json -m MNT` is `dmemctl --json -m MNT status`, as people type it."""
+    mount, _ = two_pools
+    make(mount.path / "g", 2 * M)
+    before = json.loads(dmemctl("--json", "-m", str(mount.path), "status").stdout)
+    after = json.loads(dmemctl("status", "--json", "-m", str(mount.path)).stdout)
+    assert before["pools"] == after["pools"]
+    extents = json.loads(dmemctl("extents", str(mount.path / "g"), "--json",
+                                 "-m", str(mount.path)).stdout)
+    assert extents["extents"]
+    files = dmemctl("-m", str(mount.path), "files", "-n", "1", "--json").stdout
+    assert json.loads(files)["files"][0]["path"] == "/g"
+
+
 def test_trace_toggles_the_request_log(two_pools: tuple[Mount, int]) -> None:
     mount, _ = two_pools
     dmemctl("-m", str(mount.path), "trace", "on")
