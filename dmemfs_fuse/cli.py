@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import logging.handlers
 import os
 import sys
 import textwrap
@@ -78,6 +79,29 @@ class _Version(argparse.Action):
         parser.exit()
 
 
+def _set_up_logging(*, verbose: bool, foreground: bool) -> None:
+    """Where the log goes until the daemon detaches (daemon.py then sends it to syslog).
+
+    In the foreground (and under systemd) everything goes to stderr.  A detaching
+    command is quiet on success, as mount(8) and tmpfs are: the terminal gets
+    warnings and errors, and the INFO lines go to syslog; -v brings them back.
+    """
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # Under systemd, journald stamps each line itself: no second timestamp.
+    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s dmemfs "
+    terminal = logging.StreamHandler()
+    terminal.setFormatter(logging.Formatter(f"{stamp}%(levelname)s %(name)s: %(message)s"))
+    if not (foreground or verbose):
+        terminal.setLevel(logging.WARNING)
+        if os.path.exists("/dev/log"):
+            syslog = logging.handlers.SysLogHandler(address="/dev/log")
+            syslog.setFormatter(logging.Formatter(
+                "dmemfs[%(process)d]: %(levelname)s %(message)s"))
+            root.addHandler(syslog)
+    root.addHandler(terminal)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dmemfs`` command."""
     parser = build_parser()
@@ -90,12 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = parse_mount_options(args.options)
     except ConfigError as exc:
         parser.exit(2, f"dmemfs: error: {exc}\n")
-    # Under systemd, journald stamps each line itself: no second timestamp.
-    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s dmemfs "
-    logging.basicConfig(
-        level=logging.DEBUG if (args.verbose or opts.debug) else logging.INFO,
-        format=f"{stamp}%(levelname)s %(name)s: %(message)s",
-    )
+    _set_up_logging(verbose=args.verbose or opts.debug, foreground=args.foreground)
     if opts.ignored:
         log.debug("ignoring mount options %s", ", ".join(opts.ignored))
     try:

@@ -201,6 +201,7 @@ def test_detaches_once_mounted(tmp_path: Path) -> None:
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
     try:
         assert result.returncode == 0, result.stderr
+        assert (result.stdout, result.stderr) == ("", ""), "success is quiet, as for mount(8)"
         assert is_mounted(mnt), "the command returned before the mount was up"
         (mnt / "f").write_text("detached")
         assert (mnt / "f").read_text() == "detached"
@@ -216,6 +217,22 @@ def test_detaches_once_mounted(tmp_path: Path) -> None:
     else:
         pytest.fail(f"the detached daemon did not exit after unmount: {pids}")
     assert not is_mounted(mnt)
+
+
+def test_verbose_brings_the_start_up_log_back(tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cmd = daemon_command(mnt, "size=16M,pagesize=4K", "-v")
+    cmd.remove("-f")
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+    try:
+        assert result.returncode == 0, result.stderr
+        assert "INFO dmemfs_fuse.region: region: 16 MiB of memfd" in result.stderr
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+        wait_gone = time.monotonic() + 20
+        while is_mounted(mnt) and time.monotonic() < wait_gone:
+            time.sleep(0.1)
 
 
 def test_detached_start_failure_is_reported(tmp_path: Path, hugetlbfs: Path) -> None:

@@ -108,6 +108,7 @@ def test_every_mount_form_mounts_the_same_filesystem(tmp_path: Path, form: str,
         result = mount_by(way, form, mnt, "size=16M,pagesize=4K,nofail,"
                           "x-systemd.requires=x.service", tmp_path)
         assert result.returncode == 0, result.stderr
+        assert (result.stdout, result.stderr) == ("", ""), "success is quiet, as for tmpfs"
         assert is_mounted(mnt)
         assert not is_mounted(tmp_path / "other")  # noauto is left alone by mount -a
         # The same fsname and type whatever the form: findmnt -t fuse.dmemfs lists each.
