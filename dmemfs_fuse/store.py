@@ -44,6 +44,9 @@ from .zeroing import DEFAULT_CHUNK_BYTES, DirtyRuns, Zeroer
 log = logging.getLogger(__name__)
 
 
+MAX_FILE_SIZE = (1 << 63) - 1  # the kernel's MAX_LFS_FILESIZE on 64-bit: FUSE's s_maxbytes
+
+
 class FileStore:
     """Reads and writes file bytes in *region*, taking and returning dpages through *pools*."""
 
@@ -52,7 +55,9 @@ class FileStore:
         self.region = region
         self.pools = pools
         self.dpage_size = region.dpage_size
-        self.max_file_size = region.size
+        # As on tmpfs, the pools limit what is allocated, not how large a file is: a
+        # sparse file may be larger than the region (the kernel's MAX_LFS_FILESIZE).
+        self.max_file_size = MAX_FILE_SIZE
         self.defer_zeroing = defer_zeroing
         # Region dpages that may hold old bytes: zeroed before a file gets them.
         self.dirty = DirtyRuns()
@@ -101,8 +106,8 @@ class FileStore:
         nothing: on ENOSPC nothing was taken or written.
         """
         if off >= self.max_file_size and data:
-            raise fs_error(errno.EFBIG, f"write at byte {off}, the region holds "
-                           f"{self.max_file_size}")
+            raise fs_error(errno.EFBIG, f"write at byte {off}, past the largest file "
+                           f"({self.max_file_size} bytes)")
         end = min(off + len(data), self.max_file_size)
         if end <= off:
             return file_size, 0
@@ -132,7 +137,8 @@ class FileStore:
         at once and zeroes the tail of the last one.
         """
         if new_size > self.max_file_size:
-            raise fs_error(errno.EFBIG, f"size {new_size}, the region holds {self.max_file_size}")
+            raise fs_error(errno.EFBIG, f"size {new_size}, past the largest file "
+                           f"({self.max_file_size} bytes)")
         dps = self.dpage_size
         if new_size > old_size:
             self._allocate(extents, old_size // dps, -(-new_size // dps), node, policy)

@@ -379,8 +379,11 @@ def test_attributes_and_times_survive_sigkill_exactly(tmp_path: Path, region: Pa
         os.utime(root / "d" / "f", ns=(1_000_000_123, 2_000_000_456))
         os.symlink("d/f", root / "s")
         os.mkfifo(root / "p")
+        with open(root / "sparse", "wb") as f:  # larger than the 16 MiB region, one dpage
+            f.seek(3 << 30)
+            f.write(b"z")
         os.setxattr(root / "d", "user.dmem.policy", b"bind:0")
-        before = {p: os.lstat(root / p) for p in ("d", "d/f", "s", "p")}
+        before = {p: os.lstat(root / p) for p in ("d", "d/f", "s", "p", "sparse")}
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
     with daemon(tmp_path, options):
@@ -391,6 +394,8 @@ def test_attributes_and_times_survive_sigkill_exactly(tmp_path: Path, region: Pa
                 assert getattr(now, attr) == getattr(st, attr), (p, attr)
         assert os.getxattr(root / "d", "user.dmem.policy") == b"bind:0"
         assert (root / "d" / "f").read_bytes() == b"x" * 10_000
+        with open(root / "sparse", "rb") as f:
+            assert os.pread(f.fileno(), 2, (3 << 30) - 1) == b"\0z"
     assert region.with_name(region.name + ".meta").exists()  # the default: beside the region
 
 

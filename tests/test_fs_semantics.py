@@ -944,35 +944,45 @@ def test_large_write_stops_short_at_the_last_free_dpage(mnt: Mount) -> None:
     assert read_all(mnt.path / "f") == data[:DPAGE]
 
 
-def test_efbig_past_the_region(mnt: Mount) -> None:
+def test_sparse_files_past_the_capacity(mnt: Mount) -> None:
+    """As on tmpfs, the pools limit what is allocated, not the file size: a byte written
+    at 2 GiB + 1 on this small mount makes a 2 GiB + 2 file that holds one dpage."""
+    path = mnt.path / "f"
+    far = (2 << 30) + 1
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        assert far > REGION
+        assert os.pwrite(fd, b"x", far) == 1
+        assert os.fstat(fd).st_size == far + 1
+        assert blocks(path) == 1 and mnt.free_dpages() == TOTAL_DPAGES - 1
+        assert os.pread(fd, 3, far - 1) == b"\0x"      # the hole before it reads as zeros
+        assert os.pread(fd, 4096, 1 << 30) == b"\0" * 4096
+        drop_caches()
+        assert os.pread(fd, 2, far) == b"x"
+        # The largest file is the kernel's, as on tmpfs (MAX_LFS_FILESIZE).
+        top = (1 << 63) - 2
+        assert os.pwrite(fd, b"y", top) == 1
+        assert os.fstat(fd).st_size == top + 1 and blocks(path) == 2
+    finally:
+        os.close(fd)
+    os.unlink(path)
+    assert mnt.free_dpages() == TOTAL_DPAGES
+
+
+def test_truncate_past_the_free_space_is_enospc_and_changes_nothing(mnt: Mount) -> None:
+    """truncate reserves what it grows by, so growing past the free dpages fails whole."""
     path = mnt.path / "f"
     fd = os.open(path, os.O_RDWR | os.O_CREAT)
     try:
-        with pytest.raises(OSError) as exc:
-            os.pwrite(fd, b"x", REGION)
-        assert exc.value.errno == errno.EFBIG
-        assert os.fstat(fd).st_size == 0
-        assert mnt.free_dpages() == TOTAL_DPAGES
-        assert os.pwrite(fd, b"y", REGION - 1) == 1
-        assert os.fstat(fd).st_size == REGION
-        with pytest.raises(OSError) as exc:
-            os.ftruncate(fd, REGION + 1)
-        assert exc.value.errno == errno.EFBIG
-        assert os.fstat(fd).st_size == REGION
-        assert blocks(path) == 1
-    finally:
-        os.close(fd)
-    with pytest.raises(OSError) as exc:
-        os.truncate(path, 1 << 40)
-    assert exc.value.errno == errno.EFBIG
-
-
-def test_write_straddling_the_region_end_writes_what_fits(mnt: Mount) -> None:
-    fd = os.open(mnt.path / "f", os.O_RDWR | os.O_CREAT)
-    try:
-        # Two whole pages: the kernel sends them as one FUSE write request.
-        assert os.pwrite(fd, b"a" * 8192, REGION - 4096) == 4096
-        assert os.fstat(fd).st_size == REGION
+        assert os.pwrite(fd, b"y", 0) == 1
+        for size in (REGION + 1, 1 << 40):
+            with pytest.raises(OSError) as exc:
+                os.ftruncate(fd, size)
+            assert exc.value.errno == errno.ENOSPC
+            assert os.fstat(fd).st_size == 1 and blocks(path) == 1
+        assert mnt.free_dpages() == TOTAL_DPAGES - 1
+        os.ftruncate(fd, REGION)  # exactly the region: every dpage, as before
+        assert blocks(path) == TOTAL_DPAGES
     finally:
         os.close(fd)
 
