@@ -29,6 +29,10 @@ from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+if not hasattr(pyfuse3, "ConnectionInfo"):  # a pyfuse3 from PyPI, not the patched build
+    raise ImportError("this pyfuse3 lacks the dmemfs patches (patches/pyfuse3); run "
+                      "tools/setup (or tools/install) to build the FUSE layer")
+
 MIN_LIBFUSE = (3, 17, 1)
 PROBE_TIMEOUT = 10.0  # seconds for a throwaway mount's INIT
 
