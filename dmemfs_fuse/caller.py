@@ -11,38 +11,35 @@ its system call while the request is served, so its pid is its own.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 CAP_FSETID = 4
 
 
-def _status(pid: int) -> dict[str, str]:
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return {}
-    return dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+@dataclass(frozen=True)
+class Caller:
+    """A process's CAP_FSETID and groups, as one read of /proc/PID/status found them.
 
-
-def has_cap_fsetid(pid: int) -> bool:
-    """Whether process *pid* holds CAP_FSETID in its effective set.
-
-    A process that is gone or unreadable counts as unprivileged: the bits
-    are then cleared, which is the safe side.
+    A process that is gone or unreadable has no capability and no group: its
+    bits are then cleared, which is the safe side.
     """
-    try:
-        return bool(int(_status(pid).get("CapEff", "0"), 16) >> CAP_FSETID & 1)
-    except ValueError:
-        return False
 
+    cap_fsetid: bool
+    groups: frozenset[int]  # the filesystem gid and the supplementary groups
 
-def in_group(pid: int, gid: int) -> bool:
-    """Whether process *pid* has *gid* as its filesystem group or a supplementary one
-    (in_group_p); False if it is gone."""
-    status = _status(pid)
-    try:
-        fsgid = int(status.get("Gid", "").split()[3])
-        groups = {int(g) for g in status.get("Groups", "").split()}
-    except (IndexError, ValueError):
-        return False
-    return gid == fsgid or gid in groups
+    @classmethod
+    def of(cls, pid: int) -> Caller:
+        """Read the caller *pid* from /proc."""
+        try:
+            fields = dict(line.split(":\t", 1) for line in
+                          Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
+            cap = bool(int(fields["CapEff"], 16) >> CAP_FSETID & 1)
+            groups = {int(fields["Gid"].split()[3]), *map(int, fields["Groups"].split())}
+        except (OSError, KeyError, IndexError, ValueError):
+            return cls(False, frozenset())
+        return cls(cap, frozenset(groups))
+
+    def in_group(self, gid: int) -> bool:
+        """in_group_p: *gid* is the caller's filesystem group or a supplementary one."""
+        return gid in self.groups

@@ -34,7 +34,7 @@ import pyfuse3
 import trio
 
 from . import numa
-from .caller import has_cap_fsetid, in_group
+from .caller import Caller
 from .connection import Negotiated, negotiate
 from .inodes import Inode, InodeTable
 from .journal import Journal
@@ -246,14 +246,17 @@ class DmemOperations(pyfuse3.Operations):
         """Whether this daemon clears suid/sgid on writes (killpriv v2 negotiated)."""
         return self.connection is not None and self.connection.kills_privileges
 
-    def _kill_privileges(self, node: Inode, pid: int) -> bool:
-        """Clear set-user-ID and set-group-ID as the kernel does for caller *pid*, once it has
-        been decided that the caller must lose them (see setattr and open).  Set-group-ID
-        goes too on a file that is not group-executable when the caller is neither in its
-        group nor holds CAP_FSETID (setattr_should_drop_sgid).  Returns whether the mode
-        changed."""
-        stranger = bool(node.mode & stat.S_ISGID and not node.mode & stat.S_IXGRP
-                        and not in_group(pid, node.gid) and not has_cap_fsetid(pid))
+    @staticmethod
+    def _kill_privileges(node: Inode, caller: Caller | None = None, pid: int = 0) -> bool:
+        """Clear set-user-ID and set-group-ID as the kernel does for *caller* (or process
+        *pid*, read only if needed), once it has been decided that the caller must lose
+        them (see setattr and open).  Set-group-ID goes too on a file that is not
+        group-executable when the caller is neither in its group nor holds CAP_FSETID
+        (setattr_should_drop_sgid).  Returns whether the mode changed."""
+        stranger = False
+        if node.mode & stat.S_ISGID and not node.mode & stat.S_IXGRP:
+            caller = caller or Caller.of(pid)
+            stranger = not caller.in_group(node.gid) and not caller.cap_fsetid
         return node.kill_suidgid(also_sgid=stranger)
 
     # -- attributes ------------------------------------------------------------
@@ -312,7 +315,7 @@ class DmemOperations(pyfuse3.Operations):
         # itself carries, and the write-back of a mapping, which keeps the bits, sends none.
         if fields.kill_suidgid or (self.kills_privileges and node.data is not None
                                    and not _changes_anything(fields)):
-            self._kill_privileges(node, ctx.pid)
+            self._kill_privileges(node, pid=ctx.pid)
         now = time.time_ns()
         self.inodes.set_attributes(
             inode,
@@ -415,8 +418,10 @@ class DmemOperations(pyfuse3.Operations):
     def _kill_privileges_on_open(self, node: Inode, pid: int) -> None:
         """An O_TRUNC open: libfuse drops the kernel's FUSE_OPEN_KILL_SUIDGID, so ask as the
         kernel does whether the opener (blocked in open) holds CAP_FSETID."""
-        if (self.kills_privileges and node.mode & (stat.S_ISUID | stat.S_ISGID)
-                and not has_cap_fsetid(pid) and self._kill_privileges(node, pid)):
+        if not (self.kills_privileges and node.mode & (stat.S_ISUID | stat.S_ISGID)):
+            return
+        caller = Caller.of(pid)
+        if not caller.cap_fsetid and self._kill_privileges(node, caller):
             # The open reply carries no attributes: without this, `stat -c %a` would show
             # the old mode.  Attributes only: no page lock is taken, so this is safe inside
             # a request.
