@@ -11,7 +11,6 @@ checked: only root or the daemon's own user may ask.
 from __future__ import annotations
 
 import errno
-import functools
 import hashlib
 import json
 import logging
@@ -25,8 +24,6 @@ import trio
 
 from .report import JSON, Reporter
 from .tasks import supervise
-
-_one_connection = functools.partial(supervise, restart=False)  # a boundary, no restart
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +150,7 @@ async def _connection_task(conn: trio.socket.SocketType, reporter: Reporter,
     whatever happens in it."""
     try:
         with conn:
-            await _one_connection("control connection", _connection, conn, reporter)
+            await supervise("control connection", _connection, conn, reporter, restart=False)
     finally:
         slots.release()
 

@@ -243,16 +243,16 @@ class DmemOperations(pyfuse3.Operations):
 
     @property
     def kills_privileges(self) -> bool:
-        """Whether this daemon clears suid/sgid on writes (killpriv v2 negotiated)."""
+        """Whether this daemon clears suid/sgid itself (killpriv v2 negotiated)."""
         return self.connection is not None and self.connection.kills_privileges
 
     @staticmethod
-    def _kill_privileges(node: Inode, caller: Caller | None = None, pid: int = 0) -> bool:
-        """Clear set-user-ID and set-group-ID as the kernel does for *caller* (or process
-        *pid*, read only if needed), once it has been decided that the caller must lose
-        them (see setattr and open).  Set-group-ID goes too on a file that is not
-        group-executable when the caller is neither in its group nor holds CAP_FSETID
-        (setattr_should_drop_sgid).  Returns whether the mode changed."""
+    def _kill_privileges(node: Inode, pid: int, caller: Caller | None = None) -> bool:
+        """Clear set-user-ID and set-group-ID as the kernel does for process *pid* (*caller*
+        if it was read already, else read only if needed), once it has been decided that
+        the caller must lose them (see setattr and open).  Set-group-ID goes too on a file
+        that is not group-executable when the caller is neither in its group nor holds
+        CAP_FSETID (setattr_should_drop_sgid).  Returns whether the mode changed."""
         stranger = False
         if node.mode & stat.S_ISGID and not node.mode & stat.S_IXGRP:
             caller = caller or Caller.of(pid)
@@ -315,7 +315,7 @@ class DmemOperations(pyfuse3.Operations):
         # itself carries, and the write-back of a mapping, which keeps the bits, sends none.
         if fields.kill_suidgid or (self.kills_privileges and node.data is not None
                                    and not _changes_anything(fields)):
-            self._kill_privileges(node, pid=ctx.pid)
+            self._kill_privileges(node, ctx.pid)
         now = time.time_ns()
         self.inodes.set_attributes(
             inode,
@@ -421,7 +421,7 @@ class DmemOperations(pyfuse3.Operations):
         if not (self.kills_privileges and node.mode & (stat.S_ISUID | stat.S_ISGID)):
             return
         caller = Caller.of(pid)
-        if not caller.cap_fsetid and self._kill_privileges(node, caller):
+        if not caller.cap_fsetid and self._kill_privileges(node, pid, caller):
             # The open reply carries no attributes: without this, `stat -c %a` would show
             # the old mode.  Attributes only: no page lock is taken, so this is safe inside
             # a request.

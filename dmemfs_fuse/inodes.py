@@ -134,7 +134,6 @@ class Inode:
         if self.log is not None:
             self.log.touched.add(self.ino)
 
-
     def kill_suidgid(self, *, also_sgid: bool = False) -> bool:
         """Clear set-user-ID, and set-group-ID if group-executable (or *also_sgid*), as the
         kernel does on a write, truncate or chown by a caller without CAP_FSETID (the FUSE

@@ -44,7 +44,9 @@ from .zeroing import DEFAULT_CHUNK_BYTES, DirtyRuns, Zeroer
 log = logging.getLogger(__name__)
 
 
-MAX_FILE_SIZE = (1 << 63) - 1  # the kernel's MAX_LFS_FILESIZE on 64-bit: FUSE's s_maxbytes
+# As on tmpfs, the pools limit what is allocated, not how large a file is: a sparse file
+# may be larger than the region, up to the kernel's MAX_LFS_FILESIZE (FUSE's s_maxbytes).
+MAX_FILE_SIZE = (1 << 63) - 1
 
 
 class FileStore:
@@ -55,9 +57,6 @@ class FileStore:
         self.region = region
         self.pools = pools
         self.dpage_size = region.dpage_size
-        # As on tmpfs, the pools limit what is allocated, not how large a file is: a
-        # sparse file may be larger than the region (the kernel's MAX_LFS_FILESIZE).
-        self.max_file_size = MAX_FILE_SIZE
         self.defer_zeroing = defer_zeroing
         # Region dpages that may hold old bytes: zeroed before a file gets them.
         self.dirty = DirtyRuns()
@@ -105,10 +104,10 @@ class FileStore:
         there), as the kernel does at s_maxbytes.  Allocation is all or
         nothing: on ENOSPC nothing was taken or written.
         """
-        if off >= self.max_file_size and data:
+        if off >= MAX_FILE_SIZE and data:
             raise fs_error(errno.EFBIG, f"write at byte {off}, past the largest file "
-                           f"({self.max_file_size} bytes)")
-        end = min(off + len(data), self.max_file_size)
+                           f"({MAX_FILE_SIZE} bytes)")
+        end = min(off + len(data), MAX_FILE_SIZE)
         if end <= off:
             return file_size, 0
         dps = self.dpage_size
@@ -136,9 +135,9 @@ class FileStore:
         on dmemfs); shrinking returns the dpages past the new end to the pools
         at once and zeroes the tail of the last one.
         """
-        if new_size > self.max_file_size:
+        if new_size > MAX_FILE_SIZE:
             raise fs_error(errno.EFBIG, f"size {new_size}, past the largest file "
-                           f"({self.max_file_size} bytes)")
+                           f"({MAX_FILE_SIZE} bytes)")
         dps = self.dpage_size
         if new_size > old_size:
             self._allocate(extents, old_size // dps, -(-new_size // dps), node, policy)

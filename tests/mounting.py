@@ -3,6 +3,7 @@ and an unmount on every path (fusermount3 -u, then -z, then kill)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 MOUNT_TIMEOUT = 60.0
 EXIT_TIMEOUT = 20.0
@@ -159,6 +161,11 @@ def dmemctl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     if check:
         assert result.returncode == 0, result.stderr
     return result
+
+
+def status(mount: Mount) -> Any:
+    """What `dmemctl --json status` says of *mount*."""
+    return json.loads(dmemctl("-m", str(mount.path), "--json", "status").stdout)
 
 
 def metrics(port: int) -> dict[str, float]:

@@ -18,10 +18,9 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from mounting import Mount, dmemctl, dmemfs, free_port, metrics
+from mounting import Mount, dmemctl, dmemfs, free_port, metrics, status
 
 from dmemfs_fuse import numa
 from dmemfs_fuse.daemon import build_pools
@@ -201,10 +200,6 @@ def test_a_shrink_never_writes_into_a_bad_dpage(store: FileStore) -> None:
 
 
 # -- end to end, through dmemctl ---------------------------------------------------------
-
-
-def status(mount: Mount) -> Any:
-    return json.loads(dmemctl("-m", str(mount.path), "--json", "status").stdout)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from mounting import Mount, dmemctl, dmemfs, free_port, is_mounted, metrics
+from mounting import Mount, dmemctl, dmemfs, free_port, is_mounted, metrics, status
 
 from dmemfs_fuse import bdi, control
 from dmemfs_fuse.control import socket_path
@@ -34,12 +34,6 @@ def served(tmp_path: Path) -> Iterator[tuple[Mount, int]]:
         (mount.path / "precious").write_bytes(PRECIOUS)
         yield mount, port
     assert mount.exit_code == 0, mount.log()
-
-
-def status(mount: Mount) -> dict[str, object]:
-    result: dict[str, object] = json.loads(
-        dmemctl("--json", "-m", str(mount.path), "status").stdout)
-    return result
 
 
 def assert_serving(mount: Mount, port: int) -> None:
@@ -271,8 +265,7 @@ def test_side_tasks_that_fail_are_logged_and_come_back(tmp_path: Path) -> None:
             # The zeroer zeroes again: freed dpages are no longer dirty.
             (mount.path / "scratch").write_bytes(b"z" * (4 * M))
             os.unlink(mount.path / "scratch")
-            wait_for(lambda: status(mount)["zeroing"]["dirty_dpages"] == 0,  # type: ignore[index]
-                     mount)
+            wait_for(lambda: status(mount)["zeroing"]["dirty_dpages"] == 0, mount)
             # bdi tuning ran after its failure.
             ahead = bdi.bdi_dir(str(mount.path)) / "read_ahead_kb"
             wait_for(lambda: ahead.read_text().strip() == "1024", mount)
