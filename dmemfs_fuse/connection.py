@@ -11,8 +11,8 @@ and set the connection's capabilities (patches/pyfuse3).  At INIT it asks for:
   (after write-back of a shared mapping) must not drop the page cache, which
   would unmap a running guest's RAM.
 
-Passthrough (``FUSE_CAP_PASSTHROUGH``) is offered by this kernel and the
-library; the daemon does not ask for it yet.
+and, on the passthrough data path (datapath.py), ``FUSE_CAP_PASSTHROUGH`` with
+backing files one level deep.
 """
 
 from __future__ import annotations
@@ -94,10 +94,15 @@ def check_library() -> None:
                           "to build the FUSE layer")
 
 
-def negotiate(conn: pyfuse3.ConnectionInfo) -> Negotiated:
-    """Ask for what dmemfs uses (see the module's note); called while INIT is answered."""
+def negotiate(conn: pyfuse3.ConnectionInfo, passthrough: bool = False) -> Negotiated:
+    """Ask for what dmemfs uses (see the module's note), and passthrough if *passthrough*
+    (backing files one level deep: shmem, which stacks on nothing); called while INIT is
+    answered."""
     want = conn.want & ~pyfuse3.FUSE_CAP_AUTO_INVAL_DATA
     want |= conn.capable & pyfuse3.FUSE_CAP_HANDLE_KILLPRIV_V2
+    if passthrough:
+        want |= conn.capable & pyfuse3.FUSE_CAP_PASSTHROUGH
+        conn.max_backing_stack_depth = 1
     conn.want = want
     return snapshot(conn)
 

@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import NoReturn
 
@@ -31,8 +32,9 @@ from humanfriendly import format_size
 from prometheus_client import CollectorRegistry
 from tqdm import tqdm
 
-from . import bdi, connection, control, metrics, persistence, poison, recovery
+from . import bdi, connection, control, datapath, metrics, persistence, poison, recovery
 from .changes import ChangeLog
+from .datapath import DataPath
 from .fs import DmemOperations
 from .inodes import InodeTable
 from .journal import Journal
@@ -40,17 +42,22 @@ from .metalog import MetadataError
 from .metrics import build_registry
 from .notify import Notifier
 from .options import MountOptions
+from .passthrough import PassthroughStore
 from .policy import Policy, parse_policy
 from .pool import Pool
 from .poolset import PoolSet
 from .region import Region, RegionPlan, plan_region
 from .report import Reporter
+from .shmem import ShmemMemory, plan_shmem
 from .store import FileStore
 from .tasks import supervise
 
 log = logging.getLogger(__name__)
 
 STATUS_INTERVAL = 5.0  # seconds between STATUS= refreshes under systemd
+# Passthrough: how often what the kernel allocated behind the daemon is entered in the
+# ledger and taken out of the reserve (shmem.py, passthrough.py).
+RECONCILE_INTERVAL = 0.2
 
 
 @dataclass(frozen=True)
@@ -102,7 +109,8 @@ def run(config: DaemonConfig) -> int:
     """Serve until the filesystem is unmounted or a signal stops it; return the exit code."""
     connection.check_library()
     opts = config.options
-    plan = plan_region(opts)
+    path = datapath.choose(opts, connection.probe)
+    plan = plan_shmem(opts) if path.passthrough else plan_region(opts)
     pools = build_pools(plan, opts.max_alloc_try_dpages, explicit=bool(opts.nodes))
 
     def parse(text: str) -> Policy:
@@ -114,14 +122,20 @@ def run(config: DaemonConfig) -> int:
         # Read and replay the metadata before reserving anything: a file that
         # cannot be trusted stops us here, with the memory untouched.
         found = persistence.find(meta, plan, parse) if meta else None
-        return _run(config, plan, pools, lock, found)
+        return _run(config, plan, pools, lock=lock, found=found, path=path)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run(config: DaemonConfig, plan: RegionPlan, pools: PoolSet,
-         lock: persistence.MetaLock | None, found: recovery.Recovered | None) -> int:
+def pool_memory_dir(mountpoint: str) -> Path:
+    """Where the passthrough path mounts the pools' tmpfs instances (root only)."""
+    return control.socket_path(mountpoint).with_suffix(".pools")
+
+
+def _run(config: DaemonConfig, plan: RegionPlan, pools: PoolSet, *,
+         lock: persistence.MetaLock | None, found: recovery.Recovered | None,
+         path: DataPath) -> int:
     ready_fd = -1
     if not config.foreground:
         ready_fd = _detach()
@@ -139,31 +153,43 @@ def _run(config: DaemonConfig, plan: RegionPlan, pools: PoolSet,
     signal.signal(signal.SIGHUP, _terminate_on_signal)
     notifier = Notifier()
     progress = _Progress(notifier)
+    log.info("data path: %s (%s)", path.name, path.reason)
+    memory: Region | ShmemMemory
     try:
-        region = Region.open(plan, progress=progress)
+        if path.passthrough:
+            memory = ShmemMemory.open(plan, pool_memory_dir(config.mountpoint),
+                                      config.options.nr_inodes, progress)
+        else:
+            memory = Region.open(plan, progress=progress)
     finally:
         progress.close()
     mount: _Mount | None = None
     journal: Journal | None = None
     served_to_the_end = False
-    try:  # from here on, every exit path releases the region
+    try:  # from here on, every exit path releases the memory
         opts = config.options
-        # A persistent region outlives a kill: its allocations must be zero at once
-        # (store.py says why).
-        store = FileStore(region, pools, defer_zeroing=meta is None)
+        store: FileStore | PassthroughStore
+        if isinstance(memory, ShmemMemory):
+            store = PassthroughStore(memory, pools)
+        else:
+            # A persistent region outlives a kill: its allocations must be zero at once
+            # (store.py says why).
+            store = FileStore(memory, pools, defer_zeroing=meta is None)
         inodes = InodeTable(opts.nr_inodes, opts.mode, opts.uid, opts.gid,
                             release_data=store.release,
                             parse_policy=lambda text: parse_policy(text, pools.ids),
                             changes=ChangeLog() if meta else None)
         if meta is not None:
-            assert plan.path is not None
+            assert plan.path is not None and isinstance(store, FileStore)
             journal, recovered = _open_journal(meta, plan, inodes, store, found)
         else:
             recovered = None
         ops = DmemOperations(inodes, store, trace=opts.debug, journal=journal)
-        reporter = Reporter(inodes, store, region.describe(), ops, journal=journal)
+        reporter = Reporter(inodes, store, memory.describe(), ops, journal=journal,
+                            data_path=path)
         reporter.recovery = recovered
-        _scan_for_poison(reporter)
+        if isinstance(store, FileStore):
+            _scan_for_poison(reporter, store)
         registry = None
         if opts.metrics:
             registry, ops.metrics = build_registry(reporter)
@@ -178,14 +204,14 @@ def _run(config: DaemonConfig, plan: RegionPlan, pools: PoolSet,
             # Only a clean stop checkpoints: after an error or a second signal the
             # memory may hold half a request, while the log holds whole ones.
             journal.close(checkpoint=served_to_the_end)
-        region.close()
-        log.info("region released; exiting")
+        memory.close()
+        log.info("memory released; exiting")
     return 0
 
 
-def _scan_for_poison(reporter: Reporter) -> None:
+def _scan_for_poison(reporter: Reporter, store: FileStore) -> None:
     """Mark dpages on frames the kernel already flagged HWPOISON, before anyone uses them."""
-    region = reporter.store.region
+    region = store.region
     for dpage in region.poisoned_dpages:
         # The full scan below follows: no rescan per dpage.
         reporter.kernel_error(dpage * region.dpage_size, region.dpage_size, rescan=False)
@@ -245,9 +271,10 @@ class _Mount:
         opts = self.config.options
         pyfuse3.init(self.ops, self.config.mountpoint, fuse_options(opts))
         self.mounted = True
-        log.info("mounted %s: %s of %s dpages", self.config.mountpoint,
-                 format_size(self.ops.store.region.size, binary=True),
-                 format_size(self.ops.store.dpage_size, binary=True))
+        store = self.ops.store
+        log.info("mounted %s: %s of %s dpages, %s data path", self.config.mountpoint,
+                 format_size(store.pools.total_dpages * store.dpage_size, binary=True),
+                 format_size(store.dpage_size, binary=True), self.reporter.data_path.name)
         if self.ready_fd >= 0:
             _report_ready(self.ready_fd)
         self.notifier.ready(self.status_line())
@@ -275,11 +302,17 @@ async def _serve(mount: _Mount, reporter: Reporter, registry: CollectorRegistry 
             await nursery.start(supervise, "metrics endpoint", metrics.serve, host, port,
                                 registry)
         nursery.start_soon(_watch_signals, nursery.cancel_scope)
-        nursery.start_soon(supervise, "memory-error watcher", _watch_memory_errors, mount)
+        store = mount.ops.store
+        if isinstance(store, FileStore):
+            nursery.start_soon(supervise, "memory-error watcher", _watch_memory_errors, mount,
+                               store)
         mount.mount()
-        # Freed dpages are zeroed while no request is being served, a chunk at a time
-        # (zeroing.py).
-        nursery.start_soon(supervise, "zeroer", mount.ops.store.zeroer.run)
+        if isinstance(store, FileStore):
+            # Freed dpages are zeroed while no request is being served, a chunk at a time
+            # (zeroing.py).
+            nursery.start_soon(supervise, "zeroer", store.zeroer.run)
+        else:
+            nursery.start_soon(supervise, "ledger", _reconcile, mount)
         nursery.start_soon(supervise, "bdi tuning", _tune_bdi, mount)
         if mount.notifier.active:
             nursery.start_soon(supervise, "status updates", _update_status, mount)
@@ -287,9 +320,18 @@ async def _serve(mount: _Mount, reporter: Reporter, registry: CollectorRegistry 
         nursery.cancel_scope.cancel()
 
 
-async def _watch_memory_errors(mount: _Mount) -> None:
+async def _reconcile(mount: _Mount) -> None:
+    """Passthrough: enter what the kernel allocated behind us in the ledger, and keep each
+    pool's reserve at what its files leave (reserve + files = pool)."""
+    await mount.ops.initialized.wait()
+    while True:
+        await trio.sleep(RECONCILE_INTERVAL)
+        mount.ops.reconcile()
+
+
+async def _watch_memory_errors(mount: _Mount, store: FileStore) -> None:
     """Take the kernel's SIGBUS memory-error notices for the region (poison.py)."""
-    region = mount.ops.store.region
+    region = store.region
 
     async def on_error(offset: int, length: int) -> None:
         try:

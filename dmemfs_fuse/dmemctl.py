@@ -104,7 +104,9 @@ def _inode(path: str) -> int:
 def show_status(mount: str, st: dict[str, Any]) -> str:
     """Human form of ``status``."""
     dps = st["dpage_size"]
+    path = st.get("data_path") or {"name": "region", "reason": ""}
     lines = [f"dmemfs on {mount}: {st['region']}, dpage {_size(dps)}",
+             f"data path: {path['name']} ({path['reason']})",
              f"{'pool':>4} {'node':>4} {'total':>10} {'free':>10} {'used':>10} "
              f"{'largest free':>12} {'runs':>5} {'frag':>5}"]
     for p in st["pools"]:
@@ -122,7 +124,12 @@ def show_status(mount: str, st: dict[str, Any]) -> str:
     if fuse:
         lines.append(f"FUSE: libfuse {fuse['libfuse']}, kernel protocol {fuse['protocol']}; "
                      f"enabled: {', '.join(fuse['enabled']) or 'none'}")
-    if "dirty_dpages" in st:
+    for memory in st.get("pool_memory") or ():
+        lines.append(f"node {memory['node']} pool memory: {_size(memory['reserve_bytes'])} "
+                     f"in reserve, {_size(memory['file_bytes'])} in files (the kernel's count)"
+                     + (f"; {_size(memory['short_bytes'])} short" if memory["short_bytes"]
+                        else ""))
+    if st.get("zeroing") is not None:
         lines.append(f"dirty dpages {st['dirty_dpages']} ({_size(st['dirty_dpages'] * dps)} "
                      "of old bytes not zeroed yet)")
     journal = st.get("journal")

@@ -39,6 +39,7 @@ from .connection import Negotiated, negotiate
 from .inodes import Inode, InodeTable
 from .journal import Journal
 from .metrics import RequestMetrics
+from .passthrough import PassthroughStore
 from .policy import LOCAL
 from .store import FileStore
 
@@ -149,7 +150,8 @@ class DmemOperations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, inodes: InodeTable, store: FileStore, trace: bool = False,
+    def __init__(self, inodes: InodeTable, store: FileStore | PassthroughStore,
+                 trace: bool = False,
                  metrics: RequestMetrics | None = None, journal: Journal | None = None) -> None:
         super().__init__()
         self.inodes = inodes
@@ -168,6 +170,9 @@ class DmemOperations(pyfuse3.Operations):
         # One flusher at a time: a second caller must not answer while the first is
         # still dropping pages it asked for.
         self._invalidating = trio.Lock()
+        # Passthrough: inode -> [backing id, open handles using it].  One id per inode
+        # (the kernel allows one backing file per inode), closed with its last handle.
+        self._backing: dict[int, list[int]] = {}
 
     def commit(self) -> None:
         """Write pending metadata changes (made outside a request) to the journal."""
@@ -216,6 +221,7 @@ class DmemOperations(pyfuse3.Operations):
         info = result[0] if isinstance(result, tuple) else result
         if isinstance(info, pyfuse3.FileInfo):
             handle = self._handles.pop(info.fh)
+            self._backing_close(handle.ino)
             self.inodes.close(handle.ino)
 
     def _account(self, op: str, started: float, result: str) -> None:
@@ -225,7 +231,7 @@ class DmemOperations(pyfuse3.Operations):
     def init_connection(self, conn: pyfuse3.ConnectionInfo) -> None:
         """Choose the connection's capabilities while INIT is answered; must not raise."""
         try:
-            self.connection = negotiate(conn)
+            self.connection = negotiate(conn, isinstance(self.store, PassthroughStore))
         except Exception:  # INIT goes out as libfuse proposed it, and the kernel kills privs
             log.exception("negotiating the FUSE connection failed")
             with contextlib.suppress(Exception):
@@ -263,6 +269,10 @@ class DmemOperations(pyfuse3.Operations):
 
     def _attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
         dps = self.store.dpage_size
+        if isinstance(self.store, PassthroughStore):
+            # The kernel writes passed-through files without us: the backing file knows
+            # their size and mtime (an old size in a GETATTR reply would cut the file).
+            self.store.sync(inode)
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = inode.ino
         attr.generation = 0
@@ -307,6 +317,8 @@ class DmemOperations(pyfuse3.Operations):
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self.inodes.get(inode)
         if fields.update_size:
+            if isinstance(self.store, PassthroughStore):
+                self.store.sync(node)  # the size the kernel may have grown it to
             self._resize(node, attr.st_size, self._node_of(fh, ctx))
         # Under killpriv v2 the kernel leaves clearing suid/sgid to us, and says when:
         # FATTR_KILL_SUIDGID on a truncate or chown, and an otherwise empty SETATTR from
@@ -390,14 +402,56 @@ class DmemOperations(pyfuse3.Operations):
     # -- files -------------------------------------------------------------------
 
     def _open_handle(self, inode: Inode, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = numa.process_node(ctx.pid)
+        backing_id = self._backing_open(inode, node) if isinstance(
+            self.store, PassthroughStore) else 0
         self.inodes.open(inode.ino)
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = Handle(inode.ino, numa.process_node(ctx.pid))
+        self._handles[fh] = Handle(inode.ino, node)
+        if backing_id:
+            # The kernel reads, writes and maps the backing file itself (no page cache
+            # of ours to keep: it refuses keep_cache with passthrough).
+            return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False,
+                                    backing_id=backing_id)
         # keep_cache: the page cache stays valid across opens, since every
         # change reaches us through the kernel.  No direct_io: MAP_SHARED
         # must keep working.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+
+    def _backing_open(self, inode: Inode, node: int) -> int:
+        """The backing id for an open of *inode*, registered at its first open."""
+        held = self._backing.get(inode.ino)
+        if held is None:
+            assert isinstance(self.store, PassthroughStore)
+            fd = self.store.open_backing(inode, node)
+            try:
+                held = [pyfuse3.backing_open(fd), 0]
+            finally:
+                os.close(fd)
+            self._backing[inode.ino] = held
+        held[1] += 1
+        return held[0]
+
+    def _backing_close(self, ino: int) -> None:
+        held = self._backing.get(ino)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] <= 0:
+            del self._backing[ino]
+            # Files the kernel opened with the id keep the backing file; the id goes.
+            pyfuse3.backing_close(held[0])
+            assert isinstance(self.store, PassthroughStore)
+            node = self.inodes.inodes.get(ino)
+            if node is not None:
+                self.store.sync(node)  # what the last writer left
+
+    def reconcile(self) -> None:
+        """Passthrough: take in what the kernel wrote behind the daemon (sizes, times,
+        dpages) and set each pool's reserve to what is left.  Called by a side task."""
+        if isinstance(self.store, PassthroughStore):
+            self.store.reconcile(self.inodes.inodes, set(self._backing))
 
     def _inode_of(self, fh: int) -> Inode:
         handle = self._handles.get(fh)
@@ -436,7 +490,13 @@ class DmemOperations(pyfuse3.Operations):
                                                            pyfuse3.EntryAttributes]:
         mode = stat.S_IFREG | stat.S_IMODE(mode)
         node = self.inodes.make(parent_inode, name, mode, ctx.uid, ctx.gid)
-        return self._open_handle(node, ctx), self._attrs(node)
+        try:
+            info = self._open_handle(node, ctx)
+        except BaseException:  # no backing file for it: as if it had never been created
+            self.inodes.unlink(parent_inode, name)
+            self.inodes.forget(node.ino, 1)
+            raise
+        return info, self._attrs(node)
 
     @_boundary
     async def read(  # type: ignore[override]  # any buffer will do: a view avoids a copy
@@ -472,6 +532,7 @@ class DmemOperations(pyfuse3.Operations):
         handle = self._handles.pop(fh, None)
         if handle is None:
             raise OSError(errno.EBADF, f"release of unknown handle {fh}")
+        self._backing_close(handle.ino)
         self.inodes.close(handle.ino)
 
     # -- directories ---------------------------------------------------------------
@@ -512,6 +573,7 @@ class DmemOperations(pyfuse3.Operations):
         deadline = trio.current_time() + FORGET_GRACE
         while self.inodes.orphans and trio.current_time() < deadline:
             await trio.sleep(0.001)
+        self.reconcile()
         pools = self.store.pools
         out = pyfuse3.StatvfsData()
         out.f_bsize = out.f_frsize = self.store.dpage_size

@@ -96,12 +96,33 @@ class PoolCollector(Collector):
                                 "Bytes of old data not zeroed yet (the zeroer's backlog)",
                                 value=status["dirty_dpages"] * dps)
         zeroing = status["zeroing"]
-        yield CounterMetricFamily("dmemfs_background_zeroed_bytes",
-                                  "Bytes zeroed by the background zeroer",
-                                  value=zeroing["background_zeroed_dpages"] * dps)
-        yield CounterMetricFamily("dmemfs_foreground_zeroed_bytes",
-                                  "Bytes zeroed inside requests (the zeroer had not caught up)",
-                                  value=zeroing["foreground_zeroed_dpages"] * dps)
+        if zeroing is not None:  # the region path's zeroer (shmem zeroes on passthrough)
+            yield CounterMetricFamily("dmemfs_background_zeroed_bytes",
+                                      "Bytes zeroed by the background zeroer",
+                                      value=zeroing["background_zeroed_dpages"] * dps)
+            yield CounterMetricFamily("dmemfs_foreground_zeroed_bytes",
+                                      "Bytes zeroed inside requests (the zeroer had not "
+                                      "caught up)",
+                                      value=zeroing["foreground_zeroed_dpages"] * dps)
+        path = status["data_path"]
+        info = GaugeMetricFamily("dmemfs_data_path_info",
+                                 "The mount's data path (passthrough or region) and why",
+                                 labels=["path", "reason"])
+        info.add_metric([path["name"], path["reason"]], 1)
+        yield info
+        if status["pool_memory"] is not None:
+            reserve = GaugeMetricFamily("dmemfs_pool_reserve_bytes",
+                                        "Passthrough: pool memory taken and not lent to files",
+                                        labels=labels)
+            lent = GaugeMetricFamily("dmemfs_pool_file_bytes",
+                                     "Passthrough: pool memory the kernel counts in files",
+                                     labels=labels)
+            for pool, memory in zip(status["pools"], status["pool_memory"], strict=True):
+                pool_labels = [str(pool["pool"]), str(pool["node"])]
+                reserve.add_metric(pool_labels, memory["reserve_bytes"])
+                lent.add_metric(pool_labels, memory["file_bytes"])
+            yield reserve
+            yield lent
         yield GaugeMetricFamily("dmemfs_dpage_size_bytes", "Bytes per dpage", value=dps)
         yield GaugeMetricFamily("dmemfs_inodes_used", "Inodes in use",
                                 value=status["inodes_used"])

@@ -43,6 +43,13 @@ OPTIONS: tuple[OptionDoc, ...] = (
               "otherwise, with a warning). PATH: any mmappable file or device (a file on "
               "hugetlbfs or /dev/shm, a /dev/dax device); a file is created or grown to size "
               "and outlives the daemon."),
+    OptionDoc("passthrough", "auto | on | off", "auto",
+              "The data path. on: each file is its own shmem file on the pool's memory and "
+              "the kernel passes reads, writes and mappings straight to it (no page-cache "
+              "copy; mappings outlive the daemon); refused at start, with the reason, where "
+              "that cannot work (1G dpages, region=PATH, hugetlbfs options, no CAP_SYS_ADMIN, "
+              "a kernel without FUSE passthrough). off: files are extents of one region and "
+              "the daemon serves every read and write. auto: on where it can work, else off."),
     OptionDoc("meta", "PATH | none", "REGION.meta for region=PATH on a file, else none",
               "Keep the metadata (names, attributes, xattrs, policies, every file's extents, "
               "bad dpages) in PATH, so that a new dmemfs on the same region, after a crash or a "
@@ -114,6 +121,7 @@ class MountOptions:
     nodes: tuple[PoolSpec, ...] = ()
     pagesize: int | None = None
     region: str = "auto"
+    passthrough: str = "auto"
     hugetlbfs: str | None = None
     meta: str | None = None
     start_empty: bool = False
@@ -244,6 +252,10 @@ def _parse_value(name: str, value: str) -> object:
         if value not in ("auto", "hugetlbfs", "memfd") and not value.startswith("/"):
             raise ConfigError(
                 f"region={value}: accepted are auto, hugetlbfs, memfd or an absolute path")
+        return value
+    if name == "passthrough":
+        if value not in ("auto", "on", "off"):
+            raise ConfigError(f"passthrough={value}: accepted are auto, on and off")
         return value
     if name == "meta":
         if value != "none" and not value.startswith("/"):

@@ -76,7 +76,8 @@ class RegionPlan:
         return sum(p.size for p in self.pools)
 
 
-def _meminfo_available() -> int:
+def meminfo_available() -> int:
+    """MemAvailable from /proc/meminfo, in bytes."""
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemAvailable:"):
             return int(line.split()[1]) * 1024
@@ -96,30 +97,7 @@ def plan_region(opts: MountOptions) -> RegionPlan:
             wanted = _requested_bytes(opts, nodes) // huge_2m
             enough = hugepages.supported(huge_2m) and hugepages.available(huge_2m) >= wanted
             pagesize = huge_2m if enough or opts.reserve_hugepages else DPAGE_SIZES["4K"]
-    if opts.nodes:
-        for spec in opts.nodes:
-            if spec.node not in nodes:
-                raise ConfigError(f"nodes: node {spec.node} does not exist or has no memory "
-                                  f"(nodes with memory: {', '.join(map(str, nodes))})")
-        pools = opts.nodes
-    else:
-        assert opts.size is not None
-        if opts.size.all_but:
-            pools = tuple(
-                PoolSpec(n, (numa.node_meminfo(n).get("MemFree", 0) - opts.size.size)
-                         // pagesize * pagesize)
-                for n in nodes
-            )
-            for spec in pools:
-                if spec.size <= 0:
-                    raise ConfigError(f"size=!{_human(opts.size.size)}: node {spec.node} has no "
-                                      "more free memory than that")
-        else:
-            pools = tuple(PoolSpec(n, opts.size.size) for n in nodes)
-    for spec in pools:
-        if spec.size % pagesize:
-            raise ConfigError(f"size {_human(spec.size)} is not a multiple of pagesize "
-                              f"{_human(pagesize)}")
+    pools = plan_pools(opts, nodes, pagesize)
     total = sum(p.size for p in pools)
     huge = pagesize > DPAGE_SIZES["4K"] and hugepages.supported(pagesize)
     if pagesize > DPAGE_SIZES["4K"] and not hugepages.supported(pagesize):
@@ -166,13 +144,43 @@ def plan_region(opts: MountOptions) -> RegionPlan:
                                 f"(dpages stay {_human(pagesize)}); add reserve_hugepages or "
                                 "raise /proc/sys/vm/nr_hugepages for huge pages")
     if backend == "memfd" or (backend == "path" and not on_hugetlbfs(path or "")):
-        avail = _meminfo_available()
+        avail = meminfo_available()
         if total > avail:
             raise ConfigError(f"size: {_human(total)} wanted but only {_human(avail)} of memory "
                               "is available")
     return RegionPlan(pools=tuple(pools), dpage_size=pagesize, backend=backend, path=path,
                       reserve=reserve, allow_unlocked=opts.allow_unlocked,
                       warnings=tuple(warnings))
+
+
+def plan_pools(opts: MountOptions, nodes: list[int], pagesize: int) -> tuple[PoolSpec, ...]:
+    """The pools *opts* ask for on a machine with memory on *nodes*, sized in *pagesize*
+    dpages; ConfigError if they cannot be."""
+    if opts.nodes:
+        for spec in opts.nodes:
+            if spec.node not in nodes:
+                raise ConfigError(f"nodes: node {spec.node} does not exist or has no memory "
+                                  f"(nodes with memory: {', '.join(map(str, nodes))})")
+        pools = tuple(opts.nodes)
+    else:
+        assert opts.size is not None
+        if opts.size.all_but:
+            pools = tuple(
+                PoolSpec(n, (numa.node_meminfo(n).get("MemFree", 0) - opts.size.size)
+                         // pagesize * pagesize)
+                for n in nodes
+            )
+            for spec in pools:
+                if spec.size <= 0:
+                    raise ConfigError(f"size=!{_human(opts.size.size)}: node {spec.node} has no "
+                                      "more free memory than that")
+        else:
+            pools = tuple(PoolSpec(n, opts.size.size) for n in nodes)
+    for spec in pools:
+        if spec.size % pagesize:
+            raise ConfigError(f"size {_human(spec.size)} is not a multiple of pagesize "
+                              f"{_human(pagesize)}")
+    return pools
 
 
 def _requested_bytes(opts: MountOptions, nodes: list[int]) -> int:

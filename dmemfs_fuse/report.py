@@ -14,9 +14,11 @@ from typing import Any, Protocol
 
 from . import numa
 from .connection import Negotiated
+from .datapath import REGION, DataPath
 from .errors import fs_error
 from .inodes import ROOT_INO, Inode, InodeTable
 from .journal import Journal
+from .passthrough import PassthroughStore
 from .poison import MemoryErrors, Poisoned, hwpoisoned_dpages, send_mce_notice
 from .recovery import RecoveryReport
 from .store import FileStore
@@ -48,15 +50,17 @@ class Frontend(Protocol):
 class Reporter:
     """Answers the questions `dmemctl` and monitoring ask about a mounted dmemfs."""
 
-    def __init__(self, inodes: InodeTable, store: FileStore, region_description: str,
-                 frontend: Frontend, *, errors: MemoryErrors | None = None,
-                 journal: Journal | None = None) -> None:
+    def __init__(self, inodes: InodeTable, store: FileStore | PassthroughStore,
+                 region_description: str, frontend: Frontend, *,
+                 errors: MemoryErrors | None = None, journal: Journal | None = None,
+                 data_path: DataPath | None = None) -> None:
         self.inodes = inodes
         self.store = store
+        self.data_path = data_path or DataPath(REGION, "passthrough=off")
         self.pools = store.pools
         self.region_description = region_description
         self.frontend = frontend
-        self.errors = errors or MemoryErrors(inodes, store)
+        self.errors = errors or MemoryErrors(inodes, store)  # type: ignore[arg-type]
         self.journal = journal
         # Set by the daemon when the mount was recovered from its metadata file.
         self.recovery: RecoveryReport | None = None
@@ -76,8 +80,20 @@ class Reporter:
                 "frees": st.frees, "fallback_dpages": st.fallback_dpages,
                 "bad_dpages": st.bad_dpages,
             })
+        store = self.store
+        if isinstance(store, PassthroughStore):
+            # shmem zeroes a page at its first use in a file: no backlog, no zeroer.
+            dirty, zeroing = 0, None
+        else:
+            dirty, zeroing = store.dirty.dpages, store.zeroer.statistics()
         return {
             "region": self.region_description,
+            "data_path": {"name": self.data_path.name, "reason": self.data_path.reason},
+            # Passthrough: the memory as the kernel counts it (reserve + files = pool).
+            "pool_memory": [asdict(m.statistics()) for m in store.memory.pools]
+            if isinstance(store, PassthroughStore) else None,
+            "unledgered_dpages": store.unledgered_dpages
+            if isinstance(store, PassthroughStore) else 0,
             "dpage_size": dps,
             "total_dpages": stats.total_dpages,
             "free_dpages": stats.free_dpages,
@@ -88,8 +104,8 @@ class Reporter:
             "bad_dpages": stats.bad_dpages,
             # Dpages that may still hold old bytes: free ones, and (deferred zeroing)
             # ones a file has not touched yet.  The background zeroer's backlog.
-            "dirty_dpages": self.store.dirty.dpages,
-            "zeroing": self.store.zeroer.statistics(),
+            "dirty_dpages": dirty,
+            "zeroing": zeroing,
             "memory_errors": self.errors.events,
             "inodes_used": self.inodes.used,
             "inodes_total": self.inodes.nr_inodes,
@@ -114,10 +130,16 @@ class Reporter:
                 region = run_region + done
                 pool = self.pools.pool_of(region)
                 part = min(run_length - done, pool.end_dpage - region)
-                out.append({"file_offset": (run_file + done) * dps,
+                file_offset = (run_file + done) * dps
+                if isinstance(self.store, PassthroughStore):  # the backing file's pages
+                    nodes = self.store.page_nodes(ino, file_offset, part * dps)
+                else:
+                    nodes = self._kernel_nodes(region * dps, part * dps)
+                # On passthrough the region offset is the dpage's place in the ledger.
+                out.append({"file_offset": file_offset,
                             "pool": self.pools.pool_id(pool), "node": pool.node,
                             "region_offset": region * dps, "length": part * dps,
-                            "kernel_nodes": self._kernel_nodes(region * dps, part * dps)})
+                            "kernel_nodes": nodes})
                 done += part
         return {"ino": ino, "size": inode.size, "allocated": inode.data.mapped * dps,
                 "policy": str(inode.policy or "local"), "extents": out}
@@ -150,24 +172,35 @@ class Reporter:
         log.info("request trace %s", "on" if on else "off")
         return {"trace": on}
 
+    def _region(self, what: str) -> FileStore:
+        """The region store, or EOPNOTSUPP saying why *what* has no meaning on passthrough."""
+        if isinstance(self.store, PassthroughStore):
+            raise fs_error(errno.EOPNOTSUPP, f"{what}: this mount uses the passthrough data "
+                           "path, whose pages are the kernel's shmem; a memory error there is "
+                           "the kernel's to handle (EIO on read, SIGBUS on a fault), and "
+                           "dpages are units of the pool, not places in memory to mark bad")
+        return self.store
+
     def poison(self, offset: int, ino: int | None = None) -> JSON:
         """Mark bad the dpage at region byte *offset*, or at byte *offset* of file *ino*."""
+        region = self._region("poison").region
         dps = self.store.dpage_size
         if ino is not None:
             dpage = self.errors.locate(ino, offset)
-        elif 0 <= offset < self.store.region.size:
+        elif 0 <= offset < region.size:
             dpage = offset // dps
         else:
             raise fs_error(errno.EINVAL, f"region offset {offset} is outside the region "
-                           f"({self.store.region.size} bytes)")
+                           f"({region.size} bytes)")
         return self._marked(self.errors.mark(dpage, "operator"))
 
     def notify_kernel_error(self, offset: int) -> JSON:
         """Have the daemon receive the SIGBUS BUS_MCEERR_AO the kernel sends for poison at
         region byte *offset* (poison.send_mce_notice): the kernel path, end to end."""
-        if not 0 <= offset < self.store.region.size:
+        region = self._region("poison --kernel").region
+        if not 0 <= offset < region.size:
             raise fs_error(errno.EINVAL, f"region offset {offset} is outside the region")
-        send_mce_notice(self.store.region.addr + offset)
+        send_mce_notice(region.addr + offset)
         return {"sent": True, "region_offset": offset}
 
     def kernel_error(self, offset: int, length: int, *, rescan: bool = True) -> JSON:
@@ -175,7 +208,7 @@ class Reporter:
         (a page, or a whole huge page): mark every dpage there bad, then rescan, because
         SIGBUS does not queue and a second notice may have been merged into this one."""
         dps = self.store.dpage_size
-        last = min(offset + max(length, 1), self.store.region.size) - 1
+        last = min(offset + max(length, 1), self._region("memory errors").region.size) - 1
         marked = [self._marked(self.errors.mark(d, "kernel"))
                   for d in range(offset // dps, last // dps + 1)]
         found: list[JSON] = []
@@ -188,7 +221,7 @@ class Reporter:
 
     def scan(self) -> JSON:
         """Look for HWPOISON frames under the region and mark their dpages bad."""
-        region = self.store.region
+        region = self._region("scan").region
         dpages, frames = hwpoisoned_dpages(region.addr, region.size, region.dpage_size)
         marked = [self._marked(self.errors.mark(d, "scan")) for d in dpages]
         return {"frames_checked": frames, "bad": marked}
@@ -224,7 +257,7 @@ class Reporter:
 
     def _kernel_nodes(self, offset: int, length: int) -> list[int]:
         """The nodes the kernel says hold the extent's first, middle and last page."""
-        base = self.store.region.addr
+        base = self._region("kernel nodes").region.addr
         probes = sorted({offset, offset + length // 2 // 4096 * 4096, offset + length - 4096})
         try:
             return sorted(set(numa.page_nodes([base + p for p in probes])))

@@ -17,6 +17,13 @@ def _hugepage_counts() -> dict[str, str]:
             for p in sorted(HUGEPAGE_ROOT.glob("hugepages-*"))}
 
 
+def _pool_mounts() -> list[str]:
+    """The passthrough path's tmpfs instances (left by a daemon that was killed)."""
+    with open("/proc/mounts") as mounts:
+        return [unescape(line.split()[1]) for line in mounts
+                if line.split()[0] == "dmemfs-pool"]
+
+
 def _fuse_mounts(under: Path) -> list[str]:
     with open("/proc/mounts") as mounts:
         return [unescape(line.split()[1]) for line in mounts
@@ -26,11 +33,13 @@ def _fuse_mounts(under: Path) -> list[str]:
 
 @pytest.fixture(scope="session", autouse=True)
 def no_leftovers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Fail the run if it leaves a FUSE mount or a changed huge page reservation behind."""
+    """Fail the run if it leaves a FUSE mount, pool memory or a changed huge page reservation
+    behind."""
     base = tmp_path_factory.getbasetemp().resolve()
     pages_before = _hugepage_counts()
     yield
     assert _fuse_mounts(base) == [], "a test left a FUSE mount behind"
+    assert _pool_mounts() == [], "a test left pool memory (tmpfs) mounted"
     assert _hugepage_counts() == pages_before, "a test left huge pages reserved"
 
 

@@ -97,9 +97,14 @@ def unmount(path: Path, proc: subprocess.Popen[bytes],
     if is_mounted(path, fstype):
         subprocess.run(["fusermount3", "-u", str(path)], capture_output=True, check=False)
     try:
-        return proc.wait(timeout=EXIT_TIMEOUT)
+        code = proc.wait(timeout=EXIT_TIMEOUT)
     except subprocess.TimeoutExpired:
         pass
+    else:
+        if is_mounted(path, fstype):  # a daemon that died (kill -9) and a busy mount
+            subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True,
+                           check=False)
+        return code
     if is_mounted(path, fstype):
         subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, check=False)
     try:

@@ -1,0 +1,88 @@
+"""Which data path a mount takes, decided before any memory is reserved.
+
+The passthrough path (each file its own shmem file, passed through by the
+kernel) is the default where it can work; the region path (files are extents
+of one region, served by the daemon) is taken where it cannot, and the reason
+is kept for the start-up log, ``dmemctl status`` and the metrics.  The kernel's
+offer is only known from an INIT, so a throwaway FUSE mount asks for it
+(connection.probe) once every cheaper reason has been ruled out.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyfuse3
+
+from .connection import Negotiated
+from .errors import ConfigError
+from .options import DPAGE_SIZES, MountOptions
+from .shmem import shmem_huge_possible
+
+CAP_SYS_ADMIN = 21
+PASSTHROUGH, REGION = "passthrough", "region"
+
+
+@dataclass(frozen=True)
+class DataPath:
+    """The chosen path and why (``name`` is ``passthrough`` or ``region``)."""
+
+    name: str
+    reason: str
+
+    @property
+    def passthrough(self) -> bool:
+        """Whether files are passed through to shmem backing files."""
+        return self.name == PASSTHROUGH
+
+
+def has_cap_sys_admin() -> bool:
+    """Whether this process may register backing files (FUSE_DEV_IOC_BACKING_OPEN)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> CAP_SYS_ADMIN & 1)
+    return False
+
+
+def _blocker(opts: MountOptions) -> str | None:
+    """Why the options or this process rule passthrough out, or None."""
+    if opts.pagesize == DPAGE_SIZES["1G"]:
+        return ("1G dpages come only from hugetlbfs, and the kernel refuses to pass through "
+                "to hugetlbfs (ELOOP)")
+    if opts.region != "auto":
+        return f"region={opts.region} names the region's memory"
+    if opts.hugetlbfs or opts.reserve_hugepages:
+        return ("hugetlbfs and reserve_hugepages ask for hugetlbfs pages, which cannot be "
+                "passed through")
+    if opts.pagesize == DPAGE_SIZES["2M"] and not shmem_huge_possible():
+        return "2M dpages need shmem transparent huge pages, which this host denies"
+    if not has_cap_sys_admin():
+        return "registering backing files needs CAP_SYS_ADMIN"
+    if not os.path.exists("/dev/fuse"):
+        return "there is no /dev/fuse to probe the kernel with"
+    return None
+
+
+def choose(opts: MountOptions, probe: Callable[[], Negotiated]) -> DataPath:
+    """The data path for *opts*: ConfigError for ``passthrough=on`` where it cannot work."""
+    if opts.passthrough == "off":
+        return DataPath(REGION, "passthrough=off")
+    why = _blocker(opts)
+    if why is None:
+        try:
+            found = probe()
+        except (OSError, RuntimeError) as exc:
+            why = f"probing the kernel's FUSE features failed: {exc}"
+        else:
+            if not found.capable & pyfuse3.FUSE_CAP_PASSTHROUGH:
+                why = (f"the kernel (FUSE protocol {found.protocol}) or libfuse {found.libfuse} "
+                       "does not offer passthrough (Linux 6.9 and libfuse 3.17 do)")
+    if why is None:
+        return DataPath(PASSTHROUGH, f"passthrough={opts.passthrough}: the kernel passes files "
+                        "through to shmem")
+    if opts.passthrough == "on":
+        raise ConfigError(f"passthrough=on: {why}")
+    return DataPath(REGION, why)

@@ -1,0 +1,339 @@
+"""File contents on the passthrough path: each file is its own shmem file in a pool.
+
+The kernel reads, writes and maps a passed-through file's backing file
+without asking the daemon (FUSE passthrough), so the daemon is not in the
+data path; it keeps the namespace, the placement and the ledger.
+
+The allocator stays the authority over what is lent:
+
+* The pool's bitmap is the ledger: a file's extents name the pool dpages lent
+  to it.  A dpage here is a unit of the pool's memory, not a physical place
+  (shmem folios move and are the kernel's), so extents and the pool picture
+  on this path show the ledger, never made-up frames.
+* What the daemon allocates (truncate, extending writes it serves, fallocate)
+  takes dpages all or nothing: the ledger first, then the memory from the
+  pool's reserve (PoolMemory.lend); ENOSPC leaves both unchanged.
+* What the kernel allocates on its own (a passed-through write past EOF or into
+  a hole, a fault into a hole) is bounded by the files instance's ``size=``,
+  which is the pool: past it the writer gets ENOSPC from the kernel, as on
+  tmpfs.  :meth:`sync` enters it in the ledger afterwards, from the backing
+  file's data ranges (SEEK_DATA), and balance takes it out of the reserve.
+* Shrinking and removal give dpages back to the ledger and memory to the
+  reserve at once.
+
+shmem zeroes a page on its first use in a file, so no file reads bytes it did
+not write, whichever file held the memory before.
+
+A file lives in one pool (a file cannot span tmpfs instances), chosen by its
+policy when it is created: ``local`` the caller's node, ``bind`` and
+``preferred`` the first listed pool with room, ``interleave`` the next pool
+in turn, so files rather than pages are spread.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+
+from .errors import NoSpaceError, fs_error
+from .extents import FileExtents
+from .inodes import Inode
+from .policy import LOCAL, Policy
+from .pool import Extent, Pool
+from .poolset import PoolSet
+from .shmem import FALLOC_FL_KEEP_SIZE, PoolMemory, ShmemMemory, fallocate, page_nodes_of_file
+from .store import MAX_FILE_SIZE
+
+log = logging.getLogger(__name__)
+
+SEEK_DATA, SEEK_HOLE = 3, 4
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """A backing file's size, blocks and mtime when the inode last agreed with it."""
+
+    size: int
+    blocks: int
+    mtime_ns: int
+
+
+class PassthroughStore:
+    """Backing files for every regular file, placed in *memory*'s pools, lent through *pools*."""
+
+    passthrough = True
+
+    def __init__(self, memory: ShmemMemory, pools: PoolSet) -> None:
+        self.memory = memory
+        self.pools = pools
+        self.dpage_size = memory.dpage_size
+        self._home: dict[int, int] = {}  # inode -> pool index of its backing file
+        self._seen: dict[int, _Seen] = {}
+        self._turn = itertools.count()  # interleave: the next pool in turn
+        # Dpages the kernel allocated that the ledger could not enter (4 KiB fallback
+        # folios spread over more dpages than the pool has); reported, never expected.
+        self.unledgered_dpages = 0
+
+    # -- placement ------------------------------------------------------------------
+
+    def _choose(self, node: int, policy: Policy) -> Pool:
+        pools = self.pools
+        if policy.mode == "interleave":
+            ids = policy.pools
+            return pools.ids[ids[next(self._turn) % len(ids)]]
+        if policy.mode == "bind":
+            order = pools.order_for(node, [pools.ids[i] for i in policy.pools])
+        elif policy.mode == "preferred":
+            first = pools.ids[policy.pools[0]]
+            order = [first, *(p for p in pools.order_for(first.node) if p is not first)]
+        else:
+            order = pools.order_for(node)
+        return next((p for p in order if p.statistics().free_dpages), order[0])
+
+    def place(self, ino: int, node: int = 0, policy: Policy = LOCAL) -> PoolMemory:
+        """The pool memory holding *ino*'s backing file, created (empty) if it has none."""
+        index = self._home.get(ino)
+        if index is None:
+            index = self._choose(node, policy).index
+            path = self.memory.pools[index].path_of(ino)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            os.close(fd)
+            self._home[ino] = index
+            self._seen[ino] = _Seen(0, 0, os.stat(path).st_mtime_ns)
+        return self.memory.pools[index]
+
+    def open_backing(self, inode: Inode, node: int = 0) -> int:
+        """An fd of *inode*'s backing file (for FUSE_DEV_IOC_BACKING_OPEN); the caller closes it."""
+        home = self.place(inode.ino, node, inode.policy or LOCAL)
+        return os.open(home.path_of(inode.ino), os.O_RDWR | os.O_CLOEXEC)
+
+    def node_of(self, ino: int) -> int | None:
+        """The NUMA node of *ino*'s pool, or None if it has no backing file yet."""
+        index = self._home.get(ino)
+        return None if index is None else self.memory.pools[index].node
+
+    def backing_path(self, ino: int) -> str | None:
+        """Where *ino*'s bytes are (root only), or None."""
+        index = self._home.get(ino)
+        return None if index is None else str(self.memory.pools[index].path_of(ino))
+
+    def page_nodes(self, ino: int, offset: int, length: int) -> list[int]:
+        """The nodes the kernel says hold the first, middle and last page of file bytes
+        ``[offset, offset+length)``, which the ledger lent (so they are allocated)."""
+        path = self.backing_path(ino)
+        if path is None or length <= 0:
+            return []
+        probes = sorted({offset, offset + length // 2 // 4096 * 4096, offset + length - 4096})
+        try:
+            return sorted(set(page_nodes_of_file(path, probes)))
+        except OSError as exc:
+            log.debug("move_pages on %s: %s", path, exc)
+            return []
+
+    # -- what the kernel did ---------------------------------------------------------
+
+    def sync(self, inode: Inode) -> None:
+        """Take in what the kernel changed behind the daemon: size, mtime, and the dpages a
+        passed-through write or fault allocated (entered in the ledger)."""
+        index = self._home.get(inode.ino)
+        if index is None or inode.data is None:
+            return
+        home = self.memory.pools[index]
+        try:
+            st = os.stat(home.path_of(inode.ino))
+        except FileNotFoundError:
+            return
+        seen = self._seen[inode.ino]
+        if (st.st_size, st.st_blocks, st.st_mtime_ns) == (seen.size, seen.blocks, seen.mtime_ns):
+            return
+        if st.st_mtime_ns != seen.mtime_ns or st.st_size != inode.size:
+            inode.size = st.st_size
+            inode.touch(data=True, now=st.st_mtime_ns)
+        if st.st_blocks > seen.blocks:
+            self._enter_data(inode.data, home)
+        self._seen[inode.ino] = _Seen(st.st_size, st.st_blocks, st.st_mtime_ns)
+
+    def _enter_data(self, extents: FileExtents, home: PoolMemory) -> None:
+        """Lend ledger dpages for every data range of the backing file the ledger lacks."""
+        dps = self.dpage_size
+        fd = os.open(home.path_of(extents.ino), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            ranges = _data_ranges(fd)
+        finally:
+            os.close(fd)
+        # Two data ranges may share a dpage (a page not written yet between them).
+        dpage_runs: list[list[int]] = []
+        for lo, hi in ranges:
+            first, end = lo // dps, -(-hi // dps)
+            if dpage_runs and first <= dpage_runs[-1][1]:
+                dpage_runs[-1][1] = max(dpage_runs[-1][1], end)
+            else:
+                dpage_runs.append([first, end])
+        holes = [hole for first, end in dpage_runs for hole in extents.holes(first, end)]
+        policy = Policy("bind", (self.pools.pool_id(self.pools.pools[home.index]),))
+        for file_dpage, count in holes:
+            try:
+                got = self.pools.allocate(count, policy=policy, file_dpage=file_dpage)
+            except NoSpaceError:
+                self.unledgered_dpages += count
+                log.warning("pool %d: the kernel holds %d dpage(s) of inode %d the ledger has no "
+                            "room for", home.index, count, extents.ino)
+                continue
+            for start, ext in got:
+                extents.insert(start, [ext])
+        home.balance()
+
+    def reconcile(self, inodes: Mapping[int, Inode], busy: Collection[int]) -> None:
+        """Sync the files the kernel may be writing and balance every pool.
+
+        *busy* are the inodes open now; a file written through a mapping that
+        outlived its last close shows as a pool holding more than its ledger
+        says, and then every file of that pool is synced.
+        """
+        for ino in busy:
+            if (inode := inodes.get(ino)) is not None:
+                self.sync(inode)
+        dps = self.dpage_size
+        for pool, memory in zip(self.pools.pools, self.memory.pools, strict=True):
+            lent = pool.statistics().used_dpages * dps
+            if memory.file_bytes() > lent:
+                for ino, index in list(self._home.items()):
+                    if index == memory.index and (inode := inodes.get(ino)) is not None:
+                        self.sync(inode)
+            memory.balance()
+
+    # -- what the daemon does --------------------------------------------------------
+
+    def read(self, extents: FileExtents, file_size: int, off: int, length: int) -> bytes:
+        """Up to *length* bytes at *off* (only asked for if the kernel sends READ)."""
+        if off >= file_size or length <= 0:
+            return b""
+        fd = self._open(extents.ino)
+        try:
+            return os.pread(fd, min(length, file_size - off), off)
+        finally:
+            os.close(fd)
+
+    def write(self, extents: FileExtents, file_size: int, off: int, data: bytes, *,
+              node: int = 0, policy: Policy = LOCAL) -> tuple[int, int]:
+        """Write *data* at *off*, lending the dpages it touches first (all or nothing);
+        returns the new size and the bytes written (only if the kernel sends WRITE)."""
+        if off >= MAX_FILE_SIZE and data:
+            raise fs_error(errno.EFBIG, f"write at byte {off}, past the largest file")
+        end = min(off + len(data), MAX_FILE_SIZE)
+        if end <= off:
+            return file_size, 0
+        dps = self.dpage_size
+        self.place(extents.ino, node, policy)
+        self._lend(extents, off // dps, -(-end // dps), node)
+        fd = self._open(extents.ino)
+        try:
+            written = os.pwrite(fd, memoryview(data)[: end - off], off)
+        finally:
+            os.close(fd)
+        self._note(extents.ino)
+        return max(file_size, off + written), written
+
+    def resize(self, extents: FileExtents, old_size: int, new_size: int, *, node: int = 0,
+               policy: Policy = LOCAL) -> None:
+        """Make the file *new_size* bytes long: growing lends every dpage of the new range
+        now (ENOSPC with nothing changed); shrinking gives the dpages past the end back."""
+        if new_size > MAX_FILE_SIZE:
+            raise fs_error(errno.EFBIG, f"size {new_size}, past the largest file "
+                           f"({MAX_FILE_SIZE} bytes)")
+        dps = self.dpage_size
+        home = self.place(extents.ino, node, policy)
+        if new_size > old_size:
+            self._lend(extents, old_size // dps, -(-new_size // dps), node)
+        fd = self._open(extents.ino)
+        try:
+            os.ftruncate(fd, new_size)
+        finally:
+            os.close(fd)
+        if new_size < old_size:
+            self.pools.free(extents.truncate(-(-new_size // dps)))
+            home.balance()
+        self._note(extents.ino)
+
+    def _lend(self, extents: FileExtents, first: int, end: int, node: int) -> None:
+        """Lend every ledger hole of file dpages ``[first, end)`` and its memory, or nothing."""
+        holes = extents.holes(first, end)
+        if not holes:
+            return
+        home = self.memory.pools[self._home[extents.ino]]
+        policy = Policy("bind", (self.pools.pool_id(self.pools.pools[home.index]),))
+        done: list[tuple[int, Extent]] = []
+        try:
+            for file_dpage, count in holes:
+                done.extend(self.pools.allocate(count, policy=policy, node=node,
+                                                file_dpage=file_dpage))
+        except BaseException:
+            self.pools.free([ext for _, ext in done])
+            raise
+        dps = self.dpage_size
+        fd = self._open(extents.ino)
+
+        def take() -> None:
+            for file_dpage, count in holes:
+                # KEEP_SIZE: the size is set by the caller; the dpage past EOF stays whole
+                # (cutting it would split a huge folio).
+                fallocate(fd, file_dpage * dps, count * dps, FALLOC_FL_KEEP_SIZE)
+
+        try:
+            home.lend(sum(count for _, count in holes) * dps, take)
+        except OSError as exc:
+            self.pools.free([ext for _, ext in done])
+            if exc.errno in (errno.ENOSPC, errno.ENOMEM):
+                raise NoSpaceError(f"pool {home.index}: the memory for {len(done)} extent(s) "
+                                   f"could not be taken ({exc.strerror})") from None
+            raise
+        finally:
+            os.close(fd)
+        for file_dpage, ext in done:
+            extents.insert(file_dpage, [ext])
+
+    def release(self, extents: FileExtents) -> None:
+        """The file is gone: remove its backing file and give its dpages back.
+
+        A process that still maps it keeps those pages until it unmaps them; the
+        pool's reserve takes them back at the balance after that.
+        """
+        index = self._home.pop(extents.ino, None)
+        self._seen.pop(extents.ino, None)
+        self.pools.free(extents.truncate(0))
+        if index is None:
+            return
+        home = self.memory.pools[index]
+        try:
+            os.unlink(home.path_of(extents.ino))
+        except FileNotFoundError:
+            log.warning("inode %d: its backing file was already gone", extents.ino)
+        home.balance()
+
+    def _open(self, ino: int) -> int:
+        return os.open(self.memory.pools[self._home[ino]].path_of(ino), os.O_RDWR | os.O_CLOEXEC)
+
+    def _note(self, ino: int) -> None:
+        """The daemon changed the backing file itself: what sync compares with from now."""
+        st = os.stat(self.memory.pools[self._home[ino]].path_of(ino))
+        self._seen[ino] = _Seen(st.st_size, st.st_blocks, st.st_mtime_ns)
+
+
+def _data_ranges(fd: int) -> list[tuple[int, int]]:
+    """``[start, end)`` byte ranges of *fd* that hold data (SEEK_DATA/SEEK_HOLE)."""
+    out: list[tuple[int, int]] = []
+    pos = 0
+    while True:
+        try:
+            start = os.lseek(fd, pos, SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data at or after pos
+                return out
+            raise
+        end = os.lseek(fd, start, SEEK_HOLE)
+        out.append((start, end))
+        pos = end

@@ -1,0 +1,409 @@
+"""Pool memory on the passthrough path: shmem bound to the pool's node, taken at start-up.
+
+Each pool gets two tmpfs instances in a root-only directory:
+
+* ``reserve`` holds one file, sized to the pool and populated at start (the
+  stand-in for the boot-time reservation), so the memory is taken from the
+  host before any file needs it;
+* ``files`` holds one backing file per dmemfs file, named by inode number,
+  which the kernel reads, writes and maps directly (FUSE passthrough).
+
+Both are mounted ``size=POOL,huge=always|never,mpol=bind:NODE,noswap``.
+``noswap`` keeps every page out of swap (mlock would cover only mapped pages);
+``mpol`` puts every page on the pool's node whoever allocates it, the daemon's
+worker threads or a process faulting a hole; ``size`` on the files instance is
+the hard limit: whatever allocates there, the daemon's fallocate or the
+kernel's own passed-through write, gets ENOSPC past the pool.
+
+One rule ties the two (:meth:`PoolMemory.balance`): reserve + files = pool.
+Memory moves into a file at the reserve's tail, in whole dpages: the reserve
+is cut by what the file is about to take, the file fallocates it, and the
+reserve is set to what is left.  What the kernel allocated on its own (a write
+past EOF, a fault into a hole) comes out of the reserve at the next balance.
+Both instances stay mounted if the daemon dies, so mappings and open files
+keep their bytes; the next start detaches them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import mmap
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from humanfriendly import format_size
+
+from . import numa
+from .errors import ConfigError
+from .options import DPAGE_SIZES, MountOptions
+from .region import RegionPlan, meminfo_available, plan_pools
+
+log = logging.getLogger(__name__)
+
+MADV_POPULATE_WRITE = 23
+MNT_DETACH = 2
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+FALLOC_FL_KEEP_SIZE = 1
+POPULATE_CHUNK = 256 << 20
+THP_SHMEM = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                        ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _human(size: int) -> str:
+    return str(format_size(size, binary=True))
+
+
+def fallocate(fd: int, offset: int, length: int, mode: int = 0) -> None:
+    """fallocate(2); OSError with the errno on failure."""
+    if length > 0 and _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def shmem_huge_possible() -> bool:
+    """Whether tmpfs may use 2 MiB transparent huge pages here (``huge=always`` is honoured
+    unless the administrator denies shmem THP)."""
+    try:
+        text = THP_SHMEM.read_text()
+    except OSError:
+        return False
+    return "[deny]" not in text
+
+
+def plan_shmem(opts: MountOptions) -> RegionPlan:
+    """The pools for the passthrough path: 2M dpages (transparent huge pages) by default,
+    4K where shmem may not use huge pages; ConfigError if the memory is not there."""
+    nodes = numa.online_nodes()
+    pagesize = opts.pagesize or (DPAGE_SIZES["2M"] if shmem_huge_possible()
+                                 else DPAGE_SIZES["4K"])
+    pools = plan_pools(opts, nodes, pagesize)
+    total = sum(p.size for p in pools)
+    avail = meminfo_available()
+    if total > avail:
+        raise ConfigError(f"size: {_human(total)} wanted but only {_human(avail)} of memory "
+                          "is available")
+    return RegionPlan(pools=pools, dpage_size=pagesize, backend="shmem")
+
+
+def mount_tmpfs(target: Path, size: int, dpage_size: int, node: int, nr_inodes: int) -> None:
+    """Mount a tmpfs at *target* for one pool (see the module's note for each option)."""
+    huge = "always" if dpage_size >= DPAGE_SIZES["2M"] else "never"
+    data = (f"size={size},nr_inodes={nr_inodes},huge={huge},mpol=bind:{node},noswap,"
+            "mode=0700")
+    if _libc.mount(b"dmemfs-pool", os.fsencode(target), b"tmpfs",
+                   MS_NOSUID | MS_NODEV | MS_NOEXEC, data.encode()) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mounting tmpfs ({data}) at {target}: {os.strerror(err)}")
+
+
+def detach(target: Path) -> bool:
+    """Lazily unmount *target*: what processes still map or hold open stays theirs."""
+    if _libc.umount2(os.fsencode(target), MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOENT):  # not a mount point: nothing to do
+            log.warning("unmounting %s: %s", target, os.strerror(err))
+        return False
+    return True
+
+
+def mounts_under(base: Path) -> list[Path]:
+    """Mount points at or below *base*, deepest first."""
+    found = []
+    prefix = str(base).rstrip("/") + "/"
+    with open("/proc/self/mountinfo") as mountinfo:
+        for line in mountinfo:
+            point = line.split()[4].replace("\\040", " ")
+            if point == str(base) or point.startswith(prefix):
+                found.append(Path(point))
+    return sorted(found, key=lambda p: len(p.parts), reverse=True)
+
+
+@dataclass(frozen=True)
+class PoolMemoryStats:
+    """One pool's memory, read from its two tmpfs instances.
+
+    Fields:
+        node: the NUMA node every page is bound to.
+        size: bytes the pool holds.
+        reserve_bytes: taken and unlent (the reserve file's blocks).
+        file_bytes: lent to files (the files instance's used blocks).
+        short_bytes: what the reserve could not take back (the pool shrank).
+    """
+
+    node: int
+    size: int
+    reserve_bytes: int
+    file_bytes: int
+    short_bytes: int
+
+
+class PoolMemory:
+    """One pool's shmem: its reserve, its files' backing files, and the rule between them."""
+
+    def __init__(self, base: Path, index: int, *, node: int, size: int, dpage_size: int,
+                 nr_inodes: int) -> None:
+        self.base = base / f"pool{index}"
+        self.index = index
+        self.node = node
+        self.size = size
+        self.dpage_size = dpage_size
+        self.nr_inodes = nr_inodes
+        self.reserve_dir = self.base / "reserve"
+        self.files_dir = self.base / "files"
+        self._reserve_fd = -1
+        self.reserve_size = 0
+        self.short_bytes = 0
+        self.huge_pages_at_start = 0
+
+    def mount(self) -> None:
+        """Mount both instances and create the (empty) reserve file."""
+        for where in (self.reserve_dir, self.files_dir):
+            where.mkdir(parents=True, mode=0o700)
+        # The reserve holds one file, and the files instance one per dmemfs inode.
+        mount_tmpfs(self.reserve_dir, self.size, self.dpage_size, self.node, 2)
+        mount_tmpfs(self.files_dir, self.size, self.dpage_size, self.node, self.nr_inodes)
+        self._reserve_fd = os.open(self.reserve_dir / "reserve",
+                                   os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def populate(self, done: Callable[[int], None]) -> None:
+        """Take the whole pool into the reserve and touch every page (*done(bytes)* per chunk)."""
+        fd = self._reserve_fd
+        try:
+            fallocate(fd, 0, self.size)
+        except OSError as exc:
+            raise OSError(exc.errno, f"taking {_human(self.size)} for pool {self.index} on node "
+                          f"{self.node}: {exc.strerror}") from None
+        self.reserve_size = self.size
+        chunks = [(off, min(POPULATE_CHUNK, self.size - off))
+                  for off in range(0, self.size, POPULATE_CHUNK)]
+        workers = max(1, min(len(chunks), len(os.sched_getaffinity(0))))
+        with ThreadPoolExecutor(workers, thread_name_prefix="populate") as pool:
+            for length in pool.map(self._touch, chunks):
+                done(length)
+
+    def _touch(self, chunk: tuple[int, int]) -> int:
+        """Write-fault one chunk of the reserve (the host backs it now, not at a guest's start)."""
+        offset, length = chunk
+        addr = _libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED,
+                          self._reserve_fd, offset)
+        if addr in (None, MAP_FAILED):
+            err = ctypes.get_errno()
+            raise OSError(err, f"mapping the reserve of pool {self.index}: {os.strerror(err)}")
+        try:
+            if _libc.madvise(addr, length, MADV_POPULATE_WRITE) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"populating pool {self.index} at {_human(offset)}: "
+                              f"{os.strerror(err)}")
+        finally:
+            _libc.munmap(addr, length)
+        return length
+
+    def file_bytes(self) -> int:
+        """Bytes the files instance holds (the kernel's count, whoever allocated them)."""
+        st = os.statvfs(self.files_dir)
+        return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+    def file_room(self) -> int:
+        """Bytes the files instance can still take."""
+        st = os.statvfs(self.files_dir)
+        return st.f_bavail * st.f_frsize
+
+    def balance(self) -> None:
+        """Set the reserve to what the files leave of the pool: reserve + files = pool.
+
+        Cutting frees the reserve's tail (whole dpages) for a file to take; growing
+        takes memory back.  When growing fails the pool has shrunk: reported, and
+        tried again at the next balance.
+        """
+        dps = self.dpage_size
+        target = max(0, self.size - self.file_bytes()) // dps * dps
+        if target < self.reserve_size:
+            os.ftruncate(self._reserve_fd, target)
+        elif target > self.reserve_size:
+            try:
+                fallocate(self._reserve_fd, self.reserve_size, target - self.reserve_size)
+            except OSError as exc:
+                st = os.fstat(self._reserve_fd)
+                got = min(target, st.st_blocks * 512 // dps * dps)
+                os.ftruncate(self._reserve_fd, got)
+                short = target - got
+                if short != self.short_bytes:
+                    log.warning("pool %d: the reserve could not take back %s (%s); the pool "
+                                "holds that much less until it can", self.index, _human(short),
+                                exc.strerror)
+                self.short_bytes = short
+                self.reserve_size = got
+                return
+        self.reserve_size = target
+        self.short_bytes = 0
+
+    def lend(self, length: int, take: Callable[[], None]) -> None:
+        """Free *length* bytes at the reserve's tail, let *take()* allocate them in a file,
+        and balance.  If *take* fails, the reserve takes the memory back and the error
+        goes on."""
+        cut = max(0, self.reserve_size - length)
+        os.ftruncate(self._reserve_fd, cut)
+        self.reserve_size = cut
+        try:
+            take()
+        finally:
+            self.balance()
+
+    def path_of(self, ino: int) -> Path:
+        """The backing file of inode *ino*."""
+        return self.files_dir / str(ino)
+
+    def backing_files(self) -> Iterator[tuple[int, os.stat_result]]:
+        """``(inode, stat)`` of every backing file in this pool."""
+        with os.scandir(self.files_dir) as entries:
+            for entry in entries:
+                if entry.name.isdigit():
+                    yield int(entry.name), entry.stat()
+
+    def statistics(self) -> PoolMemoryStats:
+        """A frozen record of this pool's memory as the kernel counts it now."""
+        return PoolMemoryStats(self.node, self.size, self.reserve_size, self.file_bytes(),
+                               self.short_bytes)
+
+    def close(self) -> None:
+        """Give the memory back: detach both instances (mappings that outlive us keep theirs)."""
+        if self._reserve_fd >= 0:
+            os.close(self._reserve_fd)
+            self._reserve_fd = -1
+        for where in (self.files_dir, self.reserve_dir):
+            detach(where)
+
+
+class ShmemMemory:
+    """Every pool's shmem on the passthrough path (what Region is to the region path)."""
+
+    def __init__(self, plan: RegionPlan, base: Path, nr_inodes: int) -> None:
+        self.plan = plan
+        self.base = base
+        self.size = plan.size
+        self.dpage_size = plan.dpage_size
+        self.populate_seconds = 0.0
+        self.pools = [PoolMemory(base, i, node=spec.node, size=spec.size,
+                                 dpage_size=plan.dpage_size, nr_inodes=nr_inodes)
+                      for i, spec in enumerate(plan.pools)]
+
+    @classmethod
+    def open(cls, plan: RegionPlan, base: Path, nr_inodes: int,
+             progress: Callable[[int, int], None] | None = None) -> ShmemMemory:
+        """Mount, take and touch every pool's memory; undo everything on failure."""
+        memory = cls(plan, base, nr_inodes)
+        try:
+            memory._open(progress)
+        except BaseException:
+            memory.close()
+            raise
+        return memory
+
+    def _open(self, progress: Callable[[int, int], None] | None) -> None:
+        clear_stale(self.base)
+        self.base.mkdir(parents=True, mode=0o700)
+        started = time.monotonic()
+        huge_before = _shmem_huge_bytes()
+        done = 0
+
+        def step(length: int) -> None:
+            nonlocal done
+            done += length
+            if progress is not None:
+                progress(done, self.size)
+
+        for pool in self.pools:
+            pool.mount()
+            pool.populate(step)
+        self.populate_seconds = time.monotonic() - started
+        if self.dpage_size >= DPAGE_SIZES["2M"]:
+            huge = _shmem_huge_bytes() - huge_before
+            if huge < self.size * 9 // 10:
+                log.warning("only %s of the %s reserve is in 2 MiB pages (memory is "
+                            "fragmented): guest RAM will be mapped partly with 4 KiB pages",
+                            _human(max(0, huge)), _human(self.size))
+        log.info("pool memory: %s of shmem in %d pool(s), dpage %s, kept out of swap, "
+                 "populated in %.2f s", _human(self.size), len(self.pools),
+                 _human(self.dpage_size), self.populate_seconds)
+
+    def describe(self) -> str:
+        """The backend in words, for logs and status."""
+        pages = "2 MiB transparent huge pages" if self.dpage_size >= DPAGE_SIZES["2M"] else \
+            "4 KiB pages"
+        return f"shmem ({pages}) in {self.base}"
+
+    def close(self) -> None:
+        """Give every pool's memory back; never raises."""
+        for pool in self.pools:
+            try:
+                pool.close()
+            except OSError as exc:
+                log.warning("releasing pool %d: %s", pool.index, exc)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def clear_stale(base: Path) -> None:
+    """Detach what a daemon that died left at *base*.  Its files stay with whoever still
+    maps or holds them, and their memory goes back when they let go."""
+    if not base.exists():
+        return
+    stale = mounts_under(base)
+    for point in stale:
+        detach(point)
+    if stale:
+        log.warning("detached %d pool memory mount(s) a previous daemon left in %s; "
+                    "processes that still map its files keep them", len(stale), base)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _shmem_huge_bytes() -> int:
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("ShmemHugePages:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+MADV_POPULATE_READ = 22
+
+
+def page_nodes_of_file(path: str, offsets: list[int]) -> list[int]:
+    """The NUMA nodes of the pages of *path* at *offsets* (each faulted in for reading
+    first: move_pages knows only mapped pages).  Offsets must hold allocated pages: a
+    read fault into a shmem hole would allocate one."""
+    page = mmap.PAGESIZE
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        nodes = []
+        for wanted in offsets:
+            offset = wanted // page * page
+            addr = _libc.mmap(None, page, mmap.PROT_READ, mmap.MAP_SHARED, fd, offset)
+            if addr in (None, MAP_FAILED):
+                err = ctypes.get_errno()
+                raise OSError(err, f"mapping {path} at {offset}: {os.strerror(err)}")
+            try:
+                _libc.madvise(addr, page, MADV_POPULATE_READ)
+                nodes.extend(numa.page_nodes([addr]))
+            finally:
+                _libc.munmap(addr, page)
+        return nodes
+    finally:
+        os.close(fd)

@@ -1,0 +1,288 @@
+"""The passthrough data path: each file its own shmem file, passed through by the kernel.
+
+What it promises, on real mounts: it is the default where it can work and
+refused clearly where it cannot; a mapping costs the file's pages and no page
+cache copy, keeps working after the daemon is killed, and can be pinned for
+the long term (what vfio needs); the pool's ledger stays exact whoever
+allocates, the daemon (truncate) or the kernel (a passed-through write); and
+reserve + files = pool at every step.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import mmap
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mounting import Mount, dmemctl, dmemfs, free_port, metrics, run_daemon, status
+from test_qemu import _long_term_pin
+
+MIB = 1 << 20
+DPAGE = 2 * MIB
+MADV_PAGEOUT = 21
+POOL = "size=64M,pagesize=2M"
+
+
+def _meminfo(field: str) -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _pool_memory(mount: Mount) -> dict[str, int]:
+    """The one pool's memory as the kernel counts it (reserve + files = pool)."""
+    st = status(mount)
+    assert st["data_path"]["name"] == "passthrough", st["data_path"]
+    (pool,) = st["pool_memory"]
+    return pool  # type: ignore[no-any-return]
+
+
+def _settled(mount: Mount) -> dict[str, int]:
+    """The pool memory once the ledger task has caught up with the kernel (statfs does)."""
+    mount.statvfs()
+    return _pool_memory(mount)
+
+
+@pytest.fixture
+def pmnt(tmp_path: Path) -> Iterator[Mount]:
+    """A 64 MiB passthrough mount (refused, not skipped, where passthrough cannot work)."""
+    with dmemfs(tmp_path, f"{POOL},passthrough=on") as mount:
+        yield mount
+    assert mount.exit_code == 0, mount.log()
+
+
+def test_passthrough_is_the_default_here(tmp_path: Path) -> None:
+    port = free_port()
+    with dmemfs(tmp_path, f"{POOL},metrics={port}") as mount:
+        st = status(mount)
+        assert st["data_path"]["name"] == "passthrough"
+        assert "passthrough" in st["fuse"]["enabled"]
+        assert "data path: passthrough" in mount.log()
+        found = metrics(port)
+        info = [k for k in found if k.startswith('dmemfs_data_path_info{path="passthrough"')]
+        assert len(info) == 1 and found[info[0]] == 1
+        assert found['dmemfs_pool_reserve_bytes{node="0",pool="0"}'] == 64 * MIB
+        text = dmemctl("status", "-m", str(mount.path)).stdout
+        assert "data path: passthrough" in text
+
+
+def test_region_path_when_asked(tmp_path: Path) -> None:
+    with dmemfs(tmp_path, f"{POOL},passthrough=off") as mount:
+        st = status(mount)
+        assert st["data_path"] == {"name": "region", "reason": "passthrough=off"}
+        assert st["pool_memory"] is None
+
+
+@pytest.mark.parametrize(("options", "reason"), [
+    ("size=1G,pagesize=1G", "1G dpages come only from hugetlbfs"),
+    ("size=64M,region=memfd", "region=memfd names the region's memory"),
+    ("size=64M,reserve_hugepages", "hugetlbfs and reserve_hugepages"),
+])
+def test_impossible_passthrough_on_is_refused(tmp_path: Path, options: str, reason: str) -> None:
+    result = run_daemon(tmp_path, f"{options},passthrough=on")
+    assert result.returncode != 0
+    assert f"passthrough=on: {reason}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_auto_falls_back_to_the_region_with_the_reason(tmp_path: Path) -> None:
+    with dmemfs(tmp_path, "size=64M,region=memfd,pagesize=2M") as mount:
+        st = status(mount)
+        assert st["data_path"] == {"name": "region",
+                                   "reason": "region=memfd names the region's memory"}
+
+
+def test_truncate_lends_from_the_reserve_all_or_nothing(pmnt: Mount) -> None:
+    path = pmnt.path / "f"
+    path.touch()
+    os.truncate(path, 20 * MIB + 1)
+    assert pmnt.free_dpages() == 32 - 11
+    assert _pool_memory(pmnt) | {"short_bytes": 0} == {
+        "node": 0, "size": 64 * MIB, "reserve_bytes": 42 * MIB, "file_bytes": 22 * MIB,
+        "short_bytes": 0}
+    with pytest.raises(OSError) as err:
+        os.truncate(path, 64 * MIB + 1)
+    assert err.value.errno == errno.ENOSPC
+    assert path.stat().st_size == 20 * MIB + 1  # nothing changed
+    assert pmnt.free_dpages() == 32 - 11
+    assert _pool_memory(pmnt)["reserve_bytes"] == 42 * MIB
+    os.truncate(path, 3 * MIB)
+    assert pmnt.free_dpages() == 30
+    assert _pool_memory(pmnt)["reserve_bytes"] == 60 * MIB
+    path.unlink()
+    assert pmnt.free_dpages() == 32
+    assert _settled(pmnt)["reserve_bytes"] == 64 * MIB
+
+
+def test_kernel_writes_are_entered_in_the_ledger(pmnt: Mount) -> None:
+    """A passed-through write allocates without asking the daemon: the ledger, statfs and
+    the reserve follow, and past the pool the writer gets ENOSPC from the kernel."""
+    path = pmnt.path / "w"
+    data = os.urandom(MIB)
+    with open(path, "wb") as f:
+        for _ in range(10):
+            f.write(data)
+    assert path.stat().st_size == 10 * MIB
+    assert pmnt.free_dpages() == 32 - 5
+    assert _settled(pmnt)["reserve_bytes"] == 54 * MIB
+    assert path.read_bytes() == data * 10
+    with pytest.raises(OSError) as err, open(path, "ab") as f:
+        for _ in range(64):
+            f.write(data)
+            f.flush()
+    assert err.value.errno == errno.ENOSPC
+    assert pmnt.free_dpages() == 0
+    pool = _settled(pmnt)
+    assert pool["file_bytes"] == 64 * MIB and pool["reserve_bytes"] == 0
+    assert status(pmnt)["unledgered_dpages"] == 0
+    path.unlink()
+    assert pmnt.free_dpages() == 32
+    assert _settled(pmnt)["reserve_bytes"] == 64 * MIB
+
+
+def test_sparse_write_past_the_pool(pmnt: Mount) -> None:
+    path = pmnt.path / "sparse"
+    with open(path, "wb") as f:
+        f.seek(2 << 30)
+        f.write(b"xy")
+    st = path.stat()
+    assert st.st_size == (2 << 30) + 2
+    assert pmnt.free_dpages() == 31
+    with open(path, "rb") as f:
+        f.seek((2 << 30) - 4)
+        assert f.read() == b"\0\0\0\0xy"
+
+
+def test_no_file_reads_what_another_wrote(pmnt: Mount) -> None:
+    first = pmnt.path / "first"
+    first.write_bytes(b"\xa5" * (60 * MIB))
+    first.unlink()
+    assert pmnt.free_dpages() == 32
+    second = pmnt.path / "second"
+    with open(second, "wb") as f:
+        os.ftruncate(f.fileno(), 60 * MIB)
+    with open(second, "rb") as f:
+        while chunk := f.read(4 * MIB):
+            assert chunk.count(0) == len(chunk)
+
+
+def test_placement_on_the_pool_node(pmnt: Mount) -> None:
+    path = pmnt.path / "placed"
+    path.write_bytes(b"z" * (8 * MIB))
+    found = json.loads(dmemctl("--json", "extents", str(path)).stdout)
+    assert found["allocated"] == 8 * MIB
+    assert {tuple(e["kernel_nodes"]) for e in found["extents"]} == {(0,)}
+
+
+def test_poison_is_refused_on_passthrough(pmnt: Mount) -> None:
+    path = pmnt.path / "p"
+    path.write_bytes(b"p" * DPAGE)
+    result = dmemctl("poison", f"{path}:0", check=False)
+    assert result.returncode != 0
+    assert "passthrough data path" in result.stderr
+
+
+def test_a_mapping_adds_no_page_cache_copy(tmp_path: Path) -> None:
+    """Touching and msyncing 512 MiB of a sized file takes at most 2% more host memory
+    than the file's own pages, which the pool had already taken."""
+    with dmemfs(tmp_path, "size=576M,pagesize=2M,passthrough=on") as mount:
+        path = mount.path / "vm"
+        size = 512 * MIB
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            free_before = _meminfo("MemFree")
+            area = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+            try:
+                for offset in range(0, size, mmap.PAGESIZE):
+                    area[offset] = 1
+                area.flush()
+                added = free_before - _meminfo("MemFree")
+            finally:
+                area.close()
+        finally:
+            os.close(fd)
+        assert added <= size * 0.02, f"{added / MIB:.1f} MiB added"
+        pool = _settled(mount)
+        assert pool["file_bytes"] == size and pool["reserve_bytes"] == 64 * MIB
+
+
+def _kill_daemon(mount: Mount) -> None:
+    mount.proc.send_signal(signal.SIGKILL)
+    mount.proc.wait()
+
+
+def test_a_mapping_outlives_a_killed_daemon(tmp_path: Path) -> None:
+    """After kill -9 and MADV_PAGEOUT a process keeps reading and writing its mapping; the
+    bytes are in the backing file, which the next start detaches but does not take away."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    size = 16 * MIB
+    pattern = bytes(range(256)) * (size // 256)
+    with dmemfs(tmp_path, f"{POOL},passthrough=on") as mount:
+        path = mount.path / "guest-ram"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.ftruncate(fd, size)
+        area = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+        os.close(fd)
+        try:
+            area[:] = pattern
+            area.flush()
+            _kill_daemon(mount)
+            base = ctypes.addressof(ctypes.c_char.from_buffer(area))
+            assert libc.madvise(base, size, MADV_PAGEOUT) == 0, os.strerror(ctypes.get_errno())
+            assert area[:] == pattern
+            area[0:5] = b"after"
+            assert area[0:5] == b"after"
+            with pytest.raises(OSError) as err:
+                os.stat(path)
+            assert err.value.errno == errno.ENOTCONN
+            # What an operator does after a crash: detach the dead mount, start again.
+            subprocess.run(["fusermount3", "-u", "-z", str(mount.path)], check=True)
+        except BaseException:
+            area.close()
+            raise
+    # The dead mount is gone (unmount -z); a new daemon on the same mount point starts.
+    try:
+        with dmemfs(tmp_path, f"{POOL},passthrough=on") as again:
+            assert "detached 2 pool memory mount(s) a previous daemon left" in again.log()
+            assert area[0:5] == b"after" and area[5:size] == pattern[5:]
+            assert again.free_dpages() == 32
+    finally:
+        area.close()
+
+
+def test_a_mapping_can_be_pinned_for_the_long_term(pmnt: Mount) -> None:
+    """io_uring buffer registration takes the pin vfio takes (FOLL_LONGTERM); the region
+    path refuses it (test_qemu), the passthrough path maps shmem and allows it."""
+    assert _long_term_pin(pmnt.path / "pinned", shared=True) == 0
+
+
+def test_pool_memory_is_kept_out_of_swap_and_bound(pmnt: Mount) -> None:
+    options = subprocess.run(["findmnt", "-rn", "-o", "OPTIONS", "-t", "tmpfs"],
+                             capture_output=True, text=True, check=True).stdout
+    ours = [line for line in options.splitlines() if "mpol=bind:0" in line]
+    assert len(ours) >= 2, options
+    for line in ours:
+        assert "noswap" in line and "huge=always" in line and "size=65536k" in line
+
+
+def test_clean_stop_gives_the_memory_back(tmp_path: Path) -> None:
+    shmem_before = _meminfo("Shmem")
+    with dmemfs(tmp_path, "size=256M,pagesize=2M,passthrough=on") as mount:
+        assert _meminfo("Shmem") - shmem_before >= 250 * MIB
+        (mount.path / "f").write_bytes(b"f" * MIB)
+    deadline = time.monotonic() + 5
+    while _meminfo("Shmem") - shmem_before > 16 * MIB and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _meminfo("Shmem") - shmem_before <= 16 * MIB
+    assert "pools" not in Path("/proc/self/mountinfo").read_text()
