@@ -19,13 +19,15 @@ _dmemfs()
         # Complete the item after the last comma: a name, or the value after name=.
         local done="" item=$cur
         [[ $cur == *,* ]] && done=${cur%,*}, item=${cur##*,}
-        local valued="size= nodes= pagesize= region= meta= checkpoint= hugetlbfs= max_alloc_try_dpages= nr_inodes= mode= uid= gid= metrics="
+        local valued="size= nodes= pagesize= region= passthrough= meta= checkpoint= hugetlbfs= max_alloc_try_dpages= nr_inodes= mode= uid= gid= metrics="
         local flags="start_empty reserve_hugepages private allow_other allow_unlocked debug"
         case $item in
             pagesize=*)
                 mapfile -t COMPREPLY < <(compgen -P "${done}pagesize=" -W "4K 2M 1G" -- "${item#*=}") ;;
             region=*)
                 mapfile -t COMPREPLY < <(compgen -P "${done}region=" -W "auto hugetlbfs memfd" -- "${item#*=}") ;;
+            passthrough=*)
+                mapfile -t COMPREPLY < <(compgen -P "${done}passthrough=" -W "auto on off" -- "${item#*=}") ;;
             meta=*)
                 mapfile -t COMPREPLY < <(compgen -P "${done}meta=" -W "none" -- "${item#*=}")
                 [[ ${item#*=} == /* ]] && mapfile -t COMPREPLY < <(compgen -P "${done}meta=" -f -- "${item#*=}")

@@ -35,6 +35,7 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
+import mmap
 import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -45,7 +46,14 @@ from .inodes import Inode
 from .policy import LOCAL, Policy
 from .pool import Extent, Pool
 from .poolset import PoolSet
-from .shmem import FALLOC_FL_KEEP_SIZE, PoolMemory, ShmemMemory, fallocate, page_nodes_of_file
+from .shmem import (
+    FALLOC_FL_KEEP_SIZE,
+    PoolMemory,
+    ShmemMemory,
+    fallocate,
+    holds_pages,
+    page_nodes_of_file,
+)
 from .store import MAX_FILE_SIZE
 
 log = logging.getLogger(__name__)
@@ -163,6 +171,14 @@ class PassthroughStore:
         fd = os.open(home.path_of(extents.ino), os.O_RDONLY | os.O_CLOEXEC)
         try:
             ranges = _data_ranges(fd)
+            st = os.fstat(fd)
+            last = (st.st_size - 1) // dps * dps
+            # The kernel maps nothing that ends past MAX_LFS_FILESIZE's last page.
+            probe = min(dps, MAX_FILE_SIZE + 1 - mmap.PAGESIZE - last)
+            if (st.st_size and probe > 0
+                    and -(-st.st_blocks * 512 // dps) > len(_dpages(ranges, dps))
+                    and holds_pages(fd, last, probe)):
+                ranges.append((last, st.st_size))  # SEEK_DATA's blind spot (holds_pages)
         finally:
             os.close(fd)
         # Two data ranges may share a dpage (a page not written yet between them).
@@ -321,6 +337,11 @@ class PassthroughStore:
         """The daemon changed the backing file itself: what sync compares with from now."""
         st = os.stat(self.memory.pools[self._home[ino]].path_of(ino))
         self._seen[ino] = _Seen(st.st_size, st.st_blocks, st.st_mtime_ns)
+
+
+def _dpages(ranges: list[tuple[int, int]], dps: int) -> set[int]:
+    """The dpages that byte *ranges* touch."""
+    return {d for lo, hi in ranges for d in range(lo // dps, -(-hi // dps))}
 
 
 def _data_ranges(fd: int) -> list[tuple[int, int]]:

@@ -1,4 +1,10 @@
-"""Shared fixtures: a dmemfs mount per test, and a session guard against leftovers."""
+"""Shared fixtures: a dmemfs mount per test, and a session guard against leftovers.
+
+A test that takes ``mnt`` runs on both data paths (``mnt[passthrough]`` and
+``mnt[region]``), unless it is marked ``region_only`` with the reason it
+means nothing on the passthrough path.  DMEMFS_TEST_PATHS=region (or
+passthrough) narrows a run to one path.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,29 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mounting import Mount, dmemfs, unescape
+from mounting import Mount, dmemfs, path_options, unescape
 
 HUGEPAGE_ROOT = Path("/sys/kernel/mm/hugepages")
+DATA_PATHS = ("passthrough", "region")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "region_only(reason): the test means something only on "
+                            "the region data path (the reason says why)")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "data_path" not in metafunc.fixturenames:
+        return
+    paths = list(DATA_PATHS)
+    marker = metafunc.definition.get_closest_marker("region_only")
+    if marker is not None:
+        assert marker.args and marker.args[0], "region_only needs a reason"
+        paths = ["region"]
+    wanted = os.environ.get("DMEMFS_TEST_PATHS")
+    if wanted:
+        paths = [p for p in paths if p in wanted.split(",")]
+    metafunc.parametrize("data_path", paths)
 
 
 def _hugepage_counts() -> dict[str, str]:
@@ -44,10 +70,10 @@ def no_leftovers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 
 
 @pytest.fixture
-def mnt(tmp_path: Path) -> Iterator[Mount]:
-    """A fresh 64 MiB dmemfs with 2M dpages."""
+def mnt(tmp_path: Path, data_path: str) -> Iterator[Mount]:
+    """A fresh 64 MiB dmemfs with 2M dpages on *data_path*."""
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
         pytest.fail("end-to-end tests need root and /dev/fuse")
-    with dmemfs(tmp_path) as mount:
+    with dmemfs(tmp_path, f"size=64M,pagesize=2M,{path_options(data_path)}") as mount:
         yield mount
     assert mount.exit_code == 0, f"daemon exit code {mount.exit_code}:\n{mount.log()}"

@@ -48,6 +48,12 @@ def kernel_fs(path: Path, fstype: str, options: str) -> Iterator[Path]:
         assert not is_mounted(path, fstype), f"{path} is still mounted"
 
 
+def path_options(data_path: str) -> str:
+    """The -o option that puts a mount on *data_path* (``passthrough`` or ``region``),
+    refusing to start if it cannot (the ``data_path`` fixture, conftest.py)."""
+    return f"passthrough={'on' if data_path == 'passthrough' else 'off'}"
+
+
 def daemon_command(mountpoint: Path, options: str, *extra: str) -> list[str]:
     """The command line that starts the daemon in the foreground."""
     return [sys.executable, "-m", "dmemfs_fuse.cli", "none", str(mountpoint), "-f",

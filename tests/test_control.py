@@ -31,9 +31,12 @@ pytestmark = pytest.mark.mount
 
 @pytest.fixture
 def two_pools(tmp_path: Path) -> Iterator[tuple[Mount, int]]:
-    """Two 32 MiB pools of 2 MiB dpages on node 0, with metrics on a free port."""
+    """Two 32 MiB pools of 2 MiB dpages on node 0, with metrics on a free port, on the
+    region path, where files span pools and interleave dpage by dpage (test_passthrough
+    has the passthrough path's policies)."""
     port = free_port()
-    with dmemfs(tmp_path, f"nodes=0:32M,0:32M,pagesize=2M,metrics={port}") as mount:
+    with dmemfs(tmp_path, f"nodes=0:32M,0:32M,pagesize=2M,metrics={port},passthrough=off"
+                ) as mount:
         yield mount, port
     assert mount.exit_code == 0, mount.log()
 

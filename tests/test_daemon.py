@@ -134,9 +134,10 @@ def test_path_region_outlives_the_daemon(tmp_path: Path) -> None:
 
 
 def test_explicit_pools_on_one_node(tmp_path: Path) -> None:
-    with dmemfs(tmp_path, "nodes=0:16M,0:16M,pagesize=2M") as mount:
+    with dmemfs(tmp_path, "nodes=0:16M,0:16M,pagesize=2M,passthrough=off") as mount:
         assert mount.statvfs().f_blocks == 16
-        # larger than either pool: spills from the first into the second
+        # larger than either pool: spills from the first into the second (the region
+        # path; a passthrough file lives in one pool's tmpfs)
         with open(mount.path / "big", "wb") as f:
             f.truncate(24 * M)
         assert mount.free_dpages() == 4
@@ -164,14 +165,15 @@ def test_not_lockable_is_an_error_unless_allowed(tmp_path: Path) -> None:
             "prlimit", "--memlock=1048576", "--"]
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    result = subprocess.run(drop + daemon_command(mnt, "size=16M,pagesize=4K"),
+    result = subprocess.run(drop + daemon_command(mnt, "size=16M,pagesize=4K,passthrough=off"),
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 1
     assert "mlock of 16 MiB failed" in result.stderr and "allow_unlocked" in result.stderr
     assert not is_mounted(mnt)
     log_path = tmp_path / "unlocked.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(drop + daemon_command(mnt, "size=16M,pagesize=4K,allow_unlocked"),
+        options = "size=16M,pagesize=4K,allow_unlocked,passthrough=off"
+        proc = subprocess.Popen(drop + daemon_command(mnt, options),
                                 stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30
@@ -222,7 +224,7 @@ def test_detaches_once_mounted(tmp_path: Path) -> None:
 def test_verbose_brings_the_start_up_log_back(tmp_path: Path) -> None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    cmd = daemon_command(mnt, "size=16M,pagesize=4K", "-v")
+    cmd = daemon_command(mnt, "size=16M,pagesize=4K,passthrough=off", "-v")
     cmd.remove("-f")
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
     try:

@@ -787,6 +787,8 @@ def test_map_private_writes_never_reach_the_file(mnt: Mount) -> None:
     assert read_all(path) == original
 
 
+@pytest.mark.region_only("on passthrough a fault into a hole of a full pool is SIGBUS, as on "
+                         "tmpfs (test_passthrough covers the kernel's allocation)")
 def test_mmap_write_into_a_hole_allocates_or_reports_enospc(mnt: Mount) -> None:
     path = mnt.path / "sparse"
     fd = os.open(path, os.O_RDWR | os.O_CREAT)
@@ -889,6 +891,8 @@ def test_enospc_on_truncate(mnt: Mount) -> None:
     assert mnt.free_dpages() == start - 1
 
 
+@pytest.mark.region_only("a passed-through write is the kernel's: as on tmpfs it writes what "
+                         "fits and stops short (test_passthrough checks the ledger after it)")
 def test_enospc_write_is_all_or_nothing(mnt: Mount) -> None:
     filler, f = mnt.path / "filler", mnt.path / "f"
     filler.touch()

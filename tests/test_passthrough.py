@@ -25,6 +25,8 @@ import pytest
 from mounting import Mount, dmemctl, dmemfs, free_port, metrics, run_daemon, status
 from test_qemu import _long_term_pin
 
+from dmemfs_fuse.daemon import pool_memory_dir
+
 MIB = 1 << 20
 DPAGE = 2 * MIB
 MADV_PAGEOUT = 21
@@ -267,13 +269,20 @@ def test_a_mapping_can_be_pinned_for_the_long_term(pmnt: Mount) -> None:
     assert _long_term_pin(pmnt.path / "pinned", shared=True) == 0
 
 
+def _our_pool_mounts(mount: Mount) -> list[str]:
+    """``TARGET OPTIONS`` of the tmpfs instances that hold *mount*'s pool memory."""
+    base = str(pool_memory_dir(str(mount.path)))
+    table = subprocess.run(["findmnt", "-rn", "-o", "TARGET,OPTIONS", "-t", "tmpfs"],
+                           capture_output=True, text=True, check=True).stdout
+    return [line for line in table.splitlines() if line.startswith(base + "/")]
+
+
 def test_pool_memory_is_kept_out_of_swap_and_bound(pmnt: Mount) -> None:
-    options = subprocess.run(["findmnt", "-rn", "-o", "OPTIONS", "-t", "tmpfs"],
-                             capture_output=True, text=True, check=True).stdout
-    ours = [line for line in options.splitlines() if "mpol=bind:0" in line]
-    assert len(ours) >= 2, options
+    ours = _our_pool_mounts(pmnt)
+    assert [line.split()[0].rsplit("/", 1)[1] for line in ours] == ["reserve", "files"]
     for line in ours:
-        assert "noswap" in line and "huge=always" in line and "size=65536k" in line
+        assert all(o in line.split()[1].split(",") for o in
+                   ("noswap", "huge=always", "size=65536k", "mpol=bind:0", "mode=700"))
 
 
 def test_clean_stop_gives_the_memory_back(tmp_path: Path) -> None:
@@ -281,8 +290,50 @@ def test_clean_stop_gives_the_memory_back(tmp_path: Path) -> None:
     with dmemfs(tmp_path, "size=256M,pagesize=2M,passthrough=on") as mount:
         assert _meminfo("Shmem") - shmem_before >= 250 * MIB
         (mount.path / "f").write_bytes(b"f" * MIB)
+        assert len(_our_pool_mounts(mount)) == 2
     deadline = time.monotonic() + 5
     while _meminfo("Shmem") - shmem_before > 16 * MIB and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _meminfo("Shmem") - shmem_before <= 16 * MIB
-    assert "pools" not in Path("/proc/self/mountinfo").read_text()
+    assert _our_pool_mounts(mount) == []
+    assert not pool_memory_dir(str(mount.path)).exists()
+
+
+def _pools_of(path: Path) -> set[int]:
+    found = json.loads(dmemctl("--json", "extents", str(path)).stdout)
+    return {e["pool"] for e in found["extents"]}
+
+
+def test_policies_choose_each_file_s_pool(tmp_path: Path) -> None:
+    """A file lives in one pool's tmpfs; the policy picks it when the file is created."""
+    with dmemfs(tmp_path, "nodes=0:32M,0:32M,pagesize=2M,passthrough=on") as mount:
+        local = mount.path / "local"
+        local.write_bytes(b"l" * DPAGE)
+        assert _pools_of(local) == {0}  # both pools are on node 0: the first
+        bound = mount.path / "bound"
+        bound.mkdir()
+        os.setxattr(bound, "user.dmem.policy", b"bind:1")
+        (bound / "f").write_bytes(b"b" * (4 * DPAGE))
+        assert _pools_of(bound / "f") == {1}
+        spread = mount.path / "spread"
+        spread.mkdir()
+        os.setxattr(spread, "user.dmem.policy", b"interleave:0-1")
+        for name in "abcd":
+            (spread / name).write_bytes(b"i" * DPAGE)
+        assert [_pools_of(spread / name) for name in "abcd"] == [{0}, {1}, {0}, {1}]
+        # bind:1 is full at 32 MiB: the kernel refuses the write past it, ENOSPC.
+        with pytest.raises(OSError) as err:
+            (bound / "g").write_bytes(b"g" * (14 * DPAGE))
+        assert err.value.errno == errno.ENOSPC
+        (bound / "g").unlink()
+        # preferred:1 with pool 1 full (nearly): a new file goes to the next pool.
+        os.truncate(bound / "f", 14 * DPAGE)  # pool 1: 14 + spread/b and d = 16, full
+        preferred = mount.path / "pref"
+        preferred.mkdir()
+        os.setxattr(preferred, "user.dmem.policy", b"preferred:1")
+        (preferred / "p").write_bytes(b"p" * DPAGE)
+        assert _pools_of(preferred / "p") == {0}
+        st = status(mount)
+        for pool, memory in zip(st["pools"], st["pool_memory"], strict=True):
+            assert memory["file_bytes"] == pool["used_dpages"] * DPAGE
+            assert memory["reserve_bytes"] + memory["file_bytes"] == memory["size"]

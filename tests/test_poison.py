@@ -317,6 +317,8 @@ def test_kernel_notice_and_scan_through_the_daemon(tmp_path: Path) -> None:
     (["poison", "--kernel", "64M"], "outside the region"),
     (["poison", "{mnt}/d:0"], "not a regular file"),
 ])
+@pytest.mark.region_only("on passthrough every poison request is refused, with its reason "
+                         "(test_passthrough)")
 def test_bad_poison_arguments_are_refused(mnt: Mount, args: list[str], message: str) -> None:
     (mnt.path / "f").write_bytes(b"x" * 100)
     with open(mnt.path / "hole", "wb") as f:  # dpage 0 is a hole, dpage 2 holds the byte

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mounting import Mount, dmemfs
+from mounting import Mount, dmemfs, path_options
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(300)]
 
@@ -318,8 +318,8 @@ def power_off(vm: Qemu) -> None:
 
 @pytest.mark.parametrize("prealloc", [True, False], ids=["prealloc", "no-prealloc"])
 def test_file_form_shared_guest_writes_reach_the_region(guest: Guest, tmp_path: Path,
-                                                       prealloc: bool) -> None:
-    with dmemfs(tmp_path, POOL) as mount:
+                                                       prealloc: bool, data_path: str) -> None:
+    with dmemfs(tmp_path, f"{POOL},{path_options(data_path)}") as mount:
         free = mount.free_dpages()
         need = guest_dpages(mount)
         vm0 = mount.path / "vm0"
@@ -387,9 +387,9 @@ def test_directory_form_unlinked_file_returns_its_dpages(guest: Guest, tmp_path:
     assert mount.exit_code == 0, mount.log()
 
 
-def test_directory_form_shared_backend(guest: Guest, tmp_path: Path) -> None:
+def test_directory_form_shared_backend(guest: Guest, tmp_path: Path, data_path: str) -> None:
     """memory-backend-file with a directory as mem-path, share=on: mkstemp there too."""
-    with dmemfs(tmp_path, POOL) as mount:
+    with dmemfs(tmp_path, f"{POOL},{path_options(data_path)}") as mount:
         free = mount.free_dpages()
         need = guest_dpages(mount)
         args = qemu_args(guest, file_form(mount.path, share=True, prealloc=True))
@@ -579,6 +579,8 @@ def _long_term_pin(path: Path, shared: bool) -> int:
         path.unlink()
 
 
+@pytest.mark.region_only("the passthrough path maps shmem, which can be pinned "
+                         "(test_passthrough)")
 def test_long_term_pin_of_a_shared_mapping_is_refused(mnt: Mount) -> None:
     """Why -device vfio-pci cannot work with share=on guest RAM on dmemfs (docs/qemu.md)."""
     assert _long_term_pin(Path("/dev/shm") / f"dmemfs-pin-{os.getpid()}", shared=True) == 0, \
