@@ -126,7 +126,19 @@ def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             row: dict[str, Any] = {"workload": wname, "number": work.number,
                                    "target": target.text, "metric": target.metric,
                                    "peer": target.peer}
-            if work.comparative:
+            if work.comparative and target.peer is None:  # an absolute bound on dmemfs
+                metric = next(m for m in work.metrics if m.key == target.metric)
+                got = entry.get("stats", {}).get(DMEMFS, {}).get(target.metric, {}).get("median")
+                limit = target.ratio or 0.0
+                ok = got is not None and (got <= limit if not metric.higher_is_better
+                                          else got >= limit)
+                row.update(required=f"{'<=' if not metric.higher_is_better else '>='} "
+                                    f"{limit:g} {metric.unit}",
+                           measured=got,
+                           measured_text=f"{got:.3g} {metric.unit}" if got is not None
+                           else "n/a",
+                           status=_status(ok, got is None))
+            elif work.comparative:
                 ratio = entry.get("ratios", {}).get(target.metric, {}).get(target.peer or "")
                 row.update(required=f">= {target.ratio:g}x", measured=ratio,
                            measured_text=f"{ratio:.2f}x" if ratio is not None else "n/a",
