@@ -17,7 +17,7 @@ import textwrap
 
 from . import __version__
 from .connection import version_text
-from .daemon import DaemonConfig, run
+from .daemon import DaemonConfig, detach_dead_mount, run
 from .errors import ConfigError
 from .options import OPTIONS, parse_mount_options
 
@@ -109,12 +109,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     try:
         mountpoint = os.path.abspath(args.mountpoint)
+        dead = detach_dead_mount(mountpoint)
         if not os.path.isdir(mountpoint):
             raise ConfigError(f"mountpoint {args.mountpoint}: not an existing directory")
         opts = parse_mount_options(args.options)
     except ConfigError as exc:
         parser.exit(2, f"dmemfs: error: {exc}\n")
     _set_up_logging(verbose=args.verbose or opts.debug, foreground=args.foreground)
+    if dead:
+        log.warning("%s: detached the dmemfs mount of a daemon that died", mountpoint)
     if opts.ignored:
         log.debug("ignoring mount options %s", ", ".join(opts.ignored))
     try:

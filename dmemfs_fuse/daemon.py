@@ -15,10 +15,13 @@ goes through supervise too, never straight into the nursery.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import logging.handlers
 import os
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -110,7 +113,8 @@ def run(config: DaemonConfig) -> int:
     connection.check_library()
     opts = config.options
     path = datapath.choose(opts, connection.probe)
-    plan = plan_shmem(opts) if path.passthrough else plan_region(opts)
+    plan = (plan_shmem(opts, pool_memory_dir(config.mountpoint)) if path.passthrough
+            else plan_region(opts))
     pools = build_pools(plan, opts.max_alloc_try_dpages, explicit=bool(opts.nodes))
 
     def parse(text: str) -> Policy:
@@ -126,6 +130,26 @@ def run(config: DaemonConfig) -> int:
     finally:
         if lock is not None:
             lock.release()
+
+
+def detach_dead_mount(mountpoint: str) -> bool:
+    """A dmemfs whose daemon died answers ENOTCONN at *mountpoint*: detach it (lazily: its
+    users' mappings stay), so that a new daemon can mount there and adopt its files.
+    Returns whether it did."""
+    try:
+        os.stat(mountpoint)
+        return False
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            return False
+    target = os.path.abspath(mountpoint)
+    with open("/proc/self/mounts") as mounts:
+        dead = any(f.split()[1] == target and f.split()[2] == "fuse.dmemfs" for f in mounts)
+    if dead:
+        done = subprocess.run(["fusermount3", "-u", "-z", target], check=False,
+                              capture_output=True)
+        return done.returncode == 0
+    return False
 
 
 def pool_memory_dir(mountpoint: str) -> Path:
@@ -156,7 +180,14 @@ def _run(config: DaemonConfig, plan: RegionPlan, pools: PoolSet, *,
     log.info("data path: %s (%s)", path.name, path.reason)
     memory: Region | ShmemMemory
     try:
-        if path.passthrough:
+        if path.passthrough and found is not None:
+            try:
+                memory = ShmemMemory.adopt(plan, pool_memory_dir(config.mountpoint),
+                                           config.options.nr_inodes)
+            except OSError as exc:
+                raise MetadataError(f"{exc}. Nothing was changed. To start with an empty "
+                                    "filesystem instead, mount with -o start_empty") from None
+        elif path.passthrough:
             memory = ShmemMemory.open(plan, pool_memory_dir(config.mountpoint),
                                       config.options.nr_inodes, progress)
         else:
@@ -180,7 +211,7 @@ def _run(config: DaemonConfig, plan: RegionPlan, pools: PoolSet, *,
                             parse_policy=lambda text: parse_policy(text, pools.ids),
                             changes=ChangeLog() if meta else None)
         if meta is not None:
-            assert plan.path is not None and isinstance(store, FileStore)
+            assert plan.path is not None
             journal, recovered = _open_journal(meta, plan, inodes, store, found)
         else:
             recovered = None
@@ -205,6 +236,12 @@ def _run(config: DaemonConfig, plan: RegionPlan, pools: PoolSet, *,
             # memory may hold half a request, while the log holds whole ones.
             journal.close(checkpoint=served_to_the_end)
         memory.close()
+        if isinstance(memory, ShmemMemory) and meta is not None:
+            # The files went with the pool memory, as on tmpfs: nothing is left to find.
+            # (A daemon that is killed never gets here: the next one adopts its files.)
+            for leftover in (meta.path, meta.path + ".lock"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover)
         log.info("memory released; exiting")
     return 0
 
@@ -225,7 +262,7 @@ def _scan_for_poison(reporter: Reporter, store: FileStore) -> None:
 
 
 def _open_journal(meta: persistence.MetaPlan, plan: RegionPlan, inodes: InodeTable,
-                  store: FileStore, found: recovery.Recovered | None
+                  store: FileStore | PassthroughStore, found: recovery.Recovered | None
                   ) -> tuple[Journal, recovery.RecoveryReport | None]:
     """Install what was found (verifying it against the pools) and start the log on it."""
     assert plan.path is not None
@@ -236,7 +273,18 @@ def _open_journal(meta: persistence.MetaPlan, plan: RegionPlan, inodes: InodeTab
         report = None
     else:
         try:
+            if isinstance(store, PassthroughStore):
+                store.discover()
             report = recovery.install(found, inodes, store.pools, store, meta.path)
+            if isinstance(store, PassthroughStore):
+                removed = store.adopt(inodes.inodes)
+                if removed:
+                    log.info("removed %d backing file(s) that no recovered inode names",
+                             removed)
+        except OSError as exc:
+            raise MetadataError(f"{exc}. Nothing was changed. To start with an empty "
+                                "filesystem instead, mount with -o start_empty (the old "
+                                "metadata is kept beside it)") from None
         except MetadataError as exc:
             raise MetadataError(f"{exc}. Nothing was changed. To start with an empty "
                                 "filesystem instead, mount with -o start_empty (the old "

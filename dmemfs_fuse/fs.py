@@ -452,6 +452,7 @@ class DmemOperations(pyfuse3.Operations):
         dpages) and set each pool's reserve to what is left.  Called by a side task."""
         if isinstance(self.store, PassthroughStore):
             self.store.reconcile(self.inodes.inodes, set(self._backing))
+            self._commit_quietly()
 
     def _inode_of(self, fh: int) -> Inode:
         handle = self._handles.get(fh)

@@ -158,8 +158,18 @@ class PassthroughStore:
         seen = self._seen[inode.ino]
         if (st.st_size, st.st_blocks, st.st_mtime_ns) == (seen.size, seen.blocks, seen.mtime_ns):
             return
-        if st.st_mtime_ns != seen.mtime_ns or st.st_size != inode.size:
+        # Adopted (seen unknown): the times change only if the kernel changed the data
+        # after the metadata last heard of the file (its size or its blocks differ), so
+        # that a utimens the daemon served stays.
+        if seen.mtime_ns < 0:
+            changed = (st.st_size != inode.size
+                       or -(-st.st_blocks * 512 // self.dpage_size) > inode.data.mapped)
+        else:
+            changed = st.st_mtime_ns != seen.mtime_ns
+        if st.st_size != inode.size:
             inode.size = st.st_size
+            inode.touch()
+        if changed:
             inode.touch(data=True, now=st.st_mtime_ns)
         if st.st_blocks > seen.blocks:
             self._enter_data(inode.data, home)
@@ -329,6 +339,49 @@ class PassthroughStore:
         except FileNotFoundError:
             log.warning("inode %d: its backing file was already gone", extents.ino)
         home.balance()
+
+    # -- a daemon that died -------------------------------------------------------------
+
+    def discover(self) -> int:
+        """Find the backing files in adopted pool memory (before recovery installs the
+        metadata, which frees its orphans through release); returns how many."""
+        for memory in self.memory.pools:
+            for ino, _ in memory.backing_files():
+                self._home[ino] = memory.index
+                self._seen[ino] = _Seen(-1, -1, -1)  # the next sync takes all of it in
+        return len(self._home)
+
+    def claim(self, extents: list[Extent]) -> None:
+        """Take exactly *extents* in the ledger for files recovered from the metadata."""
+        self.pools.claim(extents)
+
+    def adopt(self, inodes: Mapping[int, Inode]) -> int:
+        """After recovery: take in what the kernel did after the last commit (sizes,
+        mtimes, dpages written), drop the ledger's dpages past each file's end, and remove
+        backing files that no inode names (created or freed in a request the metadata
+        never saw).  A file the metadata says holds data but whose backing file is gone
+        is an error: its bytes are lost.  Returns the backing files removed."""
+        dps = self.dpage_size
+        for inode in inodes.values():
+            if inode.data is None:
+                continue
+            if inode.ino not in self._home:
+                if inode.data.mapped or inode.size:
+                    raise OSError(errno.ENOENT, f"file {inode.ino} of {inode.size} bytes has no "
+                                  "backing file: its bytes are gone")
+                continue
+            self.sync(inode)
+            self.pools.free(inode.data.truncate(-(-inode.size // dps)))
+        removed = 0
+        for ino, index in list(self._home.items()):
+            node = inodes.get(ino)
+            if node is None or node.data is None:
+                del self._home[ino], self._seen[ino]
+                os.unlink(self.memory.pools[index].path_of(ino))
+                removed += 1
+        for memory in self.memory.pools:
+            memory.balance()
+        return removed
 
     def _open(self, ino: int) -> int:
         return os.open(self.memory.pools[self._home[ino]].path_of(ino), os.O_RDWR | os.O_CLOEXEC)

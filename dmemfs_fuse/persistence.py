@@ -47,6 +47,18 @@ def plan_meta(opts: MountOptions, plan: RegionPlan) -> MetaPlan | None:
     if opts.meta == "none":
         return None
     path = opts.meta
+    if plan.backend == "shmem":
+        # The passthrough path: the backing files outlive a daemon that dies (their
+        # tmpfs instances stay mounted), so the namespace goes beside them, in RUN_DIR,
+        # for the next daemon to adopt them.  An orderly stop ends both, as on tmpfs.
+        assert plan.path is not None and path is None  # meta=PATH takes the region path
+        if opts.size is not None and opts.size.all_but:
+            log.info("size=!%s: the pool sizes follow free memory, so files are not kept "
+                     "for a daemon that replaces this one after a crash",
+                     format_size(opts.size.size, binary=True))
+            return None
+        os.makedirs(os.path.dirname(plan.path), mode=0o700, exist_ok=True)
+        return MetaPlan(plan.path + ".meta", opts.start_empty, opts.checkpoint)
     if path is None:
         if plan.backend != "path" or plan.path is None:
             return None
@@ -123,7 +135,8 @@ def find(meta: MetaPlan, plan: RegionPlan,
     when it cannot be trusted, naming start_empty as the way out.
     """
     if not os.path.exists(meta.path):
-        if plan.path and os.path.exists(plan.path) and os.stat(plan.path).st_size:
+        if (plan.backend != "shmem" and plan.path and os.path.exists(plan.path)
+                and os.stat(plan.path).st_size):
             log.info("no metadata at %s: starting empty on %s (its old bytes are zeroed "
                      "before reuse)", meta.path, plan.path)
         return None

@@ -33,6 +33,7 @@ from .errors import AllocatorError
 from .extents import FileExtents
 from .inodes import ROOT_INO, Inode, InodeTable
 from .metalog import Layout, MetadataError, decode_inode, layout_of, read_log
+from .passthrough import PassthroughStore
 from .policy import Policy
 from .pool import Extent
 from .poolset import PoolSet
@@ -234,8 +235,8 @@ class RecoveryReport:
     seconds: float
 
 
-def install(state: Recovered, table: InodeTable, pools: PoolSet, store: FileStore,
-            path: str) -> RecoveryReport:
+def install(state: Recovered, table: InodeTable, pools: PoolSet,
+            store: FileStore | PassthroughStore, path: str) -> RecoveryReport:
     """Verify *state* against itself and the (empty) pools, then make it the live filesystem."""
     started = time.monotonic()
     inodes = state.inodes
@@ -259,7 +260,8 @@ def install(state: Recovered, table: InodeTable, pools: PoolSet, store: FileStor
         if inode.data is not None:
             store.release(inode.data)
     table.restore(inodes, state.next_ino)
-    _zero_tails(inodes, store)
+    if isinstance(store, FileStore):  # shmem zeroes a truncated tail itself
+        _zero_tails(inodes, store)
     files = [i for i in inodes.values() if i.data is not None]
     return RecoveryReport(
         files=len(files), directories=sum(1 for i in inodes.values() if i.dir is not None),

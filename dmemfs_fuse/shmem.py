@@ -89,9 +89,10 @@ def shmem_huge_possible() -> bool:
     return "[deny]" not in text
 
 
-def plan_shmem(opts: MountOptions) -> RegionPlan:
-    """The pools for the passthrough path: 2M dpages (transparent huge pages) by default,
-    4K where shmem may not use huge pages; ConfigError if the memory is not there."""
+def plan_shmem(opts: MountOptions, base: Path) -> RegionPlan:
+    """The pools for the passthrough path, their memory mounted at *base*: 2M dpages
+    (transparent huge pages) by default, 4K where shmem may not use huge pages;
+    ConfigError if the memory is not there."""
     nodes = numa.online_nodes()
     pagesize = opts.pagesize or (DPAGE_SIZES["2M"] if shmem_huge_possible()
                                  else DPAGE_SIZES["4K"])
@@ -101,7 +102,7 @@ def plan_shmem(opts: MountOptions) -> RegionPlan:
     if total > avail:
         raise ConfigError(f"size: {_human(total)} wanted but only {_human(avail)} of memory "
                           "is available")
-    return RegionPlan(pools=pools, dpage_size=pagesize, backend="shmem")
+    return RegionPlan(pools=pools, dpage_size=pagesize, backend="shmem", path=str(base))
 
 
 def mount_tmpfs(target: Path, size: int, dpage_size: int, node: int, nr_inodes: int) -> None:
@@ -183,6 +184,22 @@ class PoolMemory:
         mount_tmpfs(self.files_dir, self.size, self.dpage_size, self.node, self.nr_inodes)
         self._reserve_fd = os.open(self.reserve_dir / "reserve",
                                    os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def adopt(self) -> None:
+        """Take over the instances a daemon that died left (their files are the namespace's
+        that the metadata describes); OSError if they are not what this pool needs."""
+        mounted = set(mounts_under(self.base))
+        for where in (self.reserve_dir, self.files_dir):
+            if where not in mounted:
+                raise OSError(errno.ENOENT, f"{where} is not mounted: the pool memory the "
+                              "metadata describes is gone")
+            st = os.statvfs(where)
+            if st.f_blocks * st.f_frsize != self.size:
+                raise OSError(errno.EINVAL, f"{where} holds {_human(st.f_blocks * st.f_frsize)}, "
+                              f"not the pool's {_human(self.size)}")
+        self._reserve_fd = os.open(self.reserve_dir / "reserve", os.O_RDWR | os.O_CLOEXEC)
+        self.reserve_size = os.fstat(self._reserve_fd).st_size
+        self.balance()
 
     def populate(self, done: Callable[[int], None]) -> None:
         """Take the whole pool into the reserve and touch every page (*done(bytes)* per chunk)."""
@@ -316,6 +333,17 @@ class ShmemMemory:
         except BaseException:
             memory.close()
             raise
+        return memory
+
+    @classmethod
+    def adopt(cls, plan: RegionPlan, base: Path, nr_inodes: int) -> ShmemMemory:
+        """Take over the pool memory a daemon that died left at *base* (PoolMemory.adopt).
+        On failure nothing is detached: the files stay for whoever looks next."""
+        memory = cls(plan, base, nr_inodes)
+        for pool in memory.pools:
+            pool.adopt()
+        log.info("pool memory: adopted %s of shmem in %d pool(s) from %s, left by a daemon "
+                 "that did not stop", _human(memory.size), len(memory.pools), base)
         return memory
 
     def _open(self, progress: Callable[[int, int], None] | None) -> None:

@@ -145,9 +145,10 @@ def dmemfs(tmp: Path, options: str = "size=64M,pagesize=2M", *extra: str,
         assert not is_mounted(path), f"{path} is still mounted"
 
 
-def run_daemon(tmp: Path, options: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_daemon(tmp: Path, options: str, timeout: float = 60,
+               name: str = "mnt-fail") -> subprocess.CompletedProcess[str]:
     """Run a daemon that is expected to fail before mounting; return its result."""
-    path = tmp / "mnt-fail"
+    path = tmp / name
     path.mkdir(exist_ok=True)
     try:
         return subprocess.run(daemon_command(path, options), capture_output=True, text=True,

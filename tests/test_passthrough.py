@@ -22,7 +22,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mounting import Mount, dmemctl, dmemfs, free_port, metrics, run_daemon, status
+from mounting import (
+    Mount,
+    daemon_command,
+    dmemctl,
+    dmemfs,
+    free_port,
+    metrics,
+    run_daemon,
+    status,
+    unmount,
+)
 from test_qemu import _long_term_pin
 
 from dmemfs_fuse.daemon import pool_memory_dir
@@ -225,7 +235,8 @@ def _kill_daemon(mount: Mount) -> None:
 
 def test_a_mapping_outlives_a_killed_daemon(tmp_path: Path) -> None:
     """After kill -9 and MADV_PAGEOUT a process keeps reading and writing its mapping; the
-    bytes are in the backing file, which the next start detaches but does not take away."""
+    bytes are in the backing file, and the next daemon on the mount point adopts it with
+    everything the process wrote, before and after the kill."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     size = 16 * MIB
@@ -248,17 +259,19 @@ def test_a_mapping_outlives_a_killed_daemon(tmp_path: Path) -> None:
             with pytest.raises(OSError) as err:
                 os.stat(path)
             assert err.value.errno == errno.ENOTCONN
-            # What an operator does after a crash: detach the dead mount, start again.
-            subprocess.run(["fusermount3", "-u", "-z", str(mount.path)], check=True)
         except BaseException:
             area.close()
             raise
-    # The dead mount is gone (unmount -z); a new daemon on the same mount point starts.
+    # A new daemon on the same mount point detaches the dead mount and adopts the file.
+    expected = b"after" + pattern[5:]
     try:
         with dmemfs(tmp_path, f"{POOL},passthrough=on") as again:
-            assert "detached 2 pool memory mount(s) a previous daemon left" in again.log()
-            assert area[0:5] == b"after" and area[5:size] == pattern[5:]
-            assert again.free_dpages() == 32
+            log = again.log()
+            assert "adopted 64 MiB of shmem" in log and "recovered from" in log
+            assert (again.path / "guest-ram").read_bytes() == expected
+            assert again.free_dpages() == 32 - 8
+            area[5:10] = b"again"  # the old mapping and the new mount share the bytes
+            assert (again.path / "guest-ram").read_bytes()[:10] == b"afteragain"
     finally:
         area.close()
 
@@ -271,7 +284,11 @@ def test_a_mapping_can_be_pinned_for_the_long_term(pmnt: Mount) -> None:
 
 def _our_pool_mounts(mount: Mount) -> list[str]:
     """``TARGET OPTIONS`` of the tmpfs instances that hold *mount*'s pool memory."""
-    base = str(pool_memory_dir(str(mount.path)))
+    return _our_pool_mounts_at(mount.path)
+
+
+def _our_pool_mounts_at(mountpoint: Path) -> list[str]:
+    base = str(pool_memory_dir(str(mountpoint)))
     table = subprocess.run(["findmnt", "-rn", "-o", "TARGET,OPTIONS", "-t", "tmpfs"],
                            capture_output=True, text=True, check=True).stdout
     return [line for line in table.splitlines() if line.startswith(base + "/")]
@@ -337,3 +354,103 @@ def test_policies_choose_each_file_s_pool(tmp_path: Path) -> None:
         for pool, memory in zip(st["pools"], st["pool_memory"], strict=True):
             assert memory["file_bytes"] == pool["used_dpages"] * DPAGE
             assert memory["reserve_bytes"] + memory["file_bytes"] == memory["size"]
+
+
+def _kill_and_restart_files(tmp_path: Path) -> dict[str, bytes]:
+    """Files of every kind on a passthrough mount whose daemon is then killed."""
+    contents = {"small": b"hello\n", "d/big": os.urandom(5 * MIB), "d/e/sized": bytes(9 * MIB)}
+    with dmemfs(tmp_path, f"{POOL},passthrough=on") as mount:
+        (mount.path / "d" / "e").mkdir(parents=True)
+        for name, data in contents.items():
+            (mount.path / name).write_bytes(data)
+        os.setxattr(mount.path / "small", "user.note", b"kept")
+        os.chmod(mount.path / "small", 0o640)
+        os.utime(mount.path / "small", ns=(1_000_000_000, 2_000_000_000))
+        os.symlink("d/big", mount.path / "link")
+        os.link(mount.path / "d" / "big", mount.path / "hard")
+        # Written by the kernel (passed through) right before the kill: in no commit yet.
+        with open(mount.path / "d" / "big", "r+b") as f:
+            f.seek(0, os.SEEK_END)
+            f.write(b"tail")
+        contents["d/big"] += b"tail"
+        _kill_daemon(mount)
+    return contents
+
+
+def test_a_restart_after_kill_adopts_every_file(tmp_path: Path) -> None:
+    contents = _kill_and_restart_files(tmp_path)
+    with dmemfs(tmp_path, f"{POOL},passthrough=on") as mount:
+        for name, data in contents.items():
+            assert (mount.path / name).read_bytes() == data, name
+        small = (mount.path / "small").stat()
+        assert (small.st_mode & 0o777, small.st_mtime_ns) == (0o640, 2_000_000_000)
+        assert os.getxattr(mount.path / "small", "user.note") == b"kept"
+        assert os.readlink(mount.path / "link") == "d/big"
+        assert (mount.path / "hard").stat().st_ino == (mount.path / "d" / "big").stat().st_ino
+        used = sum(-(-len(d) // DPAGE) for d in contents.values())
+        assert mount.free_dpages() == 32 - used
+        pool = _settled(mount)
+        assert pool["file_bytes"] == used * DPAGE
+        assert pool["reserve_bytes"] == 64 * MIB - used * DPAGE
+        for name in contents:
+            (mount.path / name).unlink()
+        (mount.path / "hard").unlink()
+        assert mount.free_dpages() == 32
+    # An orderly stop ends the files, as on tmpfs: the next mount is empty.
+    with dmemfs(tmp_path, f"{POOL},passthrough=on") as mount:
+        assert os.listdir(mount.path) == []
+        assert "adopted" not in mount.log()
+
+
+def test_start_empty_after_a_kill_detaches_the_old_files(tmp_path: Path) -> None:
+    _kill_and_restart_files(tmp_path)
+    with dmemfs(tmp_path, f"{POOL},passthrough=on,start_empty") as mount:
+        assert os.listdir(mount.path) == []
+        assert mount.free_dpages() == 32
+        assert "detached 2 pool memory mount(s)" in mount.log()
+    _remove_discarded(mount.path)
+
+
+def _remove_discarded(mountpoint: Path) -> None:
+    """The metadata start_empty set aside (kept, never deleted, by the daemon)."""
+    base = pool_memory_dir(str(mountpoint))
+    aside = list(base.parent.glob(base.name + ".meta.discarded-*"))
+    assert aside
+    for path in aside:
+        path.unlink()
+
+
+def test_a_restart_refuses_when_the_pool_memory_is_gone(tmp_path: Path) -> None:
+    _kill_and_restart_files(tmp_path)
+    mountpoint = tmp_path / "mnt"
+    for line in _our_pool_mounts_at(mountpoint):
+        subprocess.run(["umount", "-l", line.split()[0]], check=True)
+    result = run_daemon(tmp_path, f"{POOL},passthrough=on", name="mnt")
+    assert result.returncode == 2, result.stderr
+    assert "is not mounted: the pool memory the metadata describes is gone" in result.stderr
+    assert "start_empty" in result.stderr and "Traceback" not in result.stderr
+    with dmemfs(tmp_path, f"{POOL},passthrough=on,start_empty") as mount:
+        assert os.listdir(mount.path) == []
+    _remove_discarded(mount.path)
+
+
+def test_the_next_daemon_detaches_a_dead_mount_itself(tmp_path: Path) -> None:
+    """No `fusermount3 -u -z` needed by hand: a daemon started on a dead dmemfs mount
+    point detaches it, mounts, and adopts the files."""
+    with dmemfs(tmp_path, f"{POOL},passthrough=on") as mount:
+        (mount.path / "kept").write_bytes(b"kept")
+        _kill_daemon(mount)
+        log_path = tmp_path / "second.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(daemon_command(mount.path, f"{POOL},passthrough=on"),
+                                    stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 60
+            while "mounted " not in log_path.read_text() and proc.poll() is None:
+                assert time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.05)
+            text = log_path.read_text()
+            assert "detached the dmemfs mount of a daemon that died" in text, text
+            assert (mount.path / "kept").read_bytes() == b"kept"
+        finally:
+            assert unmount(mount.path, proc) == 0, log_path.read_text()
