@@ -116,8 +116,11 @@ def test_auto_falls_back_to_the_region_with_the_reason(tmp_path: Path) -> None:
 def test_truncate_lends_from_the_reserve_all_or_nothing(pmnt: Mount) -> None:
     path = pmnt.path / "f"
     path.touch()
+    huge_before = _meminfo("ShmemHugePages")
     os.truncate(path, 20 * MIB + 1)
     assert pmnt.free_dpages() == 32 - 11
+    # The memory moved from the reserve to the file in whole huge pages: none was split.
+    assert _meminfo("ShmemHugePages") == huge_before
     assert _pool_memory(pmnt) | {"short_bytes": 0} == {
         "node": 0, "size": 64 * MIB, "reserve_bytes": 42 * MIB, "file_bytes": 22 * MIB,
         "short_bytes": 0}

@@ -39,6 +39,7 @@ import json
 import mmap
 import os
 import secrets
+import signal
 import subprocess
 import threading
 import time
@@ -49,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mounting import Mount, dmemfs, path_options
+from mounting import Mount, daemon_command, dmemfs, path_options, unmount
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(300)]
 
@@ -647,3 +648,37 @@ def test_stat_keeps_a_shared_mapping_in_the_page_cache(mnt: Mount) -> None:
     pages, before, after = _resident_after_stat(mnt.path / "vm0")
     assert before == pages
     assert after == pages, f"a stat dropped {pages - after} of {pages} mapped pages"
+
+
+def test_a_guest_survives_a_daemon_restart(guest: Guest, tmp_path: Path) -> None:
+    """On the passthrough path QEMU maps the backing file itself: the daemon is killed
+    while the guest runs, a new one adopts the file, and the guest goes on, powers off,
+    and its pattern is in the file as the new daemon serves it."""
+    with dmemfs(tmp_path, f"{POOL},passthrough=on") as mount:
+        free = mount.free_dpages()
+        need = guest_dpages(mount)
+        vm0 = mount.path / "vm0"
+        presize(vm0, GUEST_MIB * MIB)
+        seed = secrets.randbits(48)
+        with qemu(qemu_args(guest, file_form(vm0, share=True, prealloc=True), seed)) as vm:
+            _, runs = pattern_runs(vm)
+            mount.proc.send_signal(signal.SIGKILL)
+            mount.proc.wait()
+            log_path = tmp_path / "restarted.log"
+            with open(log_path, "wb") as log:
+                proc = subprocess.Popen(daemon_command(mount.path, f"{POOL},passthrough=on"),
+                                        stdout=log, stderr=subprocess.STDOUT)
+            try:
+                deadline = time.monotonic() + 60
+                while "mounted " not in log_path.read_text() and proc.poll() is None:
+                    assert time.monotonic() < deadline, log_path.read_text()
+                    time.sleep(0.05)
+                assert "adopted" in log_path.read_text(), log_path.read_text()
+                power_off(vm)  # the guest ran on without its daemon
+                assert vm0.stat().st_size == GUEST_MIB * MIB
+                assert_pattern_in_file(vm0, seed, runs)
+                assert mount.free_dpages() == free - need
+                vm0.unlink()
+                assert mount.free_dpages() == free
+            finally:
+                assert unmount(mount.path, proc) == 0, log_path.read_text()
