@@ -48,6 +48,7 @@ from .pool import Extent, Pool
 from .poolset import PoolSet
 from .shmem import (
     FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
     PoolMemory,
     ShmemMemory,
     fallocate,
@@ -72,8 +73,6 @@ class _Seen:
 
 class PassthroughStore:
     """Backing files for every regular file, placed in *memory*'s pools, lent through *pools*."""
-
-    passthrough = True
 
     def __init__(self, memory: ShmemMemory, pools: PoolSet) -> None:
         self.memory = memory
@@ -118,11 +117,6 @@ class PassthroughStore:
         """An fd of *inode*'s backing file (for FUSE_DEV_IOC_BACKING_OPEN); the caller closes it."""
         home = self.place(inode.ino, node, inode.policy or LOCAL)
         return os.open(home.path_of(inode.ino), os.O_RDWR | os.O_CLOEXEC)
-
-    def node_of(self, ino: int) -> int | None:
-        """The NUMA node of *ino*'s pool, or None if it has no backing file yet."""
-        index = self._home.get(ino)
-        return None if index is None else self.memory.pools[index].node
 
     def backing_path(self, ino: int) -> str | None:
         """Where *ino*'s bytes are (root only), or None."""
@@ -287,10 +281,13 @@ class PassthroughStore:
 
     def _lend(self, extents: FileExtents, first: int, end: int, node: int) -> None:
         """Lend every ledger hole of file dpages ``[first, end)`` and its memory, or nothing."""
+        home = self.memory.pools[self._home[extents.ino]]
+        # What the kernel wrote since the last sync is data, not a hole to lend (and to
+        # punch again if the memory cannot be had).
+        self._enter_data(extents, home)
         holes = extents.holes(first, end)
         if not holes:
             return
-        home = self.memory.pools[self._home[extents.ino]]
         policy = Policy("bind", (self.pools.pool_id(self.pools.pools[home.index]),))
         done: list[tuple[int, Extent]] = []
         try:
@@ -304,10 +301,16 @@ class PassthroughStore:
         fd = self._open(extents.ino)
 
         def take() -> None:
-            for file_dpage, count in holes:
-                # KEEP_SIZE: the size is set by the caller; the dpage past EOF stays whole
-                # (cutting it would split a huge folio).
-                fallocate(fd, file_dpage * dps, count * dps, FALLOC_FL_KEEP_SIZE)
+            try:
+                for file_dpage, count in holes:
+                    # KEEP_SIZE: the size is set by the caller; the dpage past EOF stays
+                    # whole (cutting it would split a huge folio).
+                    fallocate(fd, file_dpage * dps, count * dps, FALLOC_FL_KEEP_SIZE)
+            except OSError:
+                for file_dpage, count in holes:  # nothing half taken stays in the file
+                    fallocate(fd, file_dpage * dps, count * dps,
+                              FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
+                raise
 
         try:
             home.lend(sum(count for _, count in holes) * dps, take)

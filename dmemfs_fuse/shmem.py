@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 MADV_POPULATE_WRITE = 23
 MNT_DETACH = 2
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
-FALLOC_FL_KEEP_SIZE = 1
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
 POPULATE_CHUNK = 256 << 20
 THP_SHMEM = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
 

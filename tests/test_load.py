@@ -27,7 +27,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from mounting import Mount, dmemfs
+from mounting import Mount, dmemfs, path_options
 
 pytestmark = pytest.mark.mount
 
@@ -185,7 +185,8 @@ def wait_statfs(mount: Mount, bfree: int, ffree: int, timeout: float = 10.0) -> 
     return vfs
 
 
-def test_concurrent_workers_keep_their_bytes_and_the_accounting(tmp_path: Path) -> None:
+def test_concurrent_workers_keep_their_bytes_and_the_accounting(tmp_path: Path,
+                                                                data_path: str) -> None:
     """Four processes at once: every byte read back is right, and no dpage is lost.
 
     Each worker checks its reads during the run; afterwards the parent reads every file
@@ -194,7 +195,7 @@ def test_concurrent_workers_keep_their_bytes_and_the_accounting(tmp_path: Path) 
     dpage past its end), and that removing the files gives every dpage and inode back.
     """
     seed = random.randrange(1 << 32)
-    with dmemfs(tmp_path, MOUNT_OPTIONS) as mount:
+    with dmemfs(tmp_path, f"{MOUNT_OPTIONS},{path_options(data_path)}") as mount:
         start = mount.statvfs()
         assert start.f_bsize == DPAGE and start.f_bfree == start.f_blocks == 64
         reports = [tmp_path / f"worker-{i}.json" for i in range(WORKERS)]

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mounting import dmemfs, kernel_fs
+from mounting import dmemfs, kernel_fs, path_options
 
 pytestmark = pytest.mark.mount
 M = 1 << 20
@@ -45,8 +45,8 @@ elif action == "munmap":
 
 
 @pytest.fixture
-def roots(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
-    with dmemfs(tmp_path, "size=64M,pagesize=2M") as mount, \
+def roots(tmp_path: Path, data_path: str) -> Iterator[tuple[Path, Path]]:
+    with dmemfs(tmp_path, f"size=64M,pagesize=2M,{path_options(data_path)}") as mount, \
             kernel_fs(tmp_path / "tmpfs", "tmpfs", "size=64M") as tmpfs:
         yield mount.path, tmpfs
     assert mount.exit_code == 0, mount.log()

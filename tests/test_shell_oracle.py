@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from mounting import Mount, dmemfs, kernel_fs
+from mounting import Mount, dmemfs, kernel_fs, path_options
 
 DATA_SIZE = 5 * (1 << 20) + 12345  # spans three 2 MiB dpages
 AS_USER = "setpriv --reuid=1000 --regid=1000 --clear-groups"
@@ -87,9 +87,10 @@ def tmpfs(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.fixture
-def dmem(tmp_path: Path) -> Iterator[Mount]:
-    """A 64 MiB dmemfs, which other users may enter by default, as the tmpfs allows."""
-    with dmemfs(tmp_path, "size=64M,pagesize=2M") as mount:
+def dmem(tmp_path: Path, data_path: str) -> Iterator[Mount]:
+    """A 64 MiB dmemfs on *data_path*, which other users may enter by default, as the tmpfs
+    allows."""
+    with dmemfs(tmp_path, f"size=64M,pagesize=2M,{path_options(data_path)}") as mount:
         yield mount
     assert mount.exit_code == 0, f"daemon exit code {mount.exit_code}:\n{mount.log()}"
 

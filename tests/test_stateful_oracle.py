@@ -141,11 +141,16 @@ class TwoTrees(RuleBasedStateMachine):
 
 
 @pytest.mark.parametrize("persistent", [False, True], ids=["memfd", "persistent"])
-def test_random_operations_match_tmpfs(tmp_path: Path, persistent: bool) -> None:
+@pytest.mark.parametrize("path", ["passthrough", "region"])
+def test_random_operations_match_tmpfs(tmp_path: Path, persistent: bool, path: str) -> None:
     """The persistent variant runs the same machine with the metadata log written on every
-    request (restarts are tested in test_crash.py)."""
+    request (restarts are tested in test_crash.py and, on the passthrough path, whose
+    journal is for the daemon that replaces a dead one, in test_passthrough.py)."""
     region = Path("/dev/shm") / f"dmemfs-oracle-{os.getpid()}"
-    options = f"size=32M,pagesize=4K,region={region if persistent else 'memfd'}"
+    if path == "passthrough":
+        options = "size=32M,pagesize=4K,passthrough=on" + ("" if persistent else ",meta=none")
+    else:
+        options = f"size=32M,pagesize=4K,region={region if persistent else 'memfd'}"
     try:
         with dmemfs(tmp_path, options) as mount, \
                 kernel_fs(tmp_path / "tmpfs", "tmpfs", "size=64M") as oracle:

@@ -1,0 +1,114 @@
+"""PassthroughStore and PoolMemory without a FUSE mount: the ledger against the kernel's
+count, on a real pool (two tmpfs instances, so root is needed, but no daemon)."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dmemfs_fuse.daemon import build_pools
+from dmemfs_fuse.extents import FileExtents
+from dmemfs_fuse.inodes import Inode
+from dmemfs_fuse.options import PoolSpec
+from dmemfs_fuse.passthrough import PassthroughStore
+from dmemfs_fuse.region import RegionPlan
+from dmemfs_fuse.shmem import ShmemMemory
+
+MIB = 1 << 20
+DPS = 2 * MIB
+DPAGES = 16
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[PassthroughStore]:
+    if os.geteuid() != 0:
+        pytest.fail("mounting the pool's tmpfs instances needs root")
+    plan = RegionPlan(pools=(PoolSpec(0, DPAGES * DPS),), dpage_size=DPS, backend="shmem",
+                      path=str(tmp_path / "pools"))
+    memory = ShmemMemory.open(plan, tmp_path / "pools", 100)
+    try:
+        yield PassthroughStore(memory, build_pools(plan, 0))
+    finally:
+        memory.close()
+
+
+def _file(ino: int) -> Inode:
+    inode = Inode(ino=ino, mode=0o100644, uid=0, gid=0)
+    inode.data = FileExtents(ino)
+    return inode
+
+
+def _memory(store: PassthroughStore) -> tuple[int, int]:
+    stats = store.memory.pools[0].statistics()
+    return stats.reserve_bytes, stats.file_bytes
+
+
+def test_resize_lends_and_gives_back(store: PassthroughStore) -> None:
+    f = _file(2)
+    assert f.data is not None
+    store.resize(f.data, 0, 5 * DPS + 1)
+    assert f.data.mapped == 6 and store.pools.free_dpages == DPAGES - 6
+    assert _memory(store) == ((DPAGES - 6) * DPS, 6 * DPS)
+    store.resize(f.data, 5 * DPS + 1, DPS)
+    assert f.data.mapped == 1 and _memory(store) == ((DPAGES - 1) * DPS, DPS)
+    store.release(f.data)
+    assert store.pools.free_dpages == DPAGES and _memory(store) == (DPAGES * DPS, 0)
+    assert store.backing_path(2) is None
+
+
+def test_what_the_kernel_wrote_is_entered_by_sync(store: PassthroughStore) -> None:
+    f = _file(3)
+    assert f.data is not None
+    store.place(3)
+    path = store.backing_path(3)
+    assert path is not None
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"a" * 100, 0)
+        os.pwrite(fd, b"b", 7 * DPS + 5)  # a sparse write: dpages 0 and 7
+    finally:
+        os.close(fd)
+    store.sync(f)
+    assert f.size == 7 * DPS + 6
+    assert [(fd_, n) for fd_, _, n in f.data.runs()] == [(0, 1), (7, 1)]
+    store.reconcile({3: f}, set())
+    assert _memory(store) == ((DPAGES - 2) * DPS, 2 * DPS)
+
+
+def test_a_lend_the_memory_cannot_cover_changes_nothing(store: PassthroughStore) -> None:
+    """Memory the ledger does not know of fills the pool (here a file put beside the
+    backing files, as a removed file that is still mapped would): a truncate the ledger
+    allows fails with ENOSPC and leaves no page behind in the file."""
+    stranger = store.memory.pools[0].files_dir / "stranger"
+    stranger.write_bytes(b"s" * (10 * DPS))
+    store.memory.pools[0].balance()
+    f = _file(4)
+    assert f.data is not None
+    with pytest.raises(OSError) as err:
+        store.resize(f.data, 0, 8 * DPS)
+    assert err.value.errno == errno.ENOSPC
+    assert f.data.mapped == 0 and store.pools.free_dpages == DPAGES
+    path = store.backing_path(4)
+    assert path is not None and os.stat(path).st_blocks == 0
+    assert _memory(store) == ((DPAGES - 10) * DPS, 10 * DPS)
+    stranger.unlink()
+    store.memory.pools[0].balance()
+    assert _memory(store) == (DPAGES * DPS, 0)
+
+
+def test_adopt_removes_backing_files_no_inode_names(store: PassthroughStore) -> None:
+    kept, dropped = _file(5), _file(6)
+    for inode in (kept, dropped):
+        assert inode.data is not None
+        store.resize(inode.data, 0, DPS)
+    again = PassthroughStore(store.memory, store.pools)
+    assert again.discover() == 2
+    assert kept.data is not None and dropped.data is not None
+    store.pools.free(dropped.data.truncate(0))  # recovery never saw inode 6
+    assert again.adopt({5: kept}) == 1
+    assert again.backing_path(6) is None and again.backing_path(5) is not None
+    assert _memory(store) == ((DPAGES - 1) * DPS, DPS)
