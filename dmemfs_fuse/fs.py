@@ -57,7 +57,8 @@ ENTRY_OPS = frozenset({"lookup", "mknod", "mkdir", "symlink", "link", "create"})
 # each take a lookup): while the journal is failing they answer EIO before running,
 # since a failed commit afterwards could not give those back.
 HEAL_FIRST_OPS = frozenset({"readdir"})
-QUIET_ERRNOS = {errno.ENOENT, errno.EEXIST, errno.ENODATA, errno.ENOTEMPTY, errno.EOPNOTSUPP}
+QUIET_ERRNOS = {errno.ENOENT, errno.EEXIST, errno.ENODATA, errno.ENOTEMPTY, errno.EOPNOTSUPP,
+                errno.ENXIO}
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -520,6 +521,25 @@ class DmemOperations(pyfuse3.Operations):
         if self.metrics is not None:
             self.metrics.written_bytes.inc(written)
         return written
+
+    @_boundary
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        node = self._inode_of(fh)
+        assert node.data is not None
+        if isinstance(self.store, PassthroughStore):
+            self.store.sync(node)  # the size the kernel may have grown it to
+        node.size = self.store.fallocate(node.data, node.size, mode, offset, length,
+                                         node=self._handles[fh].node,
+                                         policy=node.policy or LOCAL)
+        node.touch(data=True)  # as on tmpfs, every mode changes mtime and ctime
+
+    @_boundary
+    async def lseek(self, fh: int, offset: int, whence: int) -> int:
+        node = self._inode_of(fh)
+        assert node.data is not None
+        if isinstance(self.store, PassthroughStore):
+            self.store.sync(node)
+        return self.store.seek(node.data, node.size, offset, whence)
 
     # No flush handler: pyfuse3 answers ENOSYS and the kernel stops sending FLUSH
     # on every close(); there is nothing to flush, the region is the store of record.

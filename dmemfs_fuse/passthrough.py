@@ -55,7 +55,7 @@ from .shmem import (
     holds_pages,
     page_nodes_of_file,
 )
-from .store import MAX_FILE_SIZE
+from .store import MAX_FILE_SIZE, check_fallocate_mode, seek_in, whole_dpages
 
 log = logging.getLogger(__name__)
 
@@ -324,6 +324,52 @@ class PassthroughStore:
             os.close(fd)
         for file_dpage, ext in done:
             extents.insert(file_dpage, [ext])
+
+    def fallocate(self, extents: FileExtents, file_size: int, mode: int, off: int,
+                  length: int, *, node: int = 0, policy: Policy = LOCAL) -> int:
+        """fallocate(2) as tmpfs does it, through the ledger; returns the new size.
+
+        Allocation lends the range's dpages and their memory all or nothing
+        (_lend).  PUNCH_HOLE punches the backing file (the kernel zeroes the
+        partial pages and unmaps the range from every mapping) and gives the dpages
+        the range covers whole back to the ledger and their memory to the reserve.
+        """
+        check_fallocate_mode(mode)
+        end = off + length
+        if end > MAX_FILE_SIZE:
+            raise fs_error(errno.EFBIG, f"fallocate to byte {end}, past the largest file")
+        dps = self.dpage_size
+        home = self.place(extents.ino, node, policy)
+        if not mode & FALLOC_FL_PUNCH_HOLE:
+            self._lend(extents, off // dps, -(-end // dps), node)
+            new_size = file_size if mode & FALLOC_FL_KEEP_SIZE else max(file_size, end)
+        else:
+            new_size = file_size
+        fd = self._open(extents.ino)
+        try:
+            if mode & FALLOC_FL_PUNCH_HOLE:
+                fallocate(fd, off, length, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
+            elif new_size != file_size:
+                os.ftruncate(fd, new_size)
+        finally:
+            os.close(fd)
+        if mode & FALLOC_FL_PUNCH_HOLE:
+            first, stop = whole_dpages(off, end, dps)
+            self.pools.free(extents.punch(first, stop - first))
+            home.balance()
+        self._note(extents.ino)
+        return new_size
+
+    def seek(self, extents: FileExtents, file_size: int, off: int, whence: int) -> int:
+        """SEEK_DATA/SEEK_HOLE as the backing file answers it: tmpfs's own answer."""
+        path = self.backing_path(extents.ino)
+        if path is None:  # never opened: no data anywhere
+            return seek_in(extents, file_size, off, whence, self.dpage_size)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return os.lseek(fd, off, whence)
+        finally:
+            os.close(fd)
 
     def release(self, extents: FileExtents) -> None:
         """The file is gone: remove its backing file and give its dpages back.

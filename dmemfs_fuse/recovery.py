@@ -9,8 +9,7 @@ hands it to the inode table:
 * no extent lies outside the pools and no dpage is claimed twice (the
   pools' bitmaps are rebuilt from the extents by claiming them);
 * the rebuilt allocation equals what the file recorded (the snapshot's
-  allocated runs, and the free count after the last batch);
-* no file maps dpages past its end.
+  allocated runs, and the free count after the last batch).
 
 Any failure raises :class:`MetadataError` with what is wrong; nothing is
 repaired silently.  Inodes that were unlinked but still open at the crash
@@ -329,23 +328,26 @@ def _check_sizes(inodes: dict[int, Inode], dpage_size: int) -> None:
             if inode.dir is None and stat.S_ISLNK(inode.mode) and inode.target is None:
                 raise MetadataError(f"symlink {inode.ino} has no target")
             continue
-        runs = inode.data.runs()
-        if runs:
-            file_dpage, _, count = runs[-1]
-            if file_dpage + count > -(-inode.size // dpage_size):
-                raise MetadataError(f"file {inode.ino} of {inode.size} bytes maps dpage "
-                                    f"{file_dpage + count - 1}, past its end")
+        # Dpages past EOF are legitimate: fallocate(FALLOC_FL_KEEP_SIZE) takes them.
 
 
 def _zero_tails(inodes: dict[int, Inode], store: FileStore) -> None:
-    """Zero each file's last dpage past EOF: a kill between a shrink's log record and its
-    zeroing, or between a write's bytes and its record, can leave bytes there.  A bad
-    dpage is left alone: touching real poison is a SIGBUS."""
+    """Zero every mapped byte past each file's EOF: a kill between a shrink's log record and
+    its zeroing, or between a write's bytes and its record, can leave bytes there (in the
+    last dpage, or in one that fallocate(KEEP_SIZE) took past EOF).  A bad dpage is left
+    alone: touching real poison is a SIGBUS."""
     dps = store.dpage_size
     for inode in inodes.values():
-        if inode.data is None or not inode.size % dps:
+        if inode.data is None:
             continue
-        last = next(inode.data.pieces(inode.size // dps, inode.size // dps + 1))
-        if last.region is not None and not store.pools.bad_in(last.region, 1):
-            start = last.region * dps + inode.size % dps
-            store.region.array[start : (last.region + 1) * dps] = 0
+        runs = inode.data.runs()
+        end = runs[-1][0] + runs[-1][2] if runs else 0
+        for piece in inode.data.pieces(inode.size // dps, max(end, inode.size // dps)):
+            if piece.region is None:
+                continue
+            for dpage in range(piece.region, piece.region + piece.length):
+                if store.pools.bad_in(dpage, 1):
+                    continue
+                file_dpage = piece.file_dpage + dpage - piece.region
+                skip = max(0, inode.size - file_dpage * dps)  # bytes before EOF
+                store.region.array[dpage * dps + skip : (dpage + 1) * dps] = 0

@@ -47,6 +47,37 @@ log = logging.getLogger(__name__)
 # As on tmpfs, the pools limit what is allocated, not how large a file is: a sparse file
 # may be larger than the region, up to the kernel's MAX_LFS_FILESIZE (FUSE's s_maxbytes).
 MAX_FILE_SIZE = (1 << 63) - 1
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
+SEEK_DATA, SEEK_HOLE = 3, 4
+
+
+def check_fallocate_mode(mode: int) -> None:
+    """EOPNOTSUPP for the modes tmpfs refuses (ZERO_RANGE, COLLAPSE_RANGE, INSERT_RANGE,
+    UNSHARE_RANGE, ...): it takes 0, KEEP_SIZE and PUNCH_HOLE|KEEP_SIZE (the kernel
+    refuses PUNCH_HOLE alone before asking the filesystem)."""
+    if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE):
+        raise fs_error(errno.EOPNOTSUPP, f"fallocate mode {mode:#x}: only allocation and "
+                       "punching holes are supported, as on tmpfs")
+
+
+def whole_dpages(off: int, end: int, dps: int) -> tuple[int, int]:
+    """The dpages ``[first, stop)`` that bytes ``[off, end)`` cover whole (maybe none)."""
+    first, stop = -(-off // dps), end // dps
+    return first, max(first, stop)
+
+
+def seek_in(extents: FileExtents, file_size: int, off: int, whence: int, dps: int) -> int:
+    """SEEK_DATA or SEEK_HOLE from *off* over the dpages the ledger maps (a mapped dpage is
+    data, a hole is a hole, EOF is a hole); ENXIO at or past EOF, as on tmpfs."""
+    if off >= file_size or off < 0:
+        raise fs_error(errno.ENXIO, f"offset {off} is not before EOF ({file_size})")
+    end = -(-file_size // dps)
+    for piece in extents.pieces(off // dps, end):
+        if (piece.region is not None) == (whence == SEEK_DATA):
+            return min(max(off, piece.file_dpage * dps), file_size)
+    if whence == SEEK_HOLE:
+        return file_size
+    raise fs_error(errno.ENXIO, f"no data at or after byte {off}")
 
 
 class FileStore:
@@ -153,6 +184,47 @@ class FileStore:
                     and not self.dirty.overlaps(last.region, 1)):
                 start = last.region * dps + new_size % dps
                 self.region.array[start : (last.region + 1) * dps] = 0
+
+    def fallocate(self, extents: FileExtents, file_size: int, mode: int, off: int,
+                  length: int, *, node: int = 0, policy: Policy = LOCAL) -> int:
+        """fallocate(2) as tmpfs does it; returns the new size.
+
+        Allocation (mode 0, KEEP_SIZE) takes every dpage of the range all or nothing
+        (ENOSPC with nothing changed), past EOF too with KEEP_SIZE.  PUNCH_HOLE gives
+        the dpages the range covers whole back to the pools at once and zeroes the
+        bytes of the ones it covers in part; the kernel drops its cached pages of the
+        range itself, so a mapping then reads zeros.
+        """
+        check_fallocate_mode(mode)
+        end = off + length
+        if end > MAX_FILE_SIZE:
+            raise fs_error(errno.EFBIG, f"fallocate to byte {end}, past the largest file")
+        dps = self.dpage_size
+        if not mode & FALLOC_FL_PUNCH_HOLE:
+            self._allocate(extents, off // dps, -(-end // dps), node, policy)
+            return file_size if mode & FALLOC_FL_KEEP_SIZE else max(file_size, end)
+        first, stop = whole_dpages(off, end, dps)
+        for lo, hi in ((off, min(end, first * dps)), (max(off, stop * dps), end)):
+            if lo < hi:
+                self._zero_bytes(extents, lo, hi)
+        self.free(extents.punch(first, stop - first))
+        return file_size
+
+    def seek(self, extents: FileExtents, file_size: int, off: int, whence: int) -> int:
+        """SEEK_DATA/SEEK_HOLE over the file's dpages (seek_in)."""
+        return seek_in(extents, file_size, off, whence, self.dpage_size)
+
+    def _zero_bytes(self, extents: FileExtents, lo: int, hi: int) -> None:
+        """Zero file bytes ``[lo, hi)``, which lie in one dpage, if it is mapped.  A dpage
+        still dirty reads as zeros already (deferred zeroing), and a bad one is never
+        touched (on real poison that is a SIGBUS): both are left alone."""
+        dps = self.dpage_size
+        piece = next(extents.pieces(lo // dps, lo // dps + 1))
+        if (piece.region is None or self.pools.bad_in(piece.region, 1)
+                or self.dirty.overlaps(piece.region, 1)):
+            return
+        base = piece.region * dps - piece.file_dpage * dps
+        self.region.array[base + lo : base + hi] = 0
 
     def release(self, extents: FileExtents) -> None:
         """Give every dpage of a file back to the pools (the file is gone)."""

@@ -39,9 +39,6 @@ XATTR_REPLACE = 2
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-FALLOC_FL_KEEP_SIZE = 1
-FALLOC_FL_PUNCH_HOLE = 2
 
 pytestmark = pytest.mark.mount
 
@@ -54,13 +51,6 @@ def renameat2(old: Path, new: Path, flags: int) -> None:
     if res != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code), str(old), None, str(new))
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """fallocate(2) itself (os.posix_fallocate would emulate it by writing)."""
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
 
 
 def drop_caches() -> None:
@@ -989,20 +979,3 @@ def test_truncate_past_the_free_space_is_enospc_and_changes_nothing(mnt: Mount) 
         assert blocks(path) == TOTAL_DPAGES
     finally:
         os.close(fd)
-
-
-def test_fallocate_is_not_supported(mnt: Mount) -> None:
-    # The daemon implements no fallocate; the kernel answers EOPNOTSUPP for
-    # every mode (tmpfs supports them).  ftruncate is the way to reserve.
-    path = mnt.path / "f"
-    path.write_bytes(b"x" * 100)
-    fd = os.open(path, os.O_RDWR)
-    try:
-        for mode in (0, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE):
-            with pytest.raises(OSError) as exc:
-                fallocate(fd, mode, 0, 4 * M)
-            assert exc.value.errno == errno.EOPNOTSUPP, mode
-    finally:
-        os.close(fd)
-    assert os.stat(path).st_size == 100 and blocks(path) == 1
-    assert read_all(path) == b"x" * 100

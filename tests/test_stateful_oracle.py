@@ -7,6 +7,7 @@ hold (statfs used blocks == sum of st_blocks over distinct inodes).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import itertools
@@ -27,6 +28,8 @@ NAMES = st.sampled_from(["a", "b", "c", "d/e", "d/f", "g/h", "d", "g"])
 OFFSETS = st.integers(0, 80 * DPAGE)
 SIZES = st.integers(0, 40 * DPAGE)
 _counter = itertools.count()
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 
 
 def attempt(action: str, path: Path, *args: object) -> tuple[str, object]:
@@ -39,7 +42,15 @@ def attempt(action: str, path: Path, *args: object) -> tuple[str, object]:
                 return "ok", os.pwrite(fd, data, offset)  # type: ignore[arg-type]
             finally:
                 os.close(fd)
-        if action == "truncate":
+        if action == "fallocate":
+            mode, offset, length = args
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                if _libc.fallocate(fd, mode, offset, length) != 0:
+                    raise OSError(ctypes.get_errno(), "fallocate")
+            finally:
+                os.close(fd)
+        elif action == "truncate":
             os.truncate(path, args[0])  # type: ignore[arg-type]
         elif action == "unlink":
             os.unlink(path)
@@ -95,6 +106,12 @@ class TwoTrees(RuleBasedStateMachine):
     @rule(name=NAMES, offset=OFFSETS, size=SIZES, byte=st.integers(1, 255))
     def write(self, name: str, offset: int, size: int, byte: int) -> None:
         self.both("write", name, offset, bytes([byte]) * size)
+
+    @rule(name=NAMES, mode=st.sampled_from([0, 1, 3]), offset=OFFSETS,
+          length=st.integers(1, 40 * DPAGE))
+    def fallocate(self, name: str, mode: int, offset: int, length: int) -> None:
+        """Allocate (0), allocate past EOF (KEEP_SIZE) or punch a hole (PUNCH|KEEP)."""
+        self.both("fallocate", name, mode, offset, length)
 
     @rule(name=NAMES, size=st.integers(0, 100 * DPAGE))
     def truncate(self, name: str, size: int) -> None:
