@@ -356,9 +356,24 @@ class PassthroughStore:
         if mode & FALLOC_FL_PUNCH_HOLE:
             first, stop = whole_dpages(off, end, dps)
             self.pools.free(extents.punch(first, stop - first))
+            # A dpage punched in pieces (a balloon gives 4 KiB pages back) goes back
+            # once the backing file holds no page of it any more.
+            for dpage in {off // dps, (end - 1) // dps} - set(range(first, stop)):
+                if self._emptied(extents.ino, dpage):
+                    self.pools.free(extents.punch(dpage, 1))
             home.balance()
         self._note(extents.ino)
         return new_size
+
+    def _emptied(self, ino: int, dpage: int) -> bool:
+        """Whether the backing file holds no page (written or only allocated) in *dpage*."""
+        dps = self.dpage_size
+        fd = self._open(ino)
+        try:
+            probe = min(dps, MAX_FILE_SIZE + 1 - mmap.PAGESIZE - dpage * dps)
+            return probe > 0 and not holds_pages(fd, dpage * dps, probe)
+        finally:
+            os.close(fd)
 
     def seek(self, extents: FileExtents, file_size: int, off: int, whence: int) -> int:
         """SEEK_DATA/SEEK_HOLE as the backing file answers it: tmpfs's own answer."""

@@ -207,8 +207,22 @@ class FileStore:
         for lo, hi in ((off, min(end, first * dps)), (max(off, stop * dps), end)):
             if lo < hi:
                 self._zero_bytes(extents, lo, hi)
+                # A dpage punched in pieces (a balloon gives 4 KiB pages back) goes
+                # back to the pool once nothing in it is left.
+                if self._all_zero(extents, lo // dps):
+                    self.free(extents.punch(lo // dps, 1))
         self.free(extents.punch(first, stop - first))
         return file_size
+
+    def _all_zero(self, extents: FileExtents, file_dpage: int) -> bool:
+        """Whether file dpage *file_dpage* is mapped, good, and holds only zeros."""
+        piece = next(extents.pieces(file_dpage, file_dpage + 1))
+        if piece.region is None or self.pools.bad_in(piece.region, 1):
+            return False
+        if self.dirty.overlaps(piece.region, 1):
+            return True  # never touched by this file: it reads as zeros
+        dps = self.dpage_size
+        return not self.region.array[piece.region * dps : (piece.region + 1) * dps].any()
 
     def seek(self, extents: FileExtents, file_size: int, off: int, whence: int) -> int:
         """SEEK_DATA/SEEK_HOLE over the file's dpages (seek_in)."""

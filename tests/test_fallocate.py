@@ -175,3 +175,22 @@ def test_a_punched_hole_survives_kill_9(tmp_path: Path, path: str) -> None:
                 shutil.rmtree(leftover)
             else:
                 leftover.unlink()
+
+
+def test_a_dpage_punched_in_pieces_goes_back(mnt: Mount, oracle: Path) -> None:
+    """A balloon gives 4 KiB pages back, one punch each: once every piece of a 2 MiB
+    dpage is punched, the dpage is free again, while its neighbours keep their bytes."""
+    data = os.urandom(3 * DPAGE)
+    fd, ref = _both(mnt, oracle, "f", data)
+    try:
+        for offset in range(DPAGE, 2 * DPAGE, 4096):
+            for handle in (fd, ref):
+                assert fallocate(handle, PUNCH_HOLE | KEEP_SIZE, offset, 4096) == 0
+            if offset < 2 * DPAGE - 4096:
+                assert mnt.free_dpages() == TOTAL - 3
+        assert mnt.free_dpages() == TOTAL - 2
+        want = data[:DPAGE] + bytes(DPAGE) + data[2 * DPAGE:]
+        assert os.pread(fd, len(data), 0) == os.pread(ref, len(data), 0) == want
+    finally:
+        os.close(fd)
+        os.close(ref)
