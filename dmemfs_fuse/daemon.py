@@ -145,11 +145,14 @@ def detach_dead_mount(mountpoint: str) -> bool:
     target = os.path.abspath(mountpoint)
     with open("/proc/self/mounts") as mounts:
         dead = any(f.split()[1] == target and f.split()[2] == "fuse.dmemfs" for f in mounts)
-    if dead:
+    if not dead:
+        return False
+    try:
         done = subprocess.run(["fusermount3", "-u", "-z", target], check=False,
                               capture_output=True)
-        return done.returncode == 0
-    return False
+    except OSError:  # no fusermount3: mounting fails next, with its own clear line
+        return False
+    return done.returncode == 0
 
 
 def pool_memory_dir(mountpoint: str) -> Path:
@@ -235,14 +238,24 @@ def _run(config: DaemonConfig, plan: RegionPlan, pools: PoolSet, *,
             # Only a clean stop checkpoints: after an error or a second signal the
             # memory may hold half a request, while the log holds whole ones.
             journal.close(checkpoint=served_to_the_end)
-        memory.close()
-        if isinstance(memory, ShmemMemory) and meta is not None:
-            # The files went with the pool memory, as on tmpfs: nothing is left to find.
-            # (A daemon that is killed never gets here: the next one adopts its files.)
-            for leftover in (meta.path, meta.path + ".lock"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(leftover)
-        log.info("memory released; exiting")
+        # Passthrough: an orderly stop ends the files with the memory, as on tmpfs.  Any
+        # other exit after files may exist (adopted, or once mounted) keeps both the pool
+        # memory and the metadata, as a kill does, for the next daemon to adopt.
+        keep = (isinstance(memory, ShmemMemory) and meta is not None and not served_to_the_end
+                and (found is not None or (mount is not None and mount.mounted)))
+        if keep:
+            assert isinstance(memory, ShmemMemory)
+            memory.leave()
+            log.warning("the pool memory and the metadata stay for the next daemon, which "
+                        "adopts the files (-o start_empty discards them)")
+        else:
+            memory.close()
+            if isinstance(memory, ShmemMemory) and meta is not None:
+                for leftover in (meta.path, meta.path + ".lock"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(leftover)
+            log.info("memory released; exiting")
+
     return 0
 
 

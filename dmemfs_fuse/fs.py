@@ -107,6 +107,7 @@ def _boundary(handler: F) -> F:
                     self._give_back(name, result)
                     raise
                 journal_failed = False
+            self._committed()
         except pyfuse3.FUSEError as exc:
             if not journal_failed:
                 self._commit_quietly()
@@ -179,6 +180,17 @@ class DmemOperations(pyfuse3.Operations):
         """Write pending metadata changes (made outside a request) to the journal."""
         if self.journal is not None:
             self.journal.commit()
+        self._committed()
+
+    def _committed(self) -> None:
+        """The metadata now says what the plain layers did (or none is kept): the backing
+        files of released files can go (passthrough.py, purge)."""
+        if isinstance(self.store, PassthroughStore):
+            try:
+                self.store.purge()
+            except OSError as exc:  # tried again after the next commit
+                log.warning("removing the backing files of released files: %s", exc)
+
 
     def invalidate_later(self, ino: int) -> None:
         """Ask for the kernel's cached pages of *ino* to be dropped by flush_invalidations()."""
@@ -205,9 +217,12 @@ class DmemOperations(pyfuse3.Operations):
 
     def _commit_quietly(self) -> None:
         """Commit what a failed request changed anyway; the journal logs its own failures."""
-        if self.journal is not None:
-            with contextlib.suppress(OSError):
+        try:
+            if self.journal is not None:
                 self.journal.commit()
+        except OSError:
+            return
+        self._committed()
 
     def _give_back(self, op: str, result: Any) -> None:
         """Undo the references a handler handed out in *result*, which is not sent.
@@ -435,18 +450,25 @@ class DmemOperations(pyfuse3.Operations):
         return held[0]
 
     def _backing_close(self, ino: int) -> None:
+        """A handle of *ino* is gone: at its last one, close the id and take in what the
+        last writer left.  Never raises: the caller must still close the inode."""
         held = self._backing.get(ino)
         if held is None:
             return
         held[1] -= 1
-        if held[1] <= 0:
-            del self._backing[ino]
+        if held[1] > 0:
+            return
+        del self._backing[ino]
+        assert isinstance(self.store, PassthroughStore)
+        try:
             # Files the kernel opened with the id keep the backing file; the id goes.
             pyfuse3.backing_close(held[0])
-            assert isinstance(self.store, PassthroughStore)
             node = self.inodes.inodes.get(ino)
             if node is not None:
-                self.store.sync(node)  # what the last writer left
+                self.store.sync(node)
+        except Exception:  # the reconcile task syncs the file again later
+            log.exception("closing the backing file of inode %d", ino)
+
 
     def reconcile(self) -> None:
         """Passthrough: take in what the kernel wrote behind the daemon (sizes, times,

@@ -32,6 +32,7 @@ in turn, so files rather than pages are spread.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import logging
@@ -39,6 +40,7 @@ import mmap
 import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import NoSpaceError, fs_error
 from .extents import FileExtents
@@ -60,6 +62,7 @@ from .store import MAX_FILE_SIZE, check_fallocate_mode, seek_in, whole_dpages
 log = logging.getLogger(__name__)
 
 SEEK_DATA, SEEK_HOLE = 3, 4
+FREED = ".freed"  # the suffix of a released file's backing file until purge
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,8 @@ class PassthroughStore:
         self._home: dict[int, int] = {}  # inode -> pool index of its backing file
         self._seen: dict[int, _Seen] = {}
         self._turn = itertools.count()  # interleave: the next pool in turn
+        self._freed: list[Path] = []  # backing files of released files, until purge
+        self._freed_found: dict[int, tuple[int, Path]] = {}  # discover: left by a kill
         # Dpages the kernel allocated that the ledger could not enter (4 KiB fallback
         # folios spread over more dpages than the pool has); reported, never expected.
         self.unledgered_dpages = 0
@@ -169,31 +174,33 @@ class PassthroughStore:
             self._enter_data(inode.data, home)
         self._seen[inode.ino] = _Seen(st.st_size, st.st_blocks, st.st_mtime_ns)
 
-    def _enter_data(self, extents: FileExtents, home: PoolMemory) -> None:
-        """Lend ledger dpages for every data range of the backing file the ledger lacks."""
+    def _enter_data(self, extents: FileExtents, home: PoolMemory, *,
+                    resident: bool = False) -> None:
+        """Lend ledger dpages for every data range of the backing file the ledger lacks.
+
+        With *resident* (adoption), also for pages the file holds that SEEK_DATA cannot
+        see: fallocated ones not written yet (tmpfs calls them holes), lent by a request
+        whose commit the kill prevented.
+        """
         dps = self.dpage_size
         fd = os.open(home.path_of(extents.ino), os.O_RDONLY | os.O_CLOEXEC)
         try:
-            ranges = _data_ranges(fd)
+            runs = _dpage_runs(_data_ranges(fd), dps)
             st = os.fstat(fd)
-            last = (st.st_size - 1) // dps * dps
-            # The kernel maps nothing that ends past MAX_LFS_FILESIZE's last page.
-            probe = min(dps, MAX_FILE_SIZE + 1 - mmap.PAGESIZE - last)
-            if (st.st_size and probe > 0
-                    and -(-st.st_blocks * 512 // dps) > len(_dpages(ranges, dps))
-                    and holds_pages(fd, last, probe)):
-                ranges.append((last, st.st_size))  # SEEK_DATA's blind spot (holds_pages)
+            held = -(-st.st_blocks * 512 // dps)
+            if st.st_size and held > sum(e - f for f, e in runs):
+                last = (st.st_size - 1) // dps
+                if _probe(fd, last, dps):  # SEEK_DATA's blind spot at the largest size
+                    runs = _dpage_runs([(f * dps, e * dps) for f, e in runs]
+                                       + [(last * dps, st.st_size)], dps)
+            if resident and held > extents.mapped:
+                found = [(d * dps, (d + 1) * dps) for f, n in
+                         extents.holes(0, max(-(-st.st_size // dps), 1))
+                         for d in _probe_run(fd, f, n, dps)]
+                runs = _dpage_runs([(f * dps, e * dps) for f, e in runs] + found, dps)
         finally:
             os.close(fd)
-        # Two data ranges may share a dpage (a page not written yet between them).
-        dpage_runs: list[list[int]] = []
-        for lo, hi in ranges:
-            first, end = lo // dps, -(-hi // dps)
-            if dpage_runs and first <= dpage_runs[-1][1]:
-                dpage_runs[-1][1] = max(dpage_runs[-1][1], end)
-            else:
-                dpage_runs.append([first, end])
-        holes = [hole for first, end in dpage_runs for hole in extents.holes(first, end)]
+        holes = [hole for first, end in runs for hole in extents.holes(first, end)]
         policy = Policy("bind", (self.pools.pool_id(self.pools.pools[home.index]),))
         for file_dpage, count in holes:
             try:
@@ -289,6 +296,8 @@ class PassthroughStore:
         if not holes:
             return
         policy = Policy("bind", (self.pools.pool_id(self.pools.pools[home.index]),))
+        dps = self.dpage_size
+        fd = self._open(extents.ino)  # before anything is taken: EMFILE leaves nothing
         done: list[tuple[int, Extent]] = []
         try:
             for file_dpage, count in holes:
@@ -296,9 +305,9 @@ class PassthroughStore:
                                                 file_dpage=file_dpage))
         except BaseException:
             self.pools.free([ext for _, ext in done])
+            os.close(fd)
             raise
-        dps = self.dpage_size
-        fd = self._open(extents.ino)
+        taken: list[tuple[int, int]] = []
 
         def take() -> None:
             try:
@@ -306,10 +315,11 @@ class PassthroughStore:
                     # KEEP_SIZE: the size is set by the caller; the dpage past EOF stays
                     # whole (cutting it would split a huge folio).
                     fallocate(fd, file_dpage * dps, count * dps, FALLOC_FL_KEEP_SIZE)
+                    taken.append((file_dpage * dps, (file_dpage + count) * dps))
             except OSError:
-                for file_dpage, count in holes:  # nothing half taken stays in the file
-                    fallocate(fd, file_dpage * dps, count * dps,
-                              FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
+                # A failed fallocate undoes itself; the ranges taken before it go back
+                # too, except what holds data (a passed-through write since the sync).
+                _punch_unwritten(fd, taken)
                 raise
 
         try:
@@ -358,8 +368,8 @@ class PassthroughStore:
             self.pools.free(extents.punch(first, stop - first))
             # A dpage punched in pieces (a balloon gives 4 KiB pages back) goes back
             # once the backing file holds no page of it any more.
-            for dpage in {off // dps, (end - 1) // dps} - set(range(first, stop)):
-                if self._emptied(extents.ino, dpage):
+            for dpage in {off // dps, (end - 1) // dps}:
+                if not first <= dpage < stop and self._emptied(extents.ino, dpage):
                     self.pools.free(extents.punch(dpage, 1))
             home.balance()
         self._note(extents.ino)
@@ -398,11 +408,27 @@ class PassthroughStore:
         if index is None:
             return
         home = self.memory.pools[index]
+        # Removed only once the metadata says the file is gone (purge, after the commit):
+        # a kill in between must not leave the metadata naming a file whose bytes are gone.
+        path = home.path_of(extents.ino)
         try:
-            os.unlink(home.path_of(extents.ino))
+            os.rename(path, path.with_name(path.name + FREED))
         except FileNotFoundError:
             log.warning("inode %d: its backing file was already gone", extents.ino)
-        home.balance()
+            return
+        self._freed.append(path.with_name(path.name + FREED))
+
+    def purge(self) -> None:
+        """Remove the backing files of released files, now that their release is committed
+        (or the mount keeps no metadata), and give their memory back to the reserves."""
+        if not self._freed:
+            return
+        for path in self._freed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self._freed.clear()
+        for memory in self.memory.pools:
+            memory.balance()
 
     # -- a daemon that died -------------------------------------------------------------
 
@@ -413,6 +439,8 @@ class PassthroughStore:
             for ino, _ in memory.backing_files():
                 self._home[ino] = memory.index
                 self._seen[ino] = _Seen(-1, -1, -1)  # the next sync takes all of it in
+            for ino, path in memory.freed_files():
+                self._freed_found[ino] = (memory.index, path)
         return len(self._home)
 
     def claim(self, extents: list[Extent]) -> None:
@@ -421,22 +449,34 @@ class PassthroughStore:
 
     def adopt(self, inodes: Mapping[int, Inode]) -> int:
         """After recovery: take in what the kernel did after the last commit (sizes,
-        mtimes, dpages written), drop the ledger's dpages past each file's end, and remove
+        mtimes, dpages written, and pages a lend took whose commit the kill prevented),
+        take back the backing file of a file whose release never committed, and remove
         backing files that no inode names (created or freed in a request the metadata
         never saw).  A file the metadata says holds data but whose backing file is gone
         is an error: its bytes are lost.  Returns the backing files removed."""
-        dps = self.dpage_size
         for inode in inodes.values():
+
             if inode.data is None:
                 continue
+            if inode.ino not in self._home and inode.ino in self._freed_found:
+                # Released in a request whose commit the kill prevented: still the file's.
+                index, path = self._freed_found.pop(inode.ino)
+                os.rename(path, self.memory.pools[index].path_of(inode.ino))
+                self._home[inode.ino] = index
+                self._seen[inode.ino] = _Seen(-1, -1, -1)
             if inode.ino not in self._home:
                 if inode.data.mapped or inode.size:
                     raise OSError(errno.ENOENT, f"file {inode.ino} of {inode.size} bytes has no "
                                   "backing file: its bytes are gone")
                 continue
             self.sync(inode)
-            self.pools.free(inode.data.truncate(-(-inode.size // dps)))
-        removed = 0
+            self._enter_data(inode.data, self.memory.pools[self._home[inode.ino]],
+                             resident=True)
+        removed = len(self._freed_found)
+        for _, path in self._freed_found.values():
+            os.unlink(path)
+        self._freed_found.clear()
+        self.purge()
         for ino, index in list(self._home.items()):
             node = inodes.get(ino)
             if node is None or node.data is None:
@@ -456,9 +496,44 @@ class PassthroughStore:
         self._seen[ino] = _Seen(st.st_size, st.st_blocks, st.st_mtime_ns)
 
 
-def _dpages(ranges: list[tuple[int, int]], dps: int) -> set[int]:
-    """The dpages that byte *ranges* touch."""
-    return {d for lo, hi in ranges for d in range(lo // dps, -(-hi // dps))}
+def _punch_unwritten(fd: int, ranges: list[tuple[int, int]]) -> None:
+    """Punch byte *ranges* of *fd*, leaving alone every part SEEK_DATA shows holds data."""
+    data = _data_ranges(fd)
+    for lo, hi in ranges:
+        pos = lo
+        for dlo, dhi in data:
+            if dhi <= pos or dlo >= hi:
+                continue
+            if dlo > pos:
+                fallocate(fd, pos, dlo - pos, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
+            pos = max(pos, dhi)
+        if pos < hi:
+            fallocate(fd, pos, hi - pos, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
+
+
+def _dpage_runs(ranges: list[tuple[int, int]], dps: int) -> list[tuple[int, int]]:
+    """The dpages ``[first, end)`` that byte *ranges* (sorted or not) touch, merged: two
+    data ranges may share a dpage (a page not written yet between them)."""
+    runs: list[list[int]] = []
+    for lo, hi in sorted(ranges):
+        first, end = lo // dps, -(-hi // dps)
+        if runs and first <= runs[-1][1]:
+            runs[-1][1] = max(runs[-1][1], end)
+        else:
+            runs.append([first, end])
+    return [(f, e) for f, e in runs]
+
+
+def _probe(fd: int, dpage: int, dps: int) -> bool:
+    """Whether *fd* holds any page of *dpage* (the kernel maps nothing that ends past
+    MAX_LFS_FILESIZE's last page, so the probe stops short of it there)."""
+    length = min(dps, MAX_FILE_SIZE + 1 - mmap.PAGESIZE - dpage * dps)
+    return length > 0 and holds_pages(fd, dpage * dps, length)
+
+
+def _probe_run(fd: int, first: int, count: int, dps: int) -> list[int]:
+    """The dpages of ``[first, first+count)`` that *fd* holds a page of."""
+    return [d for d in range(first, first + count) if _probe(fd, d, dps)]
 
 
 def _data_ranges(fd: int) -> list[tuple[int, int]]:

@@ -296,13 +296,29 @@ class PoolMemory:
                 if entry.name.isdigit():
                     yield int(entry.name), entry.stat()
 
+    def freed_files(self) -> Iterator[tuple[int, Path]]:
+        """``(inode, path)`` of backing files of released files not removed yet."""
+        with os.scandir(self.files_dir) as entries:
+            for entry in entries:
+                name = entry.name.removesuffix(".freed")
+                if name != entry.name and name.isdigit():
+                    yield int(name), Path(entry.path)
+
     def statistics(self) -> PoolMemoryStats:
+
         """A frozen record of this pool's memory as the kernel counts it now."""
         return PoolMemoryStats(self.node, self.size, self.reserve_size, self.file_bytes(),
                                self.short_bytes)
 
+    def leave(self) -> None:
+        """Close the reserve's fd only: the instances stay mounted (ShmemMemory.leave)."""
+        if self._reserve_fd >= 0:
+            os.close(self._reserve_fd)
+            self._reserve_fd = -1
+
     def close(self) -> None:
         """Give the memory back: detach both instances (mappings that outlive us keep theirs)."""
+
         if self._reserve_fd >= 0:
             os.close(self._reserve_fd)
             self._reserve_fd = -1
@@ -378,6 +394,12 @@ class ShmemMemory:
         pages = "2 MiB transparent huge pages" if self.dpage_size >= DPAGE_SIZES["2M"] else \
             "4 KiB pages"
         return f"shmem ({pages}) in {self.base}"
+
+    def leave(self) -> None:
+        """Close this daemon's hold on the pool memory but leave it mounted, files and all,
+        for the next daemon (what a kill leaves); never raises."""
+        for pool in self.pools:
+            pool.leave()
 
     def close(self) -> None:
         """Give every pool's memory back; never raises."""

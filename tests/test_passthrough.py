@@ -457,3 +457,25 @@ def test_the_next_daemon_detaches_a_dead_mount_itself(tmp_path: Path) -> None:
             assert (mount.path / "kept").read_bytes() == b"kept"
         finally:
             assert unmount(mount.path, proc) == 0, log_path.read_text()
+
+
+def test_a_restart_that_cannot_adopt_changes_nothing(tmp_path: Path) -> None:
+    """A file whose backing file is gone stops the start with start_empty named; the pool
+    memory and the metadata stay exactly as the dead daemon left them."""
+    _kill_and_restart_files(tmp_path)
+    mountpoint = tmp_path / "mnt"
+    base = pool_memory_dir(str(mountpoint))
+    meta = Path(str(base) + ".meta")
+    victim = next(p for p in (base / "pool0" / "files").iterdir()
+                  if p.stat().st_size == 5 * MIB + 4)  # d/big
+    victim.unlink()
+    before = meta.read_bytes()
+    result = run_daemon(tmp_path, f"{POOL},passthrough=on", name="mnt")
+    assert result.returncode == 2, result.stderr
+    assert "has no backing file: its bytes are gone" in result.stderr
+    assert "start_empty" in result.stderr and "Traceback" not in result.stderr
+    assert meta.read_bytes() == before
+    assert len(_our_pool_mounts_at(mountpoint)) == 2
+    with dmemfs(tmp_path, f"{POOL},passthrough=on,start_empty") as mount:
+        assert os.listdir(mount.path) == []
+    _remove_discarded(mount.path)

@@ -56,8 +56,10 @@ def test_resize_lends_and_gives_back(store: PassthroughStore) -> None:
     store.resize(f.data, 5 * DPS + 1, DPS)
     assert f.data.mapped == 1 and _memory(store) == ((DPAGES - 1) * DPS, DPS)
     store.release(f.data)
-    assert store.pools.free_dpages == DPAGES and _memory(store) == (DPAGES * DPS, 0)
-    assert store.backing_path(2) is None
+    assert store.pools.free_dpages == DPAGES and store.backing_path(2) is None
+    assert _memory(store)[1] == DPS  # the bytes stay until the release is committed
+    store.purge()
+    assert _memory(store) == (DPAGES * DPS, 0)
 
 
 def test_what_the_kernel_wrote_is_entered_by_sync(store: PassthroughStore) -> None:
@@ -111,4 +113,30 @@ def test_adopt_removes_backing_files_no_inode_names(store: PassthroughStore) -> 
     store.pools.free(dropped.data.truncate(0))  # recovery never saw inode 6
     assert again.adopt({5: kept}) == 1
     assert again.backing_path(6) is None and again.backing_path(5) is not None
+    assert _memory(store) == ((DPAGES - 1) * DPS, DPS)
+
+
+def test_a_release_that_never_committed_is_undone_by_adopt(store: PassthroughStore) -> None:
+    """release() renames the backing file aside; only purge (after the commit) removes it.
+    A kill in between leaves the metadata naming the file: adoption takes it back."""
+    kept, gone = _file(7), _file(8)
+    for inode in (kept, gone):
+        assert inode.data is not None
+        store.resize(inode.data, 0, DPS)
+        inode.size = DPS
+    assert kept.data is not None and gone.data is not None
+    path = store.backing_path(7)
+    assert path is not None
+    with open(path, "r+b") as f:
+        f.write(b"precious")
+    store.release(kept.data)
+    store.release(gone.data)  # both released; the kill comes before any commit
+    assert _memory(store)[1] == 2 * DPS  # not removed yet
+    again = PassthroughStore(store.memory, store.pools)
+    again.discover()
+    kept.data = FileExtents(7)  # recovered with no extents: sync enters its dpage
+    assert again.adopt({7: kept}) == 1  # gone's backing file is removed
+    back = again.backing_path(7)
+    assert back is not None and Path(back).read_bytes()[:8] == b"precious"
+    assert kept.size == DPS and kept.data.mapped == 1
     assert _memory(store) == ((DPAGES - 1) * DPS, DPS)
