@@ -8,8 +8,9 @@ and answered with EIO.  Only FUSEError leaves a handler; ``init`` and
 
 On a persistent mount the boundary is also where a request's metadata
 changes are committed to the journal, before the reply.  Handlers make their
-changes without awaiting in between (the one await, in statfs, changes
-nothing), so the changes pending at a handler's end are its own.  When the
+changes without awaiting in between (the one await, _forgets_landed, comes
+in statfs, or after an allocation that failed and changed nothing), so the
+changes pending at a handler's end are its own.  When the
 commit fails the request answers EIO, and the references its reply would have
 handed out (a lookup, an open handle) are dropped again: the kernel never
 forgets or releases what it did not get.  A readdir, whose entries take
@@ -36,6 +37,7 @@ import trio
 from . import numa
 from .caller import Caller
 from .connection import Negotiated, negotiate
+from .errors import NoSpaceError
 from .inodes import Inode, InodeTable
 from .journal import Journal
 from .metrics import RequestMetrics
@@ -335,7 +337,12 @@ class DmemOperations(pyfuse3.Operations):
         if fields.update_size:
             if isinstance(self.store, PassthroughStore):
                 self.store.sync(node)  # the size the kernel may have grown it to
-            self._resize(node, attr.st_size, self._node_of(fh, ctx))
+            try:
+                self._resize(node, attr.st_size, self._node_of(fh, ctx))
+            except NoSpaceError:  # nothing changed; `rm a; truncate -s N b` must work
+                if not await self._forgets_landed():
+                    raise
+                self._resize(node, attr.st_size, self._node_of(fh, ctx))
         # Under killpriv v2 the kernel leaves clearing suid/sgid to us, and says when:
         # FATTR_KILL_SUIDGID on a truncate or chown, and an otherwise empty SETATTR from
         # file_remove_privs() before a write (or fallocate) by a caller without
@@ -365,7 +372,22 @@ class DmemOperations(pyfuse3.Operations):
         node.size = size
         node.touch(data=True)
 
+    async def _forgets_landed(self) -> bool:
+        """Give FORGETs in flight a short, bounded time to land; whether dpages came back.
+
+        The kernel sends FORGET for a just-removed file a moment after unlink()
+        returns, so `rm f; df` or `rm f; truncate -s N g` could find its dpages still
+        held.  Awaited only before a request changes anything (statfs, or after an
+        allocation that changed nothing), so a request's changes stay its own.
+        """
+        free = self.store.pools.free_dpages
+        deadline = trio.current_time() + FORGET_GRACE
+        while self.inodes.orphans and trio.current_time() < deadline:
+            await trio.sleep(0.001)
+        return self.store.pools.free_dpages > free
+
     def _node_of(self, fh: int | None, ctx: pyfuse3.RequestContext) -> int:
+
         handle = self._handles.get(fh) if fh is not None else None
         return handle.node if handle else numa.process_node(ctx.pid)
 
@@ -550,9 +572,15 @@ class DmemOperations(pyfuse3.Operations):
         assert node.data is not None
         if isinstance(self.store, PassthroughStore):
             self.store.sync(node)  # the size the kernel may have grown it to
-        node.size = self.store.fallocate(node.data, node.size, mode, offset, length,
-                                         node=self._handles[fh].node,
-                                         policy=node.policy or LOCAL)
+        for last in (False, True):
+            try:
+                node.size = self.store.fallocate(node.data, node.size, mode, offset, length,
+                                                 node=self._handles[fh].node,
+                                                 policy=node.policy or LOCAL)
+                break
+            except NoSpaceError:  # nothing changed: once more if a removal lands
+                if last or not await self._forgets_landed():
+                    raise
         node.touch(data=True)  # as on tmpfs, every mode changes mtime and ctime
 
     @_boundary
@@ -610,12 +638,7 @@ class DmemOperations(pyfuse3.Operations):
 
     @_boundary
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        # The kernel sends FORGET for a just-removed file a moment after
-        # unlink() returns, so `rm f; df` could see its dpages still held.
-        # Give in-flight forgets a short, bounded time to land first.
-        deadline = trio.current_time() + FORGET_GRACE
-        while self.inodes.orphans and trio.current_time() < deadline:
-            await trio.sleep(0.001)
+        await self._forgets_landed()
         self.reconcile()
         pools = self.store.pools
         out = pyfuse3.StatvfsData()

@@ -194,3 +194,4 @@ def test_a_dpage_punched_in_pieces_goes_back(mnt: Mount, oracle: Path) -> None:
     finally:
         os.close(fd)
         os.close(ref)
+
