@@ -387,7 +387,6 @@ class DmemOperations(pyfuse3.Operations):
         return self.store.pools.free_dpages > free
 
     def _node_of(self, fh: int | None, ctx: pyfuse3.RequestContext) -> int:
-
         handle = self._handles.get(fh) if fh is not None else None
         return handle.node if handle else numa.process_node(ctx.pid)
 
