@@ -86,9 +86,10 @@ class PassthroughStore:
         self._turn = itertools.count()  # interleave: the next pool in turn
         self._freed: list[Path] = []  # backing files of released files, until purge
         self._freed_found: dict[int, tuple[int, Path]] = {}  # discover: left by a kill
-        # Dpages the kernel allocated that the ledger could not enter (4 KiB fallback
-        # folios spread over more dpages than the pool has); reported, never expected.
-        self.unledgered_dpages = 0
+        # Per inode, dpages the kernel allocated that the ledger could not enter (4 KiB
+        # fallback folios spread over more dpages than the pool has); reported, retried
+        # at every sync, never expected.
+        self._unledgered: dict[int, int] = {}
 
     # -- placement ------------------------------------------------------------------
 
@@ -155,7 +156,8 @@ class PassthroughStore:
         except FileNotFoundError:
             return
         seen = self._seen[inode.ino]
-        if (st.st_size, st.st_blocks, st.st_mtime_ns) == (seen.size, seen.blocks, seen.mtime_ns):
+        if ((st.st_size, st.st_blocks, st.st_mtime_ns) == (seen.size, seen.blocks, seen.mtime_ns)
+                and inode.ino not in self._unledgered):
             return
         # Adopted (seen unknown): the times change only if the kernel changed the data
         # after the metadata last heard of the file (its size or its blocks differ), so
@@ -170,9 +172,14 @@ class PassthroughStore:
             inode.touch()
         if changed:
             inode.touch(data=True, now=st.st_mtime_ns)
-        if st.st_blocks > seen.blocks:
+        if st.st_blocks > seen.blocks or inode.ino in self._unledgered:
             self._enter_data(inode.data, home)
         self._seen[inode.ino] = _Seen(st.st_size, st.st_blocks, st.st_mtime_ns)
+
+    @property
+    def unledgered_dpages(self) -> int:
+        """Dpages the kernel holds in files that the ledger has no room to enter."""
+        return sum(self._unledgered.values())
 
     def _enter_data(self, extents: FileExtents, home: PoolMemory, *,
                     resident: bool = False) -> None:
@@ -202,16 +209,22 @@ class PassthroughStore:
             os.close(fd)
         holes = [hole for first, end in runs for hole in extents.holes(first, end)]
         policy = Policy("bind", (self.pools.pool_id(self.pools.pools[home.index]),))
+        missing = 0
         for file_dpage, count in holes:
             try:
                 got = self.pools.allocate(count, policy=policy, file_dpage=file_dpage)
             except NoSpaceError:
-                self.unledgered_dpages += count
-                log.warning("pool %d: the kernel holds %d dpage(s) of inode %d the ledger has no "
-                            "room for", home.index, count, extents.ino)
+                missing += count
                 continue
             for start, ext in got:
                 extents.insert(start, [ext])
+        if missing and self._unledgered.get(extents.ino) != missing:
+            log.warning("pool %d: the kernel holds %d dpage(s) of inode %d the ledger has no "
+                        "room for", home.index, missing, extents.ino)
+        if missing:
+            self._unledgered[extents.ino] = missing
+        else:
+            self._unledgered.pop(extents.ino, None)
         home.balance()
 
     def reconcile(self, inodes: Mapping[int, Inode], busy: Collection[int]) -> None:
@@ -404,6 +417,8 @@ class PassthroughStore:
         """
         index = self._home.pop(extents.ino, None)
         self._seen.pop(extents.ino, None)
+        self._unledgered.pop(extents.ino, None)
+
         self.pools.free(extents.truncate(0))
         if index is None:
             return

@@ -15,6 +15,7 @@ from dmemfs_fuse.extents import FileExtents
 from dmemfs_fuse.inodes import Inode
 from dmemfs_fuse.options import PoolSpec
 from dmemfs_fuse.passthrough import PassthroughStore
+from dmemfs_fuse.pool import Extent
 from dmemfs_fuse.region import RegionPlan
 from dmemfs_fuse.shmem import ShmemMemory
 
@@ -140,3 +141,21 @@ def test_a_release_that_never_committed_is_undone_by_adopt(store: PassthroughSto
     assert back is not None and Path(back).read_bytes()[:8] == b"precious"
     assert kept.size == DPS and kept.data.mapped == 1
     assert _memory(store) == ((DPAGES - 1) * DPS, DPS)
+
+
+def test_what_the_ledger_cannot_enter_is_counted_once_and_retried(
+        store: PassthroughStore) -> None:
+    f = _file(9)
+    assert f.data is not None
+    store.place(9)
+    store.pools.claim([Extent(0, DPAGES)])  # the ledger is full; the files instance is not
+    path = store.backing_path(9)
+    assert path is not None
+    with open(path, "r+b") as backing:
+        backing.write(b"k" * (DPS + 1))
+    store.sync(f)
+    store.sync(f)
+    assert store.unledgered_dpages == 2 and f.data.mapped == 0
+    store.pools.free([Extent(0, DPAGES)])
+    store.sync(f)  # nothing changed in the file, but the ledger has room now
+    assert store.unledgered_dpages == 0 and f.data.mapped == 2
