@@ -145,6 +145,20 @@ def dmemfs(tmp: Path, options: str = "size=64M,pagesize=2M", *extra: str,
         assert not is_mounted(path), f"{path} is still mounted"
 
 
+def start_over(mountpoint: Path, options: str, log_path: Path) -> subprocess.Popen[bytes]:
+    """Start a daemon on *mountpoint* whose own daemon was killed (its dead mount still
+    there: the new daemon detaches it) and wait until it logs that it mounted or exits.
+    The caller ends it with unmount()."""
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(daemon_command(mountpoint, options), stdout=log,
+                                stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + MOUNT_TIMEOUT
+    while "mounted " not in log_path.read_text() and proc.poll() is None:
+        assert time.monotonic() < deadline, log_path.read_text()
+        time.sleep(0.05)
+    return proc
+
+
 def run_daemon(tmp: Path, options: str, timeout: float = 60,
                name: str = "mnt-fail") -> subprocess.CompletedProcess[str]:
     """Run a daemon that is expected to fail before mounting; return its result."""

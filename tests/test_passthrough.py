@@ -24,12 +24,12 @@ from pathlib import Path
 import pytest
 from mounting import (
     Mount,
-    daemon_command,
     dmemctl,
     dmemfs,
     free_port,
     metrics,
     run_daemon,
+    start_over,
     status,
     unmount,
 )
@@ -444,14 +444,8 @@ def test_the_next_daemon_detaches_a_dead_mount_itself(tmp_path: Path) -> None:
         (mount.path / "kept").write_bytes(b"kept")
         _kill_daemon(mount)
         log_path = tmp_path / "second.log"
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(daemon_command(mount.path, f"{POOL},passthrough=on"),
-                                    stdout=log, stderr=subprocess.STDOUT)
+        proc = start_over(mount.path, f"{POOL},passthrough=on", log_path)
         try:
-            deadline = time.monotonic() + 60
-            while "mounted " not in log_path.read_text() and proc.poll() is None:
-                assert time.monotonic() < deadline, log_path.read_text()
-                time.sleep(0.05)
             text = log_path.read_text()
             assert "detached the dmemfs mount of a daemon that died" in text, text
             assert (mount.path / "kept").read_bytes() == b"kept"

@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mounting import Mount, daemon_command, dmemfs, path_options, unmount
+from mounting import Mount, dmemfs, path_options, start_over, unmount
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(300)]
 
@@ -665,14 +665,8 @@ def test_a_guest_survives_a_daemon_restart(guest: Guest, tmp_path: Path) -> None
             mount.proc.send_signal(signal.SIGKILL)
             mount.proc.wait()
             log_path = tmp_path / "restarted.log"
-            with open(log_path, "wb") as log:
-                proc = subprocess.Popen(daemon_command(mount.path, f"{POOL},passthrough=on"),
-                                        stdout=log, stderr=subprocess.STDOUT)
+            proc = start_over(mount.path, f"{POOL},passthrough=on", log_path)
             try:
-                deadline = time.monotonic() + 60
-                while "mounted " not in log_path.read_text() and proc.poll() is None:
-                    assert time.monotonic() < deadline, log_path.read_text()
-                    time.sleep(0.05)
                 assert "adopted" in log_path.read_text(), log_path.read_text()
                 power_off(vm)  # the guest ran on without its daemon
                 assert vm0.stat().st_size == GUEST_MIB * MIB
