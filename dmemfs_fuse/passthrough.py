@@ -61,7 +61,6 @@ from .store import MAX_FILE_SIZE, check_fallocate_mode, seek_in, whole_dpages
 
 log = logging.getLogger(__name__)
 
-SEEK_DATA, SEEK_HOLE = 3, 4
 FREED = ".freed"  # the suffix of a released file's backing file until purge
 
 
@@ -105,7 +104,12 @@ class PassthroughStore:
             order = [first, *(p for p in pools.order_for(first.node) if p is not first)]
         else:
             order = pools.order_for(node)
-        return next((p for p in order if p.statistics().free_dpages), order[0])
+        return next((p for p in order if p.avail), order[0])
+
+    def _only(self, home: PoolMemory) -> Policy:
+        """The policy that takes ledger dpages from *home*'s pool alone (a file's bytes
+        live in one tmpfs instance)."""
+        return Policy("bind", (self.pools.pool_id(self.pools.pools[home.index]),))
 
     def place(self, ino: int, node: int = 0, policy: Policy = LOCAL) -> PoolMemory:
         """The pool memory holding *ino*'s backing file, created (empty) if it has none."""
@@ -208,7 +212,7 @@ class PassthroughStore:
         finally:
             os.close(fd)
         holes = [hole for first, end in runs for hole in extents.holes(first, end)]
-        policy = Policy("bind", (self.pools.pool_id(self.pools.pools[home.index]),))
+        policy = self._only(home)
         missing = 0
         for file_dpage, count in holes:
             try:
@@ -239,7 +243,7 @@ class PassthroughStore:
                 self.sync(inode)
         dps = self.dpage_size
         for pool, memory in zip(self.pools.pools, self.memory.pools, strict=True):
-            lent = pool.statistics().used_dpages * dps
+            lent = (pool.size - pool.avail) * dps  # the ledger's count, read every 0.2 s
             if memory.file_bytes() > lent:
                 for ino, index in list(self._home.items()):
                     if index == memory.index and (inode := inodes.get(ino)) is not None:
@@ -308,7 +312,7 @@ class PassthroughStore:
         holes = extents.holes(first, end)
         if not holes:
             return
-        policy = Policy("bind", (self.pools.pool_id(self.pools.pools[home.index]),))
+        policy = self._only(home)
         dps = self.dpage_size
         fd = self._open(extents.ino)  # before anything is taken: EMFILE leaves nothing
         done: list[tuple[int, Extent]] = []
@@ -391,10 +395,10 @@ class PassthroughStore:
     def _emptied(self, ino: int, dpage: int) -> bool:
         """Whether the backing file holds no page (written or only allocated) in *dpage*."""
         dps = self.dpage_size
+        length = _probe_length(dpage, dps)
         fd = self._open(ino)
         try:
-            probe = min(dps, MAX_FILE_SIZE + 1 - mmap.PAGESIZE - dpage * dps)
-            return probe > 0 and not holds_pages(fd, dpage * dps, probe)
+            return length > 0 and not holds_pages(fd, dpage * dps, length)
         finally:
             os.close(fd)
 
@@ -539,10 +543,15 @@ def _dpage_runs(ranges: list[tuple[int, int]], dps: int) -> list[tuple[int, int]
     return [(f, e) for f, e in runs]
 
 
+def _probe_length(dpage: int, dps: int) -> int:
+    """The bytes of *dpage* mincore can look at: the kernel maps nothing that ends past
+    MAX_LFS_FILESIZE's last page, so a probe stops short of it there (0: nothing)."""
+    return min(dps, MAX_FILE_SIZE + 1 - mmap.PAGESIZE - dpage * dps)
+
+
 def _probe(fd: int, dpage: int, dps: int) -> bool:
-    """Whether *fd* holds any page of *dpage* (the kernel maps nothing that ends past
-    MAX_LFS_FILESIZE's last page, so the probe stops short of it there)."""
-    length = min(dps, MAX_FILE_SIZE + 1 - mmap.PAGESIZE - dpage * dps)
+    """Whether *fd* holds any page of *dpage* (_probe_length)."""
+    length = _probe_length(dpage, dps)
     return length > 0 and holds_pages(fd, dpage * dps, length)
 
 
@@ -557,11 +566,11 @@ def _data_ranges(fd: int) -> list[tuple[int, int]]:
     pos = 0
     while True:
         try:
-            start = os.lseek(fd, pos, SEEK_DATA)
+            start = os.lseek(fd, pos, os.SEEK_DATA)
         except OSError as exc:
             if exc.errno == errno.ENXIO:  # no data at or after pos
                 return out
             raise
-        end = os.lseek(fd, start, SEEK_HOLE)
+        end = os.lseek(fd, start, os.SEEK_HOLE)
         out.append((start, end))
         pos = end

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 
 from .errors import fs_error
 from .extents import FileExtents
@@ -39,6 +40,7 @@ from .policy import LOCAL, Policy
 from .pool import Extent
 from .poolset import PoolSet
 from .region import Region
+from .shmem import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
 from .zeroing import DEFAULT_CHUNK_BYTES, DirtyRuns, Zeroer
 
 log = logging.getLogger(__name__)
@@ -47,8 +49,6 @@ log = logging.getLogger(__name__)
 # As on tmpfs, the pools limit what is allocated, not how large a file is: a sparse file
 # may be larger than the region, up to the kernel's MAX_LFS_FILESIZE (FUSE's s_maxbytes).
 MAX_FILE_SIZE = (1 << 63) - 1
-FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
-SEEK_DATA, SEEK_HOLE = 3, 4
 
 
 def check_fallocate_mode(mode: int) -> None:
@@ -73,9 +73,9 @@ def seek_in(extents: FileExtents, file_size: int, off: int, whence: int, dps: in
         raise fs_error(errno.ENXIO, f"offset {off} is not before EOF ({file_size})")
     end = -(-file_size // dps)
     for piece in extents.pieces(off // dps, end):
-        if (piece.region is not None) == (whence == SEEK_DATA):
+        if (piece.region is not None) == (whence == os.SEEK_DATA):
             return min(max(off, piece.file_dpage * dps), file_size)
-    if whence == SEEK_HOLE:
+    if whence == os.SEEK_HOLE:
         return file_size
     raise fs_error(errno.ENXIO, f"no data at or after byte {off}")
 
