@@ -15,6 +15,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CAP_FSETID = 4
+CAP_SYS_ADMIN = 21
+
+
+def _status(pid: int | str) -> dict[str, str]:
+    """The fields of /proc/PID/status; OSError if the process is gone."""
+    return dict(line.split(":\t", 1) for line in
+                Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
+
+
+def has_capability(cap: int, pid: int | str = "self") -> bool:
+    """Whether process *pid* (this one by default) holds capability *cap* now."""
+    try:
+        return bool(int(_status(pid)["CapEff"], 16) >> cap & 1)
+    except (OSError, KeyError, ValueError):
+        return False
 
 
 @dataclass(frozen=True)
@@ -32,8 +47,7 @@ class Caller:
     def of(cls, pid: int) -> Caller:
         """Read the caller *pid* from /proc."""
         try:
-            fields = dict(line.split(":\t", 1) for line in
-                          Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
+            fields = _status(pid)
             cap = bool(int(fields["CapEff"], 16) >> CAP_FSETID & 1)
             groups = {int(fields["Gid"].split()[3]), *map(int, fields["Groups"].split())}
         except (OSError, KeyError, IndexError, ValueError):

@@ -13,16 +13,15 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyfuse3
 
+from .caller import CAP_SYS_ADMIN, has_capability
 from .connection import Negotiated
 from .errors import ConfigError
 from .options import DPAGE_SIZES, MountOptions
 from .shmem import shmem_huge_possible
 
-CAP_SYS_ADMIN = 21
 PASSTHROUGH, REGION = "passthrough", "region"
 
 
@@ -39,14 +38,6 @@ class DataPath:
         return self.name == PASSTHROUGH
 
 
-def has_cap_sys_admin() -> bool:
-    """Whether this process may register backing files (FUSE_DEV_IOC_BACKING_OPEN)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("CapEff:"):
-            return bool(int(line.split()[1], 16) >> CAP_SYS_ADMIN & 1)
-    return False
-
-
 def _blocker(opts: MountOptions) -> str | None:
     """Why the options or this process rule passthrough out, or None."""
     if opts.pagesize == DPAGE_SIZES["1G"]:
@@ -59,7 +50,7 @@ def _blocker(opts: MountOptions) -> str | None:
                 "passed through")
     if opts.pagesize == DPAGE_SIZES["2M"] and not shmem_huge_possible():
         return "2M dpages need shmem transparent huge pages, which this host denies"
-    if not has_cap_sys_admin():
+    if not has_capability(CAP_SYS_ADMIN):  # FUSE_DEV_IOC_BACKING_OPEN needs it
         return "registering backing files needs CAP_SYS_ADMIN"
     if not os.path.exists("/dev/fuse"):
         return "there is no /dev/fuse to probe the kernel with"
