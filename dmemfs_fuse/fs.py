@@ -287,10 +287,9 @@ class DmemOperations(pyfuse3.Operations):
 
     def _attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
         dps = self.store.dpage_size
-        if isinstance(self.store, PassthroughStore):
-            # The kernel writes passed-through files without us: the backing file knows
-            # their size and mtime (an old size in a GETATTR reply would cut the file).
-            self.store.sync(inode)
+        # Passthrough: the kernel writes files without us; the backing file knows their
+        # size and mtime (an old size in a GETATTR reply would cut the file).
+        self.store.sync(inode)
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = inode.ino
         attr.generation = 0
@@ -335,8 +334,7 @@ class DmemOperations(pyfuse3.Operations):
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self.inodes.get(inode)
         if fields.update_size:
-            if isinstance(self.store, PassthroughStore):
-                self.store.sync(node)  # the size the kernel may have grown it to
+            self.store.sync(node)  # the size the kernel may have grown it to
             try:
                 self._resize(node, attr.st_size, self._node_of(fh, ctx))
             except NoSpaceError:  # nothing changed; `rm a; truncate -s N b` must work
@@ -569,8 +567,7 @@ class DmemOperations(pyfuse3.Operations):
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
         node = self._inode_of(fh)
         assert node.data is not None
-        if isinstance(self.store, PassthroughStore):
-            self.store.sync(node)  # the size the kernel may have grown it to
+        self.store.sync(node)  # the size the kernel may have grown it to
         for last in (False, True):
             try:
                 node.size = self.store.fallocate(node.data, node.size, mode, offset, length,
@@ -586,8 +583,7 @@ class DmemOperations(pyfuse3.Operations):
     async def lseek(self, fh: int, offset: int, whence: int) -> int:
         node = self._inode_of(fh)
         assert node.data is not None
-        if isinstance(self.store, PassthroughStore):
-            self.store.sync(node)
+        self.store.sync(node)
         return self.store.seek(node.data, node.size, offset, whence)
 
     # No flush handler: pyfuse3 answers ENOSYS and the kernel stops sending FLUSH

@@ -117,6 +117,12 @@ def mbind(address: int, length: int, node: int) -> None:
         raise OSError(err, f"mbind to node {node}: {os.strerror(err)}")
 
 
+def probe_offsets(offset: int, length: int) -> list[int]:
+    """The first, middle and last 4 KiB page of bytes ``[offset, offset+length)``: where
+    to ask move_pages which nodes hold an extent."""
+    return sorted({offset, offset + length // 2 // 4096 * 4096, offset + length - 4096})
+
+
 def page_nodes(addresses: list[int]) -> list[int]:
     """Ask the kernel which node holds each page (move_pages with no target nodes).
 

@@ -42,6 +42,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import numa
 from .errors import NoSpaceError, fs_error
 from .extents import FileExtents
 from .inodes import Inode
@@ -139,7 +140,7 @@ class PassthroughStore:
         path = self.backing_path(ino)
         if path is None or length <= 0:
             return []
-        probes = sorted({offset, offset + length // 2 // 4096 * 4096, offset + length - 4096})
+        probes = numa.probe_offsets(offset, length)
         try:
             return sorted(set(page_nodes_of_file(path, probes)))
         except OSError as exc:

@@ -258,7 +258,7 @@ class Reporter:
     def _kernel_nodes(self, offset: int, length: int) -> list[int]:
         """The nodes the kernel says hold the extent's first, middle and last page."""
         base = self._region("kernel nodes").region.addr
-        probes = sorted({offset, offset + length // 2 // 4096 * 4096, offset + length - 4096})
+        probes = numa.probe_offsets(offset, length)
         try:
             return sorted(set(numa.page_nodes([base + p for p in probes])))
         except OSError as exc:

@@ -36,6 +36,7 @@ import os
 
 from .errors import fs_error
 from .extents import FileExtents
+from .inodes import Inode
 from .policy import LOCAL, Policy
 from .pool import Extent
 from .poolset import PoolSet
@@ -223,6 +224,10 @@ class FileStore:
             return True  # never touched by this file: it reads as zeros
         dps = self.dpage_size
         return not self.region.array[piece.region * dps : (piece.region + 1) * dps].any()
+
+    def sync(self, inode: Inode) -> None:
+        """Nothing to take in: on the region path every change reaches the daemon (the
+        passthrough store's sync reads what the kernel did behind it)."""
 
     def seek(self, extents: FileExtents, file_size: int, off: int, whence: int) -> int:
         """SEEK_DATA/SEEK_HOLE over the file's dpages (seek_in)."""
