@@ -26,9 +26,15 @@ A guest larger than the free pool must fail at start, with QEMU's error and
 no dpages lost.  KVM is used if it works here (tools/guest-image --accel
 probes it by booting this guest), TCG otherwise; the run says which.
 
-The last tests pin down what this backend cannot do (punch-hole, the
-long-term pin vfio needs) and a known bug: a stat of a share=on guest's file
-after write-back drops the guest's RAM from the page cache (docs/qemu.md).
+A guest gives memory back through a virtio-balloon device, in both of its
+ways: a balloon inflated through QMP, and free page reporting.  QEMU punches
+what the guest gave up out of the RAM file (fallocate PUNCH_HOLE|KEEP_SIZE),
+the pool's free count rises by exactly that while the guest runs, and memory
+the guest takes again afterwards works.
+
+The last tests pin down what this backend cannot do (the long-term pin vfio
+needs) and a known bug: a stat of a share=on guest's file after write-back
+drops the guest's RAM from the page cache (docs/qemu.md).
 """
 
 from __future__ import annotations
@@ -40,13 +46,16 @@ import mmap
 import os
 import secrets
 import signal
+import socket
 import subprocess
+import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -191,6 +200,58 @@ def qemu_args(guest: Guest, memory: list[str], seed: int = 0, mib: int = GUEST_M
             "-serial", "stdio", "-no-reboot", "-kernel", guest.kernel, "-initrd", guest.initrd,
             "-append", f"console=ttyS0 panic=-1 quiet dmemfs_seed={seed:x} "
                        f"dmemfs_mib={PATTERN_MIB}", *memory]
+
+
+class Qmp:
+    """A client of QEMU's QMP socket: one command at a time; events are set aside."""
+
+    def __init__(self, path: Path, timeout: float = 60.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self.stream = self.sock.makefile("rw", encoding="utf-8")
+        self.events: list[dict[str, Any]] = []
+        greeting = self._message()
+        assert "QMP" in greeting, greeting
+        self.execute("qmp_capabilities")
+
+    def _message(self) -> dict[str, Any]:
+        while True:
+            line = self.stream.readline()
+            assert line, "QEMU closed its QMP socket"
+            message: dict[str, Any] = json.loads(line)
+            if "event" not in message:
+                return message
+            self.events.append(message)
+
+    def execute(self, command: str, **arguments: Any) -> Any:
+        """Run *command*; its ``return`` value, or fail with QEMU's error."""
+        request: dict[str, Any] = {"execute": command}
+        if arguments:
+            request["arguments"] = arguments
+        self.stream.write(json.dumps(request) + "\n")
+        self.stream.flush()
+        reply = self._message()
+        assert "error" not in reply, f"QMP {command}: {reply['error']}"
+        return reply["return"]
+
+    def close(self) -> None:
+        """Close the connection (QEMU goes on)."""
+        self.stream.close()
+        self.sock.close()
+
+
+@contextmanager
+def qmp_socket() -> Iterator[Path]:
+    """A path for QEMU's QMP socket: short, as sun_path allows 108 bytes, and removed after."""
+    with tempfile.TemporaryDirectory(prefix="dmemfs-qmp-") as directory:
+        yield Path(directory) / "qmp.sock"
+
+
+def balloon(qmp_path: Path, reporting: bool) -> list[str]:
+    """A virtio-balloon device (free page reporting on or off) and QMP on *qmp_path*."""
+    device = "virtio-balloon-pci,id=balloon0" + (",free-page-reporting=on" if reporting else "")
+    return ["-device", device, "-qmp", f"unix:{qmp_path},server=on,wait=off"]
 
 
 def file_form(path: Path, share: bool, prealloc: bool, mib: int = GUEST_MIB) -> list[str]:
@@ -538,6 +599,142 @@ def test_punch_hole_gives_a_guest_file_s_memory_back(mnt: Mount) -> None:
     assert rc == 0, os.strerror(err)
     assert mnt.free_dpages() == free + 4 * MIB // mnt.statvfs().f_bsize
     assert path.stat().st_size == 8 * MIB
+
+
+def data_dpages(path: Path, dpage: int) -> int:
+    """The dpages of *path* that hold data as SEEK_DATA/SEEK_HOLE report it.
+
+    A dpage counts if any byte of it is data: after a punch, tmpfs may refill a 2 MiB
+    dpage with 4K pages where the guest touched it (when no huge page was at hand),
+    and the pool lends the whole dpage for it.
+    """
+    touched: set[int] = set()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size, offset = os.fstat(fd).st_size, 0
+        while offset < size:
+            try:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    break
+                raise
+            offset = os.lseek(fd, start, os.SEEK_HOLE)
+            touched.update(range(start // dpage, -(-offset // dpage)))
+        return len(touched)
+    finally:
+        os.close(fd)
+
+
+def settle(read: Callable[[], int], done: Callable[[int], bool], quiet: float,
+           timeout: float, what: str) -> int:
+    """Poll *read* until *done* holds and the value has not changed for *quiet* seconds."""
+    deadline = time.monotonic() + timeout
+    value, since = read(), time.monotonic()
+    while True:
+        time.sleep(0.2)
+        now, latest = time.monotonic(), read()
+        if latest != value:
+            value, since = latest, now
+        elif done(value) and now - since >= quiet:
+            return value
+        if now > deadline:
+            raise AssertionError(f"{what}: still {value} after {timeout:.0f} s")
+
+
+BALLOON_MIB = 32  # what the inflated balloon takes from the 128 MiB guest (about 60 MiB free)
+REPORTING_GUEST_MIB = 256  # mm/page_reporting.c reports a zone only when it has 64 MiB more
+#                            than its low watermark free, which a 128 MiB guest never has
+REPORTING_ORDER_BYTES = 2 * MIB  # the guest reports free pages in pageblocks (order 9)
+
+
+def test_an_inflated_balloon_gives_guest_memory_back(guest: Guest, tmp_path: Path,
+                                                     data_path: str) -> None:
+    """virtio-balloon inflated through QMP: QEMU punches each 4K page the guest hands
+    over out of the RAM file, so with 4K dpages the pool's free count rises by exactly the
+    balloon while the guest runs.  The guest's pattern is untouched, memory it takes back
+    after the balloon deflates works, and every dpage is back when the file goes."""
+    with dmemfs(tmp_path, f"size=256M,pagesize=4K,{path_options(data_path)}") as mount, \
+            qmp_socket() as qmp_path:
+        free = mount.free_dpages()
+        need = guest_dpages(mount)
+        vm0 = mount.path / "vm0"
+        presize(vm0, GUEST_MIB * MIB)
+        seed = secrets.randbits(48)
+        args = qemu_args(guest, file_form(vm0, share=True, prealloc=True)
+                         + balloon(qmp_path, reporting=False), seed)
+        with qemu(args) as vm:
+            _, runs = pattern_runs(vm)
+            assert mount.free_dpages() == free - need
+            qmp = Qmp(qmp_path)
+            try:
+                target = (GUEST_MIB - BALLOON_MIB) * MIB
+                qmp.execute("balloon", value=target)
+                settle(lambda: int(qmp.execute("query-balloon")["actual"]),
+                       lambda actual: actual == target, 0, 60, "the balloon's size")
+                given = BALLOON_MIB * MIB // PAGE
+                settle(mount.free_dpages, lambda now: now == free - need + given, 0, 10,
+                       f"free dpages (want {free - need + given})")
+                assert data_dpages(vm0, PAGE) == need - given
+                qmp.execute("balloon", value=GUEST_MIB * MIB)
+                settle(lambda: int(qmp.execute("query-balloon")["actual"]),
+                       lambda actual: actual == GUEST_MIB * MIB, 0, 60, "the deflated balloon")
+            finally:
+                qmp.close()
+            vm.send("fill 40\n")  # more than it has free besides the pages the balloon held
+            assert "DMEMFS-FILL-OK" in vm.wait_for("DMEMFS-FILL-"), vm.output()
+            power_off(vm)
+        assert_pattern_in_file(vm0, seed, runs)
+        held = data_dpages(vm0, PAGE)
+        assert need - BALLOON_MIB * MIB // PAGE < held <= need
+        settle(mount.free_dpages, lambda now: now == free - held, 0, 10,
+               f"free dpages after the guest (want {free - held})")
+        vm0.unlink()
+        assert mount.free_dpages() == free
+
+
+def test_free_page_reporting_gives_a_guest_s_free_memory_back(guest: Guest, tmp_path: Path,
+                                                             data_path: str) -> None:
+    """virtio-balloon with free page reporting: the guest reports its free 2 MiB blocks,
+    QEMU punches them out of the RAM file, and the pool's free count rises by what the
+    file lost while the guest runs.  Memory the guest then takes and frees again is
+    written, read back, and reported again; the pattern is untouched throughout."""
+    mib = REPORTING_GUEST_MIB
+    with dmemfs(tmp_path, f"size=512M,pagesize=2M,{path_options(data_path)}") as mount, \
+            qmp_socket() as qmp_path:
+        free = mount.free_dpages()
+        need = guest_dpages(mount, mib)
+        dpage = mount.statvfs().f_bsize
+        vm0 = mount.path / "vm0"
+        presize(vm0, mib * MIB)
+        seed = secrets.randbits(48)
+        args = qemu_args(guest, file_form(vm0, share=True, prealloc=True, mib=mib)
+                         + balloon(qmp_path, reporting=True), seed, mib=mib)
+        with qemu(args) as vm:
+            _, runs = pattern_runs(vm)
+
+            def given_back() -> int:
+                return mount.free_dpages() - (free - need)
+
+            def punched() -> int:
+                return need - data_dpages(vm0, dpage)
+
+            for step in ("after boot", "after the guest used and freed 128 MiB"):
+                back = settle(given_back, lambda n: n * dpage >= 64 * MIB, 3, 90,
+                              f"dpages given back {step}")
+                assert back == punched(), f"{step}: the pool got {back} dpages back, " \
+                    f"the file lost {punched()}"
+                assert back * dpage <= (mib - PATTERN_MIB) * MIB
+                if step == "after boot":
+                    vm.send("fill 128\n")  # most of its free memory: blocks it reported
+                    assert "DMEMFS-FILL-OK" in vm.wait_for("DMEMFS-FILL-"), vm.output()
+            power_off(vm)
+        assert_pattern_in_file(vm0, seed, runs)
+        held = data_dpages(vm0, dpage)
+        settle(mount.free_dpages, lambda now: now == free - held, 0, 10,
+               f"free dpages after the guest (want {free - held})")
+        vm0.unlink()
+        assert mount.free_dpages() == free
 
 
 class _Iovec(ctypes.Structure):

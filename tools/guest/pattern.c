@@ -9,9 +9,13 @@
  * exactly those offsets of the file backing the guest's RAM.
  *
  * The process keeps the memory until the machine is off: freed pages could be
- * reused (and zeroed: init_on_alloc) before QEMU exits.  It waits for one line
- * on stdin (the host's "go", after it has looked at the mount while the guest
- * runs), then syncs and powers the machine off itself.
+ * reused (and zeroed: init_on_alloc) before QEMU exits.  It then reads
+ * commands from stdin, one per line, from the host:
+ *     fill <mib>   take <mib> MiB of fresh anonymous memory, write a pattern
+ *                  into every word, read it all back, free it, and say whether
+ *                  it matched (memory a balloon gave back must work again);
+ *     go           (or any other line, or end of input) sync and power the
+ *                  machine off.
  *
  * Word i of page p (64-bit, little endian) is
  *     (seed + p * 512 + i) * 0x9E3779B97F4A7C15  (mod 2^64)
@@ -21,6 +25,7 @@
  * Output lines, all prefixed so the host can parse them:
  *     DMEMFS-RUN <first page> <first pfn> <pages>      (hex, hex, decimal)
  *     DMEMFS-PATTERN-READY pages=<n> seed=<hex>
+ *     DMEMFS-FILL-OK mib=<n>  or  DMEMFS-FILL-FAILED <reason>
  *     DMEMFS-PATTERN-FAILED <reason>
  */
 #define _GNU_SOURCE
@@ -45,6 +50,32 @@ static int fail(const char *what)
 	printf("DMEMFS-PATTERN-FAILED %s: %s\n", what, strerror(errno));
 	fflush(stdout);
 	return 1;
+}
+
+/* Write and check <mib> MiB of new memory; the words depend on their address and the round. */
+static void fill(unsigned long mib, uint64_t round)
+{
+	size_t length = mib * (1UL << 20);
+	uint64_t *mem = mmap(NULL, length, PROT_READ | PROT_WRITE,
+			     MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+	if (mem == MAP_FAILED) {
+		printf("DMEMFS-FILL-FAILED mmap %lu MiB: %s\n", mib, strerror(errno));
+		fflush(stdout);
+		return;
+	}
+	size_t count = length / sizeof(uint64_t);
+	for (size_t i = 0; i < count; i++)
+		mem[i] = (round + i) * GOLDEN;
+	size_t bad = count;
+	for (size_t i = 0; i < count && bad == count; i++)
+		if (mem[i] != (round + i) * GOLDEN)
+			bad = i;
+	munmap(mem, length);
+	if (bad == count)
+		printf("DMEMFS-FILL-OK mib=%lu\n", mib);
+	else
+		printf("DMEMFS-FILL-FAILED word %zu of %lu MiB differs\n", bad, mib);
+	fflush(stdout);
 }
 
 int main(void)
@@ -97,8 +128,18 @@ int main(void)
 	fflush(stdout);
 
 	char line[64];
-	if (!fgets(line, sizeof(line), stdin))
-		printf("DMEMFS-PATTERN: stdin closed; powering off\n");
+	uint64_t round = seed;
+	unsigned long fill_mib;
+	for (;;) {
+		if (!fgets(line, sizeof(line), stdin)) {
+			printf("DMEMFS-PATTERN: stdin closed; powering off\n");
+			break;
+		}
+		if (sscanf(line, "fill %lu", &fill_mib) == 1)
+			fill(fill_mib, ++round << 32);
+		else
+			break;
+	}
 	printf("DMEMFS-POWEROFF\n");
 	fflush(stdout);
 	sync();
