@@ -10,6 +10,9 @@ tests prove that:
   enforces the usual permission checks (the daemon mounts with
   ``default_permissions``), and the daemon records the caller as the owner
   of what it creates;
+- a conformance matrix of operations the user does (about 250 in 19 groups,
+  in directories of every kind) ends as on tmpfs, errno for errno, and leaves
+  the same tree, on both data paths;
 - with ``private`` only root gets into the mount (FUSE's own rule);
 - the control socket is root's alone: mode 0600, and even with the file mode
   opened up the daemon refuses a peer whose uid is not root;
@@ -37,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mounting import Mount, dmemfs, free_port, kernel_fs, metrics, unescape
+from mounting import Mount, dmemfs, free_port, kernel_fs, metrics, path_options, unescape
 
 from dmemfs_fuse import dmemctl
 from dmemfs_fuse.control import socket_path
@@ -120,6 +123,18 @@ def run(op, args):
         return os.chmod(args[0], args[1])
     if op == "chown":
         return os.chown(args[0], args[1], args[2])
+    if op == "rmdir":
+        return os.rmdir(args[0])
+    if op == "link":
+        return os.link(args[0], args[1])
+    if op == "utime":
+        return os.utime(args[0], None if args[1] is None else (args[1], args[1]))
+    if op == "setxattr":
+        return os.setxattr(args[0], args[1], args[2].encode())
+    if op == "access":
+        return os.access(args[0], args[1])
+    if op == "open_dir":
+        return os.close(os.open(args[0], os.O_RDONLY | os.O_DIRECTORY))
     if op == "connect":
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.connect(args[0])
@@ -533,6 +548,122 @@ def test_a_stranger_to_the_group_loses_set_group_id_as_on_tmpfs(
         modes.append(_mode_seen(f))
         f.unlink()
     assert modes[0] == modes[1], f"dmemfs {modes[0]}, tmpfs {modes[1]} (cached, fresh)"
+
+
+# -- a user's view, compared with tmpfs -------------------------------------------------------
+
+# The tree the conformance matrix works on, built by root on dmemfs and on tmpfs alike:
+# (path, directory?, mode, owner: root's or the user's).  Directories cover the cases the
+# kernel's may_create, may_delete and the sticky and set-group-ID rules tell apart.
+CONFORMANCE_TREE: list[tuple[str, bool, int, str]] = [
+    ("d755", True, 0o755, "root"), ("d755/f644", False, 0o644, "root"),
+    ("d755/f600", False, 0o600, "root"), ("d755/f666", False, 0o666, "root"),
+    ("d777", True, 0o777, "root"), ("d777/root", False, 0o644, "root"),
+    ("d777/mine", False, 0o600, "user"), ("d777/sub", True, 0o755, "root"),
+    ("d1777", True, 0o1777, "root"), ("d1777/root", False, 0o666, "root"),
+    ("d1777/mine", False, 0o644, "user"), ("d1777/rootdir", True, 0o777, "root"),
+    ("d2777", True, 0o2777, "root"), ("d2777/mine", False, 0o4755, "user"),
+    ("d700", True, 0o700, "root"), ("d700/f", False, 0o666, "root"),
+    ("d311", True, 0o311, "root"), ("d311/f", False, 0o644, "root"),
+    ("mydir", True, 0o755, "user"), ("mydir/rootfile", False, 0o600, "root"),
+    ("mydir/ro", False, 0o444, "user"),
+]
+
+
+def conformance_ops(base: Path, uid: int, gid: int) -> dict[str, list[Op]]:
+    """Groups of operations the user does on the tree under *base*; each group on a fresh
+    tree, each operation in a group on a path of its own, so that the groups' results do
+    not depend on each other."""
+    files = [base / p for p, is_dir, _, _ in CONFORMANCE_TREE if not is_dir]
+    dirs = [base / p for p, is_dir, _, _ in CONFORMANCE_TREE if is_dir]
+    return {
+        "look": [op for f in files for op in (("stat", str(f)), ("access", str(f), os.W_OK))]
+        + [op for d in dirs for op in (("listdir", str(d)), ("open_dir", str(d)))],
+        "read": [("read", str(f)) for f in files],
+        "write": [("write", str(f), "w") for f in files],
+        "truncate": [("truncate", str(f), 1) for f in files],
+        "open_trunc": [("open_trunc", str(f)) for f in files],
+        "chmod": [("chmod", str(p), 0o640) for p in files + dirs],
+        "chown to self": [("chown", str(f), uid, gid) for f in files],
+        "chown to root": [("chown", str(f), 0, -1) for f in files],
+        "touch": [("utime", str(f), None) for f in files],
+        "set times": [("utime", str(f), 1_000_000_000) for f in files],
+        "setxattr": [("setxattr", str(f), "user.k", "v") for f in files],
+        "create": [("create", str(d / "new"), "x", 0o6777) for d in dirs],
+        "mkdir": [("mkdir", str(d / "newdir"), 0o2777) for d in dirs],
+        "symlink": [("symlink", "target", str(d / "link")) for d in dirs],
+        "link": [("link", str(f), str(f) + ".link") for f in files],
+        "unlink": [("unlink", str(f)) for f in files],
+        "rename in place": [("rename", str(f), str(f) + ".moved") for f in files],
+        "rename away": [("rename", str(f), str(base / "mydir" / f"{f.parent.name}-{f.name}"))
+                        for f in files],
+        "rmdir": [("rmdir", str(d)) for d in dirs if d.name in ("sub", "rootdir")],
+    }
+
+
+def build_conformance_tree(base: Path, user: User) -> None:
+    """CONFORMANCE_TREE under *base*, made by root."""
+    base.mkdir(mode=0o755)
+    for rel, is_dir, mode, owner in CONFORMANCE_TREE:
+        path = base / rel
+        if is_dir:
+            path.mkdir()
+        else:
+            path.write_bytes(b"data")
+        if owner == "user":
+            os.chown(path, user.uid, user.gid)
+        path.chmod(mode)
+
+
+def tree_shape(base: Path) -> list[tuple[str, str, int, int, int]]:
+    """What is under *base*: (path, type, mode, uid, gid) for each entry."""
+    shape = []
+    for root, dirnames, filenames in os.walk(base):
+        for name in sorted(dirnames + filenames):
+            st = os.lstat(Path(root) / name)
+            kind = "dir" if stat.S_ISDIR(st.st_mode) else "link" if stat.S_ISLNK(
+                st.st_mode) else "file"
+            mode = 0 if kind == "link" else stat.S_IMODE(st.st_mode)
+            shape.append((str((Path(root) / name).relative_to(base)), kind, mode, st.st_uid,
+                          st.st_gid))
+    return sorted(shape)
+
+
+def test_a_user_sees_a_default_mount_as_tmpfs(public_dir: Path, shared_tmpfs: Path,
+                                               other: User, data_path: str) -> None:
+    """A conformance matrix run as the unprivileged user: for every group of operations
+    (look, read, write, truncate, chmod, chown, times, xattrs, create, mkdir, links, unlink,
+    rename, rmdir) on a tree of root's and the user's files in directories of every kind
+    (0755, 0777, sticky, set-group-ID, 0700, search-only, the user's own), each operation
+    must end as on tmpfs (the same errno, or success), and the trees afterwards must hold
+    the same entries with the same modes and owners."""
+    differences: list[str] = []
+    with dmemfs(public_dir, f"{OPTIONS},{path_options(data_path)}",
+                name=f"conformance-{data_path}") as mount:
+        groups = conformance_ops(Path("BASE"), other.uid, other.gid)
+        for n, (group, ops) in enumerate(groups.items()):
+            results, shapes = [], []
+            for where in (mount.path, shared_tmpfs):
+                base = where / f"conformance-{n}"
+                build_conformance_tree(base, other)
+                resolved = [tuple(str(a).replace("BASE", str(base)) if isinstance(a, str)
+                                  else a for a in op) for op in ops]
+                # an error's message names the path; a success's value must agree too
+                results.append([status if status != "ok" else f"ok {value!r}"
+                                for status, value in other.run(*resolved)])
+                shapes.append(tree_shape(base))
+                shutil.rmtree(base)
+            for op, ours, theirs in zip(ops, *results, strict=True):
+                if ours != theirs:
+                    differences.append(f"{group}: {op}: dmemfs {ours}, tmpfs {theirs}")
+            if shapes[0] != shapes[1]:
+                only = sorted(set(shapes[0]) ^ set(shapes[1]))
+                differences.append(f"{group}: trees differ (dmemfs or tmpfs only): {only}")
+            # each group has both outcomes, so it tells a refusal from a grant
+            assert any(s.startswith("ok") for s in results[0]) or group == "chown to root"
+            assert not all(s.startswith("ok") for s in results[0]), group
+    assert not differences, "\n".join(differences)
+    assert mount.exit_code == 0, mount.log()
 
 
 @pytest.mark.parametrize("path", ["region", "passthrough"])
