@@ -27,6 +27,8 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
+import stat
 import subprocess
 import tempfile
 import time
@@ -64,18 +66,19 @@ class Libvirt:
         """qemu:///system, on this libvirtd's socket."""
         return f"qemu:///system?socket={self.root / 'run' / 'libvirt-sock'}"
 
-    def virsh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def virsh(self, *args: str, check: bool = True,
+              timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """Run virsh against this libvirtd; with *check*, fail with its output unless 0."""
         result = subprocess.run(["virsh", "-c", self.uri, *args], capture_output=True,
-                                text=True, timeout=120, check=False)
+                                text=True, timeout=timeout, check=False)
         if check:
             assert result.returncode == 0, (f"virsh {' '.join(args)}: {result.stderr}"
                                             f"{self.log()}")
         return result
 
-    def log(self) -> str:
-        """The tail of libvirtd's log."""
-        path = self.root / "libvirtd.log"
+    def log(self, domain: str | None = None) -> str:
+        """The tail of libvirtd's log, or of the QEMU log of *domain*."""
+        path = self.root / ("libvirtd.log" if domain is None else f"log/qemu/{domain}.log")
         return "\n".join(path.read_text().splitlines()[-40:]) if path.exists() else ""
 
 
@@ -84,9 +87,10 @@ def kvm_as_udev_makes_it(where: Path) -> list[str]:
 
     On a host with udev, /dev/kvm is root:kvm and QEMU's user (in group kvm) may open
     it. Where no udev runs, as here, it is root's alone: libvirtd then probes QEMU with
-    KVM (as root) but finds KVM unusable for libvirt-qemu, calls its cached probe stale
-    and probes again, about 11 times and 40 s for one ``virsh define``. The node is made
-    on a tmpfs of the namespace's own, so the host's /dev is not changed.
+    KVM (as root) but finds KVM unusable for libvirt-qemu, so it calls its cached probe
+    stale and probes again at every lookup, many times within one ``virsh define``.
+    The node is made on a tmpfs of the namespace's own, so the host's /dev is not
+    changed.
     """
     try:
         st = os.stat("/dev/kvm")
@@ -104,11 +108,16 @@ def libvirtd(root: Path, cache: Path, qemu_conf: str) -> Iterator[Libvirt]:
     /var/cache/libvirt (where it keeps what it probed of QEMU) the directory *cache*.
 
     On every path out, each domain is destroyed and undefined, libvirtd is stopped,
-    and any QEMU of this scratch tree that is left is killed.
+    and any QEMU of this scratch tree that is left is killed.  libvirtd has a network
+    namespace of its own too: the guests have no network, and nothing it might set up
+    (bridges, firewall rules) reaches the host.
     """
     if not os.access(LIBVIRTD, os.X_OK):
         pytest.fail(f"{LIBVIRTD} is missing: tools/setup installs libvirt-daemon-system")
     shutil.copytree("/etc/libvirt", root / "etc")
+    # A host's autostarted networks (Debian's "default") would start dnsmasq and a bridge.
+    for link in (root / "etc").glob("*/networks/autostart/*"):
+        link.unlink()
     with open(root / "etc" / "qemu.conf", "a") as conf:
         conf.write(qemu_conf)
     with open(root / "etc" / "libvirtd.conf", "a") as conf:
@@ -124,31 +133,58 @@ def libvirtd(root: Path, cache: Path, qemu_conf: str) -> Iterator[Libvirt]:
     script = ("set -e; " + "; ".join(binds) +
               f"; exec {LIBVIRTD} --pid-file {root / 'libvirtd.pid'}")
     with open(root / "libvirtd.out", "wb") as out:
-        proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                                 script], stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(["unshare", "--mount", "--net", "--propagation", "private",
+                                 "sh", "-c", script], stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     libvirt = Libvirt(root, proc)
     try:
         deadline = time.monotonic() + START_TIMEOUT
-        while libvirt.virsh("version", check=False).returncode:
+        while libvirt.virsh("version", check=False, timeout=10).returncode:
             assert proc.poll() is None, (f"libvirtd exited {proc.returncode}:\n"
                                          f"{(root / 'libvirtd.out').read_text()}{libvirt.log()}")
             assert time.monotonic() < deadline, f"libvirtd not answering:\n{libvirt.log()}"
             time.sleep(0.5)
         yield libvirt
     finally:
-        if proc.poll() is None:
-            names = libvirt.virsh("list", "--all", "--name", check=False).stdout.split()
-            for name in names:
-                libvirt.virsh("destroy", name, check=False)
-                libvirt.virsh("undefine", name, check=False)
+        try:
+            if proc.poll() is None:
+                remove_domains(libvirt)
+        finally:
             proc.terminate()
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        subprocess.run(["pkill", "-KILL", "-f", f"qemu-system.*{root}"], check=False)
+            kill_leftover_qemus(root / "run" / "qemu")
+
+
+def remove_domains(libvirt: Libvirt) -> None:
+    """Destroy and undefine every domain, as far as virsh answers in time."""
+    try:
+        names = libvirt.virsh("list", "--all", "--name", check=False, timeout=30).stdout.split()
+        for name in names:
+            libvirt.virsh("destroy", name, check=False, timeout=30)
+            libvirt.virsh("undefine", name, check=False, timeout=30)
+    except subprocess.TimeoutExpired:
+        pass  # libvirtd is stopped next, and its QEMUs are killed by pid
+
+
+def kill_leftover_qemus(pid_dir: Path) -> None:
+    """Kill the QEMUs whose pid files libvirt left in *pid_dir*. libvirt removes a
+    domain's pid file when it stops it; a stopped libvirtd leaves its guests running."""
+    for pid_file in pid_dir.glob("*.pid"):
+        try:
+            pid = int(pid_file.read_text())
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                if b"qemu-system" not in cmdline.read():
+                    continue
+            os.kill(pid, signal.SIGKILL)
+        except (ValueError, OSError):  # gone already, or not a pid
+            continue
+        deadline = time.monotonic() + 10  # gone before the mount it maps is unmounted
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
 
 
 @contextmanager
@@ -209,7 +245,7 @@ def domain_xml(name: str, guest: Guest, root: Path, seed: int, numa: bool) -> st
 """
 
 
-def wait_for_pattern(console: Path, libvirt: Libvirt) -> list[Run]:
+def wait_for_pattern(console: Path, libvirt: Libvirt, name: str) -> list[Run]:
     """Wait for the guest's pattern on its console log; the runs it printed."""
     deadline = time.monotonic() + BOOT_TIMEOUT
     while True:
@@ -217,6 +253,8 @@ def wait_for_pattern(console: Path, libvirt: Libvirt) -> list[Run]:
         if "DMEMFS-PATTERN-READY" in text:
             break
         assert "DMEMFS-PATTERN-FAILED" not in text, text
+        state = libvirt.virsh("domstate", name, check=False, timeout=30).stdout.strip()
+        assert state == "running", f"the guest is {state}:\n{text}\n{libvirt.log(name)}"
         assert time.monotonic() < deadline, f"no pattern within {BOOT_TIMEOUT:.0f} s:\n{text}"
         time.sleep(0.5)
     runs = []
@@ -265,16 +303,20 @@ def test_a_libvirt_guest_runs_on_dmemfs(guest: Guest, scratch: Path, libvirt_cac
         free = mount.free_dpages()
         need = GUEST_MIB * MIB // mount.statvfs().f_bsize
         name, seed = start_on_dmemfs(guest, scratch, libvirt, numa)
-        runs = wait_for_pattern(scratch / "console.log", libvirt)
-
+        # allocation mode='immediate' is QEMU's prealloc: all of it before the guest runs
         st = json.loads(dmemctl("-m", str(mount.path), "--json", "status").stdout)
         assert st["free_dpages"] == free - need, st
+        runs = wait_for_pattern(scratch / "console.log", libvirt, name)
+
         ram = [p for p in (mount.path / "libvirt" / "qemu").rglob("*") if p.is_file()]
         assert len(ram) == 1, ram
         (ram_file,) = ram
         assert ram_file.name == ("ram-node0" if numa else "pc.ram"), ram_file
         assert ram_file.stat().st_size == GUEST_MIB * MIB
         assert pwd.getpwuid(ram_file.stat().st_uid).pw_name == QEMU_USER
+        domain_dir = ram_file.parent.stat()
+        assert (pwd.getpwuid(domain_dir.st_uid).pw_name, stat.S_IMODE(domain_dir.st_mode)) \
+            == (QEMU_USER, 0o700)
         pid = int((scratch / "libvirt" / "run" / "qemu" / f"{name}.pid").read_text())
         assert pwd.getpwuid(os.stat(f"/proc/{pid}").st_uid).pw_name == QEMU_USER
         files = json.loads(dmemctl("-m", str(mount.path), "--json", "files").stdout)
@@ -289,6 +331,7 @@ def test_a_libvirt_guest_runs_on_dmemfs(guest: Guest, scratch: Path, libvirt_cac
         assert mount.free_dpages() == free
         assert name not in libvirt.virsh("list", "--all", "--name").stdout.split()
         assert not Path(f"/proc/{pid}").exists(), "QEMU still runs after destroy"
+    assert mount.exit_code == 0, mount.log()  # nothing held the mount at the unmount
 
 
 def test_a_private_mount_refuses_libvirt_s_qemu(guest: Guest, scratch: Path,
@@ -309,3 +352,4 @@ def test_a_private_mount_refuses_libvirt_s_qemu(guest: Guest, scratch: Path,
         assert "Permission denied" in result.stderr, result.stderr
         assert mount.free_dpages() == free
         assert not [p for p in mount.path.rglob("*") if p.is_file()]
+    assert mount.exit_code == 0, mount.log()
