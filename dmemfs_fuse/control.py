@@ -18,7 +18,7 @@ import os
 import socket
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -50,24 +50,45 @@ def dispatch(reporter: Reporter, request: dict[str, Any]) -> JSON:
     if cmd == "status":
         return reporter.status()
     if cmd == "extents":
-        return reporter.extents(int(request["ino"]))
+        return reporter.extents(_argument(request, "ino", int))
     if cmd == "files":
-        return reporter.files(int(request.get("limit", 20)))
+        return reporter.files(_argument(request, "limit", int, 20))
     if cmd == "policy":
-        text = request.get("policy")
-        return reporter.policy(int(request["ino"]), None if text is None else str(text))
+        return reporter.policy(_argument(request, "ino", int),
+                               _argument(request, "policy", str, None))
     if cmd == "trace":
-        return reporter.set_trace(bool(request["on"]))
+        return reporter.set_trace(_argument(request, "on", bool))
     if cmd == "map":
         return reporter.map()
     if cmd == "poison":
-        ino = request.get("ino")
-        return reporter.poison(int(request["offset"]), None if ino is None else int(ino))
+        return reporter.poison(_argument(request, "offset", int),
+                               _argument(request, "ino", int, None))
     if cmd == "kernel_error":
-        return reporter.notify_kernel_error(int(request["offset"]))
+        return reporter.notify_kernel_error(_argument(request, "offset", int))
     if cmd == "scan":
         return reporter.scan()
     raise OSError(errno.EINVAL, f"unknown command {cmd!r}")
+
+
+T = TypeVar("T")
+_REQUIRED = object()
+
+
+def _argument(request: dict[str, Any], key: str, kind: type[T], default: Any = _REQUIRED) -> T:
+    """The request's *key*, which must be a JSON value of *kind* (true and false are not
+    numbers, 1e400 is not an integer); *default* when absent, if given, and also when
+    null if *default* is None."""
+    value = request.get(key)
+    if key not in request or (value is None and default is None):
+        if default is _REQUIRED:
+            raise ValueError(f"{key!r} is missing")
+        return default  # type: ignore[no-any-return]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"{key!r} must be {_KIND_NAMES[kind]}, not {json.dumps(value)[:40]}")
+    return value
+
+
+_KIND_NAMES: dict[type, str] = {int: "an integer", str: "a string", bool: "true or false"}
 
 
 def answer(reporter: Reporter, line: bytes) -> bytes:

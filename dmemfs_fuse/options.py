@@ -185,6 +185,8 @@ def parse_mount_options(opt_strings: list[str]) -> MountOptions:
     values: dict[str, object] = {}
     ignored: list[str] = []
     for name, value in split_options(opt_strings):
+        if not name:
+            raise ConfigError(f"={value}: an option needs a name before the '='")
         if name in IGNORED or name.startswith(("x-", "comment=")) or name == "comment":
             ignored.append(name if value is None else f"{name}={value}")
             continue

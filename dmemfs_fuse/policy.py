@@ -78,6 +78,12 @@ def parse_policy(text: str, known: Collection[int]) -> Policy:
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if hi < lo:
             raise _invalid(text, f"range {part} runs backwards")
+        if hi - lo >= len(known):
+            # More numbers than pools, so some are not pools: name the first, without
+            # expanding the range (0-99999999999 is a short text).
+            missing = next(n for n in range(lo, hi + 1) if n not in known)
+            have = ", ".join(map(str, sorted(known)))
+            raise _invalid(text, f"no pool {missing} (pools: {have})")
         ids.extend(range(lo, hi + 1))
     unknown = sorted(set(ids) - set(known))
     if unknown:

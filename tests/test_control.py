@@ -136,7 +136,7 @@ def test_policy_xattr_inherit_and_errors(two_pools: tuple[Mount, int]) -> None:
     make(d / "f", 8 * M)
     assert os.getxattr(d / "f", POLICY) == b"interleave:0-1"  # inherited
     assert [e["pool"] for e in ctl_json("extents", str(d / "f"))["extents"]] == [0, 1, 0, 1]
-    for bad in (b"bind:7", b"sideways", b"bind:"):
+    for bad in (b"bind:7", b"sideways", b"bind:", b"interleave:0-99999999999"):
         with pytest.raises(OSError) as info:
             os.setxattr(d, POLICY, bad)
         assert info.value.errno == errno.EINVAL

@@ -82,6 +82,7 @@ def test_all_but() -> None:
     ("size=1G,start_empty=yes", "takes no value"),
     ("size=1G,checkpoint=lots", "checkpoint=lots: not a size"),
     ("size=1G,checkpoint=0", "checkpoint=0: must be larger than 0"),
+    ("size=1G,=64M", "=64M: an option needs a name"),  # a fuzzing find: the error named nothing
 ])
 def test_bad_options_name_the_option(options: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -35,6 +35,10 @@ def test_parse(text: str, policy: Policy, canonical: str) -> None:
     ("bind:x", "not a pool number"),
     ("bind:3", "no pool 3"),
     ("interleave:2-0", "runs backwards"),
+    # refused before the range is expanded (a fuzzing find: a user's setxattr of this
+    # once made the daemon build a list of 10**11 pool numbers)
+    ("interleave:0-99999999999", "no pool 3 (pools: 0, 1, 2)"),
+    ("bind:2-99999999999", "no pool 3 (pools: 0, 1, 2)"),
     ("preferred:0,1", "exactly one pool"),
     ("local:0", "takes no pools"),
 ])
