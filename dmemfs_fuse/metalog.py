@@ -226,7 +226,8 @@ def _frames(data: bytes, path: str) -> Iterator[tuple[int, dict[str, Any] | None
             raise MetadataError(f"metadata {path}: record at byte {pos} fails its checksum")
         try:
             record = msgpack.unpackb(data[body : body + length], raw=False, strict_map_key=False)
-        except (ValueError, msgpack.UnpackException) as exc:
+        # TypeError: a map whose key is a list (found by fuzzing)
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
             raise MetadataError(f"metadata {path}: record at byte {pos} passes its checksum but "
                                 f"does not decode ({exc})") from None
         if not isinstance(record, dict) or "t" not in record:

@@ -69,13 +69,22 @@ class Recovered:
     seconds: float = field(default=0.0)
 
 
+# What decoding a record of the wrong shape raises: a field missing or of another type or
+# out of range (OverflowError), a policy that does not parse (OSError EINVAL).  Each is
+# damage, refused with the path.
+MALFORMED = (KeyError, TypeError, ValueError, IndexError, AttributeError, OSError, ArithmeticError)
+
+
 def load(path: str, layout: Layout, parse_policy: Callable[[str], Policy]) -> Recovered:
     """Read *path* and replay it; MetadataError if it is damaged, foreign or inconsistent."""
     started = time.monotonic()
     with open(path, "rb") as f:
         data = f.read()
     contents = read_log(path, data)
-    stored = layout_of(contents.header)
+    try:
+        stored = layout_of(contents.header)
+    except MALFORMED as exc:
+        raise MetadataError(f"metadata {path}, header: malformed ({exc!r})") from None
     if stored.region != layout.region:
         raise MetadataError(f"metadata {path} belongs to another region ({stored.region}); the "
                             f"region now is {layout.region} (deleted and made anew?)")
@@ -96,7 +105,7 @@ def load(path: str, layout: Layout, parse_policy: Callable[[str], Policy]) -> Re
                           str(contents.header["uuid"]), int(contents.header["generation"]))
     except MetadataError as exc:
         raise MetadataError(f"metadata {path}, snapshot: {exc}") from None
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
+    except MALFORMED as exc:
         raise MetadataError(f"metadata {path}, snapshot: malformed ({exc!r})") from None
     try:
         rebuilt = _allocated(inodes, state.bad)
@@ -110,7 +119,7 @@ def load(path: str, layout: Layout, parse_policy: Callable[[str], Policy]) -> Re
             _replay(state, batch, parse_policy)
         except MetadataError as exc:
             raise MetadataError(f"metadata {path}, batch {number}: {exc}") from None
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
+        except MALFORMED as exc:
             raise MetadataError(f"metadata {path}, batch {number}: cannot apply ({exc!r})"
                                 ) from None
     state.batches = len(contents.batches)

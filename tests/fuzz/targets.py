@@ -8,6 +8,12 @@ runs every corpus input once and each target for a bounded time.
 
 - ``options``: a mount option string, a memory policy or a size.  Any string gives a
   valid result or a ConfigError (policies: OSError EINVAL) whose message names the option.
+- ``metadata``: a metadata file, loaded and installed as a start does (recovery.load,
+  then recovery.install into empty pools).  The first byte picks whether the frames'
+  checksums are taken as they are or recomputed first, so that mutations also reach
+  the decoding and replay behind them.  Any file is refused with a MetadataError
+  ("metadata PATH..."), or it installs into a state whose pools account for every dpage
+  exactly once.
 - ``control``: one control-socket request line, answered by a real Reporter over a small
   memfd region with files in it.  Any bytes give one JSON reply line, ``ok`` true or an
   error with an errno; never the catch-all "internal error", which means a bug.
@@ -21,6 +27,7 @@ import errno
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 Check = Callable[[bytes], None]
 
@@ -124,7 +131,173 @@ def build_control() -> Check:
     return check
 
 
+# The metadata target's filesystem: two pools of 64 4K dpages on a memfd region, and a
+# fixed region identity, so that the corpus (made by make_metadata_seeds) matches it.
+META_DPAGE = 4096
+META_POOL_DPAGES = 64
+META_REGION = "file:fuzz"
+
+
+def _meta_filesystem() -> tuple[Any, Any, Any]:
+    """(plan, layout, region) of the metadata target."""
+    from dmemfs_fuse.metalog import Layout
+    from dmemfs_fuse.options import PoolSpec
+    from dmemfs_fuse.region import Region, RegionPlan
+
+    plan = RegionPlan(pools=(PoolSpec(0, META_POOL_DPAGES * META_DPAGE),) * 2,
+                      dpage_size=META_DPAGE, backend="memfd")
+    layout = Layout(META_DPAGE, ((0, META_POOL_DPAGES),) * 2, META_REGION)
+    return plan, layout, Region.open(plan)
+
+
+def _fix_checksums(data: bytes) -> bytes:
+    """*data* with each whole frame's CRC recomputed (a torn last frame is left as it is)."""
+    import zlib
+
+    from dmemfs_fuse.metalog import FRAME
+
+    out = bytearray(data)
+    pos = 0
+    while pos + FRAME.size <= len(out):
+        length, _ = FRAME.unpack_from(out, pos)
+        body = pos + FRAME.size
+        if body + length > len(out):
+            break
+        FRAME.pack_into(out, pos, length, zlib.crc32(out[body:body + length]))
+        pos = body + length
+    return bytes(out)
+
+
+def build_metadata() -> Check:
+    """The metadata target: load and install, as a start does, into fresh pools."""
+    import tempfile
+    from functools import partial
+
+    from dmemfs_fuse.daemon import build_pools
+    from dmemfs_fuse.inodes import InodeTable
+    from dmemfs_fuse.metalog import MetadataError
+    from dmemfs_fuse.policy import parse_policy
+    from dmemfs_fuse.recovery import install, load
+    from dmemfs_fuse.store import FileStore
+
+    plan, layout, region = _meta_filesystem()
+    work = tempfile.mkdtemp(prefix="dmemfs-fuzz-metadata-")
+    path = f"{work}/region.meta"
+
+    def check(data: bytes) -> None:
+        if not data:
+            return
+        with open(path, "wb") as f:
+            f.write(_fix_checksums(data[1:]) if data[0] % 2 else data[1:])
+        pools = build_pools(plan, 0)
+        store = FileStore(region, pools)
+        parse = partial(parse_policy, known=pools.ids)
+        table = InodeTable(1000, release_data=store.release, parse_policy=parse)
+        try:
+            state = load(path, layout, parse)
+            report = install(state, table, pools, store, path)
+        except MetadataError as exc:
+            assert str(exc).startswith(f"metadata {path}"), f"the refusal names no file: {exc}"
+            return
+        # Installed: every dpage is a file's, bad, or free, and only once.
+        owned = sum(n.data.mapped for n in table.inodes.values() if n.data is not None)
+        assert pools.free_dpages + owned + pools.bad_dpages == pools.total_dpages, (
+            pools.free_dpages, owned, pools.bad_dpages)
+        assert report.inodes == len(table.inodes)
+
+    return check
+
+
+def make_metadata_seeds(directory: str) -> list[str]:
+    """Write the metadata corpus: real metadata files, made by the daemon's own journal
+    over the target's filesystem, in the states a start meets (fresh, with files and
+    every record kind, after a checkpoint, with a torn tail, with a bad dpage, with an
+    unlinked file still open).  Each file is prefixed by the target's mode byte 0."""
+    import os
+    import shutil
+    import stat
+    import tempfile
+
+    from dmemfs_fuse.changes import ChangeLog
+    from dmemfs_fuse.daemon import build_pools
+    from dmemfs_fuse.inodes import ROOT_INO, InodeTable
+    from dmemfs_fuse.journal import Journal
+    from dmemfs_fuse.metalog import frame
+    from dmemfs_fuse.policy import parse_policy
+    from dmemfs_fuse.store import FileStore
+
+    plan, layout, region = _meta_filesystem()
+    work = tempfile.mkdtemp(prefix="dmemfs-fuzz-seeds-")
+    meta = f"{work}/region.meta"
+    pools = build_pools(plan, 0)
+    store = FileStore(region, pools)
+    table = InodeTable(1000, release_data=store.release,
+                       parse_policy=lambda text: parse_policy(text, pools.ids),
+                       changes=ChangeLog())
+    journal = Journal(meta, layout, table, pools, checkpoint_bytes=1 << 30)
+    journal.checkpoint()
+    written: list[str] = []
+
+    def keep(name: str, tail: bytes = b"", cut: int = 0) -> None:
+        with open(meta, "rb") as f:
+            data = f.read()
+        data = (data[:-cut] if cut else data) + tail
+        target = os.path.join(directory, name)
+        with open(target, "wb") as f:
+            f.write(b"\0" + data)
+        written.append(target)
+
+    def write(ino: int, off: int, data: bytes) -> None:
+        node = table.get(ino)
+        assert node.data is not None
+        node.size, _ = store.write(node.data, node.size, off, data)
+        node.touch(data=True)
+        journal.commit()
+
+    keep("seed-empty")
+    d = table.make(ROOT_INO, b"dir", stat.S_IFDIR | 0o750, 1000, 100).ino
+    a = table.make(d, b"a", stat.S_IFREG | 0o640, 1000, 100).ino
+    journal.commit()
+    write(a, 0, b"hello " * 3000)
+    write(a, 5 * META_DPAGE + 7, b"tail")
+    b = table.make(ROOT_INO, b"b", stat.S_IFREG | 0o644, 0, 0).ino
+    journal.commit()
+    node = table.get(b)
+    assert node.data is not None
+    store.resize(node.data, 0, 3 * META_DPAGE + 5)
+    node.size = 3 * META_DPAGE + 5
+    node.touch(data=True)
+    table.setxattr(b, b"user.k", b"v" * 300)
+    table.set_policy(b, "interleave:0-1")
+    journal.commit()
+    table.make(ROOT_INO, b"ln", stat.S_IFLNK | 0o777, 0, 0, target=b"dir/a")
+    table.link(a, ROOT_INO, b"hard")
+    table.rename(ROOT_INO, b"hard", d, b"hard2")
+    table.set_attributes(a, mode=0o600, uid=7, gid=8, atime_ns=123, mtime_ns=456)
+    journal.commit()
+    keep("seed-batches")
+    keep("seed-torn-tail", cut=3)
+    keep("seed-torn-frame", tail=frame({"t": "batch", "seq": 999})[:-4])
+    journal.checkpoint()
+    keep("seed-checkpoint")
+    c = table.make(ROOT_INO, b"open", stat.S_IFREG | 0o600, 0, 0).ino
+    table.open(c)
+    write(c, 0, b"x" * (2 * META_DPAGE))
+    table.unlink(ROOT_INO, b"open")
+    journal.commit()
+    keep("seed-unlinked-open")
+    pools.mark_bad(META_POOL_DPAGES + 5)
+    journal.commit()
+    journal.checkpoint()
+    keep("seed-bad-dpage")
+    journal.close(checkpoint=False)
+    region.close()
+    shutil.rmtree(work)
+    return written
+
+
 TARGETS = {t.name: t for t in (
     Target("options", "mount options, policies and sizes", build_options),
     Target("control", "control-socket request lines", build_control),
+    Target("metadata", "metadata files, loaded and installed", build_metadata),
 )}
