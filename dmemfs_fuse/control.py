@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 RUN_DIR = Path(os.environ.get("DMEMFS_RUN_DIR", "/run/dmemfs"))
 MAX_REQUEST = 1 << 16
+MAX_DRAIN = 64 << 20  # the most of an oversized request read and dropped after the answer
 BACKLOG = socket.SOMAXCONN
 MAX_CONNECTIONS = 256  # served at once; each holds a file descriptor
 READ_TIMEOUT = 10.0    # seconds for a whole request line
@@ -196,10 +197,11 @@ async def _converse(conn: trio.socket.SocketType, reporter: Reporter) -> None:
             if not chunk:
                 break  # the peer shut its side: answer what came
             data += chunk
+    oversized = not reading.cancelled_caught and b"\n" not in data and len(data) >= MAX_REQUEST
     if reading.cancelled_caught:
         log.debug("control client pid %d sent no whole request within %g s", pid, READ_TIMEOUT)
         reply = _error(errno.ETIMEDOUT, f"no whole request within {READ_TIMEOUT:g} s")
-    elif b"\n" not in data and len(data) >= MAX_REQUEST:
+    elif oversized:
         reply = _error(errno.E2BIG, f"a request is one line of at most {MAX_REQUEST} bytes")
     elif uid not in (0, os.getuid()):
         log.warning("control request from pid %d uid %d refused", pid, uid)
@@ -213,6 +215,18 @@ async def _converse(conn: trio.socket.SocketType, reporter: Reporter) -> None:
         await _send_all(conn, reply)
     if sending.cancelled_caught:
         log.debug("control client pid %d did not take its answer within %g s", pid, SEND_TIMEOUT)
+    elif oversized:
+        await _drain(conn)
+
+
+async def _drain(conn: trio.socket.SocketType) -> None:
+    """Read and drop the rest of an oversized request after answering it: closing with
+    bytes unread would reset the connection, and the client would lose the answer."""
+    conn.shutdown(socket.SHUT_WR)
+    dropped = 0
+    with trio.move_on_after(READ_TIMEOUT):
+        while dropped < MAX_DRAIN and (chunk := await conn.recv(1 << 16)):
+            dropped += len(chunk)
 
 
 def _error(code: int, text: str) -> bytes:

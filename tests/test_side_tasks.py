@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import socket
 import struct
@@ -313,3 +314,62 @@ def wait_for(condition: Callable[[], bool], mount: Mount, timeout: float = 60) -
         assert time.monotonic() < deadline, mount.log()[-5000:]
         assert is_mounted(mount.path), mount.log()[-5000:]
         time.sleep(0.1)
+
+
+def hostile_lines(seed: int, count: int) -> list[bytes]:
+    """Requests no client should send: random bytes, random JSON of every shape, the
+    control fuzz corpus, cut-off lines and one line over the size limit.  The corpus's
+    poison and kernel_error requests are left out: they are root's orders to take memory
+    out of service, which the daemon rightly obeys."""
+    rng = random.Random(seed)
+    corpus = Path(__file__).parent / "fuzz" / "corpus" / "control"
+    lines = [p.read_bytes() for p in sorted(corpus.iterdir())
+             if b"poison" not in p.read_bytes() and b"kernel_error" not in p.read_bytes()]
+    values: list[object] = [None, True, 0, -1, 2**70, 1e400, "", "x" * 300, [], {}, [1, "a"]]
+    for _ in range(count):
+        kind = rng.randrange(4)
+        if kind == 0:
+            lines.append(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200))))
+        elif kind == 1:
+            request = {rng.choice(["cmd", "ino", "limit", "policy", "on", "x"]):
+                       rng.choice(values) for _ in range(rng.randrange(4))}
+            request["cmd"] = rng.choice(["status", "extents", "files", "policy", "trace",
+                                         "map", "scan", "nope", 7])
+            lines.append(json.dumps(request).encode())
+        elif kind == 2:
+            whole = json.dumps({"cmd": "extents", "ino": 2}).encode()
+            lines.append(whole[:rng.randrange(len(whole))])
+        else:
+            lines.append(json.dumps(rng.choice(values)).encode())
+    lines.append(b'{"cmd": "status", "pad": "' + b"p" * (control.MAX_REQUEST + 10) + b'"}')
+    return [line.replace(b"\n", b" ") for line in lines]
+
+
+def test_hostile_control_requests_get_error_replies(served: tuple[Mount, int]) -> None:
+    """Each hostile line, sent and then the client's side shut, gets exactly one JSON
+    reply (an answer or an error with an errno, never "internal error"); afterwards the
+    daemon serves as before and its file is untouched."""
+    mount, port = served
+    path = str(socket_path(str(mount.path)))
+    before = status(mount)
+    for line in hostile_lines(seed=16, count=300):
+        with control_client() as sock:
+            sock.connect(path)
+            try:
+                sock.sendall(line + b"\n" if len(line) <= control.MAX_REQUEST else line)
+                sock.shutdown(socket.SHUT_WR)
+            except BrokenPipeError:  # the daemon answered the oversized line and closed
+                pass
+            data = b""
+            while chunk := sock.recv(1 << 16):
+                data += chunk
+        assert data.endswith(b"\n") and data.count(b"\n") == 1, (line[:100], data[:300])
+        reply = json.loads(data)
+        assert isinstance(reply.get("ok"), bool), reply
+        if not reply["ok"]:
+            assert reply["errno"] > 0 and not reply["error"].startswith("internal"), reply
+    assert "internal error" not in mount.log() and "Traceback" not in mount.log()
+    after = status(mount)
+    for key in ("free_dpages", "inodes_used", "bad_dpages"):
+        assert after[key] == before[key], (key, before[key], after[key])
+    assert_serving(mount, port)
