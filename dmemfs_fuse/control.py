@@ -101,7 +101,7 @@ def answer(reporter: Reporter, line: bytes) -> bytes:
         reply: JSON = {"ok": True, "result": dispatch(reporter, request)}
     except OSError as exc:
         reply = {"ok": False, "errno": exc.errno, "error": exc.strerror or str(exc)}
-    except (ValueError, KeyError, TypeError) as exc:
+    except ValueError as exc:  # not JSON, not an object, an argument missing or mistyped
         reply = {"ok": False, "errno": errno.EINVAL, "error": f"bad request: {exc}"}
     except Exception as exc:  # a bug: say so, keep serving
         log.exception("control request %r failed", line[:200])

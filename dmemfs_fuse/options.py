@@ -144,7 +144,11 @@ def parse_size(text: str, option: str) -> int:
     """Parse a size with an optional K/M/G/T suffix (powers of 1024) into bytes."""
     if not re.fullmatch(r"\s*\d+(\.\d+)?\s*([kmgtKMGT](i?[bB])?|[bB])?\s*", text):
         raise ConfigError(f"{option}={text}: not a size; use a number with K, M, G or T")
-    value = int(humanfriendly.parse_size(text, binary=True))
+    try:
+        value = int(humanfriendly.parse_size(text, binary=True))
+    except (ValueError, OverflowError):  # over 4300 digits (int), or past a float's range
+        raise ConfigError(f"{option}={text[:40]}...: not a size; the number is too long"
+                          ) from None
     if value <= 0:
         raise ConfigError(f"{option}={text}: must be larger than 0")
     return value

@@ -72,7 +72,8 @@ def parse_policy(text: str, known: Collection[int]) -> Policy:
         raise _invalid(text, f"{mode} needs pools, e.g. {mode}:0")
     ids: list[int] = []
     for part in rest.split(","):
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part.strip())
+        # At most 9 digits: a pool number is small, and int() refuses over 4300 digits.
+        m = re.fullmatch(r"(\d{1,9})(?:-(\d{1,9}))?", part.strip())
         if not m:
             raise _invalid(text, f"{part!r} is not a pool number or range N-M")
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))

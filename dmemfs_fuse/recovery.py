@@ -69,10 +69,10 @@ class Recovered:
     seconds: float = field(default=0.0)
 
 
-# What decoding a record of the wrong shape raises: a field missing or of another type or
-# out of range (OverflowError), a policy that does not parse (OSError EINVAL).  Each is
-# damage, refused with the path.
-MALFORMED = (KeyError, TypeError, ValueError, IndexError, AttributeError, OSError, ArithmeticError)
+# What decoding a record of the wrong shape raises: a field missing, of another type or out
+# of range (OverflowError).  Each is damage, refused with the path.  (A policy that does
+# not parse is a MetadataError already, from decode_inode.)
+MALFORMED = (KeyError, TypeError, ValueError, IndexError, AttributeError, ArithmeticError)
 
 
 def load(path: str, layout: Layout, parse_policy: Callable[[str], Policy]) -> Recovered:

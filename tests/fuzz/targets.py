@@ -90,6 +90,8 @@ def build_options() -> Check:
 
 def build_control() -> Check:
     """The control target: a Reporter over a 16-dpage memfd region holding two files."""
+    from functools import partial
+
     from dmemfs_fuse.control import answer
     from dmemfs_fuse.daemon import build_pools
     from dmemfs_fuse.fs import DmemOperations
@@ -108,19 +110,23 @@ def build_control() -> Check:
     plan = RegionPlan(pools=(PoolSpec(0, 8 * dpage), PoolSpec(0, 8 * dpage)),
                       dpage_size=dpage, backend="memfd")
     region = Region.open(plan)  # lives as long as the fuzzing process
-    pools = build_pools(plan, 0)
-    store = FileStore(region, pools)
-    inodes = InodeTable(64, 0o1777, 0, 0, release_data=store.release,
-                        parse_policy=lambda text: parse_policy(text, pools.ids))
-    for name, size in ((b"a", 3 * dpage), (b"b", dpage + 1)):
-        node = inodes.make(ROOT_INO, name, 0o100644, 0, 0)
-        assert node.data is not None
-        store.resize(node.data, 0, size)
-        node.size = size
-    reporter = Reporter(inodes, store, "memfd (fuzz)", DmemOperations(inodes, store))
+
+    def fresh_reporter() -> Reporter:
+        """A new filesystem on the region for each input (poison and policy requests
+        change it), so that an input's result does not depend on the inputs before it."""
+        pools = build_pools(plan, 0)
+        store = FileStore(region, pools)
+        inodes = InodeTable(64, 0o1777, 0, 0, release_data=store.release,
+                            parse_policy=partial(parse_policy, known=pools.ids))
+        for name, size in ((b"a", 3 * dpage), (b"b", dpage + 1)):
+            node = inodes.make(ROOT_INO, name, 0o100644, 0, 0)
+            assert node.data is not None
+            store.resize(node.data, 0, size)
+            node.size = size
+        return Reporter(inodes, store, "memfd (fuzz)", DmemOperations(inodes, store))
 
     def check(data: bytes) -> None:
-        reply = answer(reporter, data)
+        reply = answer(fresh_reporter(), data)
         assert reply.endswith(b"\n") and reply.count(b"\n") == 1, reply
         message = json.loads(reply)
         assert isinstance(message, dict) and isinstance(message.get("ok"), bool), message
@@ -170,6 +176,8 @@ def _fix_checksums(data: bytes) -> bytes:
 
 def build_metadata() -> Check:
     """The metadata target: load and install, as a start does, into fresh pools."""
+    import atexit
+    import shutil
     import tempfile
     from functools import partial
 
@@ -182,6 +190,7 @@ def build_metadata() -> Check:
 
     plan, layout, region = _meta_filesystem()
     work = tempfile.mkdtemp(prefix="dmemfs-fuzz-metadata-")
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     path = f"{work}/region.meta"
 
     def check(data: bytes) -> None:
@@ -199,10 +208,13 @@ def build_metadata() -> Check:
         except MetadataError as exc:
             assert str(exc).startswith(f"metadata {path}"), f"the refusal names no file: {exc}"
             return
-        # Installed: every dpage is a file's, bad, or free, and only once.
-        owned = sum(n.data.mapped for n in table.inodes.values() if n.data is not None)
-        assert pools.free_dpages + owned + pools.bad_dpages == pools.total_dpages, (
-            pools.free_dpages, owned, pools.bad_dpages)
+        # Installed: every dpage is free, or a file's, or bad (a file's dpage may be bad
+        # too: a memory error in a file), and each is counted once.
+        owned = {region + i for inode in table.inodes.values() if inode.data is not None
+                 for _, region, count in inode.data.runs() for i in range(count)}
+        bad = set(pools.bad_in(0, pools.total_dpages))
+        assert pools.free_dpages + len(owned | bad) == pools.total_dpages, (
+            pools.free_dpages, len(owned), len(bad))
         assert report.inodes == len(table.inodes)
 
     return check
@@ -223,76 +235,86 @@ def make_metadata_seeds(directory: str) -> list[str]:
     from dmemfs_fuse.inodes import ROOT_INO, InodeTable
     from dmemfs_fuse.journal import Journal
     from dmemfs_fuse.metalog import frame
+    from dmemfs_fuse.poison import MemoryErrors
     from dmemfs_fuse.policy import parse_policy
     from dmemfs_fuse.store import FileStore
 
     plan, layout, region = _meta_filesystem()
     work = tempfile.mkdtemp(prefix="dmemfs-fuzz-seeds-")
-    meta = f"{work}/region.meta"
-    pools = build_pools(plan, 0)
-    store = FileStore(region, pools)
-    table = InodeTable(1000, release_data=store.release,
-                       parse_policy=lambda text: parse_policy(text, pools.ids),
-                       changes=ChangeLog())
-    journal = Journal(meta, layout, table, pools, checkpoint_bytes=1 << 30)
-    journal.checkpoint()
     written: list[str] = []
+    try:
+        meta = f"{work}/region.meta"
+        pools = build_pools(plan, 0)
+        store = FileStore(region, pools)
+        table = InodeTable(1000, release_data=store.release,
+                           parse_policy=lambda text: parse_policy(text, pools.ids),
+                           changes=ChangeLog())
+        journal = Journal(meta, layout, table, pools, checkpoint_bytes=1 << 30)
+        journal.checkpoint()
 
-    def keep(name: str, tail: bytes = b"", cut: int = 0) -> None:
-        with open(meta, "rb") as f:
-            data = f.read()
-        data = (data[:-cut] if cut else data) + tail
-        target = os.path.join(directory, name)
-        with open(target, "wb") as f:
-            f.write(b"\0" + data)
-        written.append(target)
+        def keep(name: str, tail: bytes = b"", cut: int = 0) -> None:
+            with open(meta, "rb") as f:
+                data = f.read()
+            data = (data[:-cut] if cut else data) + tail
+            target = os.path.join(directory, name)
+            with open(target, "wb") as f:
+                f.write(b"\0" + data)
+            written.append(target)
 
-    def write(ino: int, off: int, data: bytes) -> None:
-        node = table.get(ino)
-        assert node.data is not None
-        node.size, _ = store.write(node.data, node.size, off, data)
-        node.touch(data=True)
+        def write(ino: int, off: int, data: bytes) -> None:
+            node = table.get(ino)
+            assert node.data is not None
+            node.size, _ = store.write(node.data, node.size, off, data)
+            node.touch(data=True)
+            journal.commit()
+
+        keep("seed-empty")
+        d = table.make(ROOT_INO, b"dir", stat.S_IFDIR | 0o750, 1000, 100).ino
+        a = table.make(d, b"a", stat.S_IFREG | 0o640, 1000, 100).ino
         journal.commit()
-
-    keep("seed-empty")
-    d = table.make(ROOT_INO, b"dir", stat.S_IFDIR | 0o750, 1000, 100).ino
-    a = table.make(d, b"a", stat.S_IFREG | 0o640, 1000, 100).ino
-    journal.commit()
-    write(a, 0, b"hello " * 3000)
-    write(a, 5 * META_DPAGE + 7, b"tail")
-    b = table.make(ROOT_INO, b"b", stat.S_IFREG | 0o644, 0, 0).ino
-    journal.commit()
-    node = table.get(b)
-    assert node.data is not None
-    store.resize(node.data, 0, 3 * META_DPAGE + 5)
-    node.size = 3 * META_DPAGE + 5
-    node.touch(data=True)
-    table.setxattr(b, b"user.k", b"v" * 300)
-    table.set_policy(b, "interleave:0-1")
-    journal.commit()
-    table.make(ROOT_INO, b"ln", stat.S_IFLNK | 0o777, 0, 0, target=b"dir/a")
-    table.link(a, ROOT_INO, b"hard")
-    table.rename(ROOT_INO, b"hard", d, b"hard2")
-    table.set_attributes(a, mode=0o600, uid=7, gid=8, atime_ns=123, mtime_ns=456)
-    journal.commit()
-    keep("seed-batches")
-    keep("seed-torn-tail", cut=3)
-    keep("seed-torn-frame", tail=frame({"t": "batch", "seq": 999})[:-4])
-    journal.checkpoint()
-    keep("seed-checkpoint")
-    c = table.make(ROOT_INO, b"open", stat.S_IFREG | 0o600, 0, 0).ino
-    table.open(c)
-    write(c, 0, b"x" * (2 * META_DPAGE))
-    table.unlink(ROOT_INO, b"open")
-    journal.commit()
-    keep("seed-unlinked-open")
-    pools.mark_bad(META_POOL_DPAGES + 5)
-    journal.commit()
-    journal.checkpoint()
-    keep("seed-bad-dpage")
-    journal.close(checkpoint=False)
-    region.close()
-    shutil.rmtree(work)
+        write(a, 0, b"hello " * 3000)
+        write(a, 5 * META_DPAGE + 7, b"tail")
+        b = table.make(ROOT_INO, b"b", stat.S_IFREG | 0o644, 0, 0).ino
+        journal.commit()
+        node = table.get(b)
+        assert node.data is not None
+        store.resize(node.data, 0, 3 * META_DPAGE + 5)
+        node.size = 3 * META_DPAGE + 5
+        node.touch(data=True)
+        table.setxattr(b, b"user.k", b"v" * 300)
+        table.set_policy(b, "interleave:0-1")
+        journal.commit()
+        table.make(ROOT_INO, b"ln", stat.S_IFLNK | 0o777, 0, 0, target=b"dir/a")
+        table.link(a, ROOT_INO, b"hard")
+        table.rename(ROOT_INO, b"hard", d, b"hard2")
+        table.set_attributes(a, mode=0o600, uid=7, gid=8, atime_ns=123, mtime_ns=456)
+        journal.commit()
+        keep("seed-batches")
+        keep("seed-torn-tail", cut=3)
+        keep("seed-torn-frame", tail=frame({"t": "batch", "seq": 999})[:-4])
+        journal.checkpoint()
+        keep("seed-checkpoint")
+        c = table.make(ROOT_INO, b"open", stat.S_IFREG | 0o600, 0, 0).ino
+        table.open(c)
+        write(c, 0, b"x" * (2 * META_DPAGE))
+        table.unlink(ROOT_INO, b"open")
+        journal.commit()
+        keep("seed-unlinked-open")
+        pools.mark_bad(META_POOL_DPAGES + 5)
+        journal.commit()
+        journal.checkpoint()
+        keep("seed-bad-dpage")
+        # a memory error in a file's dpage: bad, and still the file's (it answers EIO)
+        node = table.get(a)
+        assert node.data is not None
+        MemoryErrors(table, store).mark(node.data.runs()[0][1], "operator")
+        journal.commit()
+        journal.checkpoint()
+        keep("seed-bad-file-dpage")
+        journal.close(checkpoint=False)
+    finally:
+        region.close()
+        shutil.rmtree(work, ignore_errors=True)
     return written
 
 
