@@ -81,7 +81,7 @@ def parse_policy(text: str, known: Collection[int]) -> Policy:
             raise _invalid(text, f"range {part} runs backwards")
         if hi - lo >= len(known):
             # More numbers than pools, so some are not pools: name the first, without
-            # expanding the range (0-99999999999 is a short text).
+            # expanding the range (0-999999999 is a short text).
             missing = next(n for n in range(lo, hi + 1) if n not in known)
             have = ", ".join(map(str, sorted(known)))
             raise _invalid(text, f"no pool {missing} (pools: {have})")
