@@ -210,8 +210,8 @@ def build_metadata() -> Check:
             return
         # Installed: every dpage is free, or a file's, or bad (a file's dpage may be bad
         # too: a memory error in a file), and each is counted once.
-        owned = {region + i for inode in table.inodes.values() if inode.data is not None
-                 for _, region, count in inode.data.runs() for i in range(count)}
+        owned = {first + i for inode in table.inodes.values() if inode.data is not None
+                 for _, first, count in inode.data.runs() for i in range(count)}
         bad = set(pools.bad_in(0, pools.total_dpages))
         assert pools.free_dpages + len(owned | bad) == pools.total_dpages, (
             pools.free_dpages, len(owned), len(bad))
