@@ -661,8 +661,8 @@ def test_a_user_sees_a_default_mount_as_tmpfs(public_dir: Path, shared_tmpfs: Pa
     (look, read, write, truncate, chmod, chown, times, xattrs, create, mkdir, links, unlink,
     rename, rmdir) on a tree of root's and the user's files in directories of every kind
     (0755, 0777, sticky, set-group-ID, 0700, search-only, the user's own), each operation
-    must end as on tmpfs (the same errno, or success), and the trees afterwards must hold
-    the same entries with the same modes and owners."""
+    must end as on tmpfs (the same errno, or success), and the trees afterwards must match
+    (tree_shape: modes, owners, sizes, links, set times, symlink targets, xattrs, bytes)."""
     differences: list[str] = []
     with dmemfs(public_dir, f"{OPTIONS},{path_options(data_path)}",
                 name=f"conformance-{data_path}") as mount:
