@@ -160,6 +160,13 @@ def decode_inode(fields: list[Any], existing: Inode | None,
     """Apply an encoded inode to *existing* (or a new Inode); return it."""
     (ino, mode, uid, gid, rdev, size, atime, mtime, ctime, btime, link_count, parent,
      target, policy, xattrs) = fields[:15]
+    numbers = (ino, mode, uid, gid, rdev, size, atime, mtime, ctime, btime, link_count, parent)
+    # Checked here, where they are read: install's verification takes their types for
+    # granted (a fuzzing find: a size that was a map failed in the tail zeroing).
+    if not all(type(n) is int for n in numbers) or min(ino, mode, size, link_count) < 0:
+        raise MetadataError(f"inode {ino!r}: attributes of the wrong type or sign")
+    if not isinstance(target, (bytes, type(None))):
+        raise MetadataError(f"inode {ino}: a symlink target that is not bytes")
     inode = existing
     if inode is None:
         inode = Inode(ino=ino, mode=mode, uid=uid, gid=gid)

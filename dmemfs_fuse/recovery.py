@@ -338,6 +338,12 @@ def _check_sizes(inodes: dict[int, Inode], dpage_size: int) -> None:
                 raise MetadataError(f"symlink {inode.ino} has no target")
             continue
         # Dpages past EOF are legitimate: fallocate(FALLOC_FL_KEEP_SIZE) takes them.
+        # Before the file's start they are not: nothing would ever free them (a
+        # fuzzing find).
+        for file_dpage, _, count in inode.data.runs():
+            if file_dpage < 0 or count <= 0:
+                raise MetadataError(f"file {inode.ino} has an extent of {count} dpages at "
+                                    f"file dpage {file_dpage}")
 
 
 def _zero_tails(inodes: dict[int, Inode], store: FileStore) -> None:
