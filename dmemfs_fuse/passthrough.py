@@ -54,6 +54,7 @@ from .shmem import (
     FALLOC_FL_PUNCH_HOLE,
     PoolMemory,
     ShmemMemory,
+    cached_pages,
     fallocate,
     holds_pages,
     page_nodes_of_file,
@@ -490,8 +491,9 @@ class PassthroughStore:
                                   "backing file: its bytes are gone")
                 continue
             self.sync(inode)
-            self._enter_data(inode.data, self.memory.pools[self._home[inode.ino]],
-                             resident=True)
+            home = self.memory.pools[self._home[inode.ino]]
+            self._enter_data(inode.data, home, resident=True)
+            self._drop_unheld(inode.data, home)
         removed = len(self._freed_found)
         for _, path in self._freed_found.values():
             os.unlink(path)
@@ -506,6 +508,33 @@ class PassthroughStore:
         for memory in self.memory.pools:
             memory.balance()
         return removed
+
+    def _drop_unheld(self, extents: FileExtents, home: PoolMemory) -> None:
+        """Adoption: give back the ledger dpages of which the backing file holds no page.
+
+        A committed lend is in the backing file (its fallocate comes before the commit),
+        so such a dpage was cut or punched for a request whose commit the kill prevented:
+        the kernel did it, the metadata still lends it.  Kept, it would be lent to
+        nothing: a file truncated to 0 would go on counting its old blocks, and the pool
+        would stay that much short until the file is removed.
+        """
+        dps = self.dpage_size
+        unheld: list[int] = []
+        fd = os.open(home.path_of(extents.ino), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for file_dpage, _, count in extents.runs():
+                if not _find_unheld(fd, file_dpage, count, dps, unheld):
+                    log.warning("inode %d: cachestat(2) is not available, so dpages a killed "
+                                "request cut from its backing file stay counted until the "
+                                "file is truncated or removed", extents.ino)
+                    return
+        finally:
+            os.close(fd)
+        for dpage in unheld:
+            self.pools.free(extents.punch(dpage, 1))
+        if unheld:
+            log.info("inode %d: %d dpage(s) the metadata lends it hold no memory (cut by a "
+                     "request the kill interrupted): given back", extents.ino, len(unheld))
 
     def _open(self, ino: int) -> int:
         return os.open(self.memory.pools[self._home[ino]].path_of(ino), os.O_RDWR | os.O_CLOEXEC)
@@ -554,6 +583,21 @@ def _probe(fd: int, dpage: int, dps: int) -> bool:
     """Whether *fd* holds any page of *dpage* (_probe_length)."""
     length = _probe_length(dpage, dps)
     return length > 0 and holds_pages(fd, dpage * dps, length)
+
+
+def _find_unheld(fd: int, first: int, count: int, dps: int, out: list[int]) -> bool:
+    """Append to *out* the dpages of ``[first, first+count)`` of which *fd* holds no page,
+    halving ranges that are neither full nor empty; False without cachestat."""
+    cached = cached_pages(fd, first * dps, count * dps)
+    if cached is None:
+        return False
+    if cached == 0:
+        out.extend(range(first, first + count))
+    elif count > 1 and cached < count * dps // mmap.PAGESIZE:
+        half = count // 2
+        return (_find_unheld(fd, first, half, dps, out)
+                and _find_unheld(fd, first + half, count - half, dps, out))
+    return True
 
 
 def _probe_run(fd: int, first: int, count: int, dps: int) -> list[int]:

@@ -460,6 +460,34 @@ def page_nodes_of_file(path: str, offsets: list[int]) -> list[int]:
         os.close(fd)
 
 
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in
+                ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
+
+
+SYS_CACHESTAT = 451  # the same number on every architecture (Linux 6.5)
+_libc.syscall.restype = ctypes.c_long
+
+
+def cached_pages(fd: int, offset: int, length: int) -> int | None:
+    """How many pages of bytes ``[offset, offset+length)`` the file *fd* holds in its page
+    cache (cachestat(2)), fallocated ones not written yet included, which mincore and
+    SEEK_DATA do not see on tmpfs; None where cachestat cannot be called: a kernel before
+    6.5, or a seccomp filter that does not know it (systemd 252's answers EPERM)."""
+    where, stats = _CachestatRange(offset, length), _Cachestat()
+    if _libc.syscall(ctypes.c_long(SYS_CACHESTAT), ctypes.c_int(fd), ctypes.byref(where),
+                     ctypes.byref(stats), ctypes.c_uint(0)) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.ENOSYS, errno.EPERM):
+            return None
+        raise OSError(err, f"cachestat: {os.strerror(err)}")
+    return int(stats.nr_cache)
+
+
 def holds_pages(fd: int, offset: int, length: int) -> bool:
     """Whether the file *fd* holds any page in ``[offset, offset+length)`` (mincore of a
     read-only mapping, which faults nothing in).  For what SEEK_DATA cannot see: on this

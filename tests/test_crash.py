@@ -9,6 +9,7 @@ import copy
 import errno
 import os
 import random
+import shutil
 import signal
 import stat
 import subprocess
@@ -20,9 +21,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from mounting import daemon_command, is_mounted, kernel_fs, unmount, wait_mounted
+from mounting import (
+    MOUNT_TIMEOUT,
+    daemon_command,
+    is_mounted,
+    kernel_fs,
+    path_options,
+    unmount,
+    wait_mounted,
+)
 
-from dmemfs_fuse import control, persistence
+from dmemfs_fuse import control, metalog, persistence, recovery, shmem
+from dmemfs_fuse.daemon import pool_memory_dir
+from dmemfs_fuse.policy import parse_policy
 
 M = 1 << 20
 DEAD = {errno.ENOTCONN, errno.ECONNABORTED}
@@ -503,3 +514,362 @@ def test_reused_dpages_read_as_zeros_after_sigkill(tmp_path: Path, region: Path)
             data = f.read()
         assert len(data) == 2 * tail
         assert data.count(0) == len(data), "a recovered file shows another file's old bytes"
+
+
+# -- abrupt stops at exact points (issue 16) ------------------------------------------------
+#
+# Each test below kills the daemon with SIGKILL at one chosen system call, injected by
+# strace (the call itself never happens), and then starts it again on the same memory and
+# metadata.  The issue allows that start to refuse (naming start_empty); at none of these
+# points is a refusal needed, so each test demands more: the next start gives back
+# everything that was confirmed, with exact accounting (a refusal fails the test).
+# strace counts each thread's calls on its own, and -P counts only calls on that path.
+
+STRACE_TIMEOUT = 10.0
+
+
+def _strace(syscall: str, when: int, log: Path, path: Path | None = None) -> list[str]:
+    """strace options that SIGKILL the tracee at the *when*-th *syscall* of a thread."""
+    return ["strace", "-f", "-qq", "-o", str(log), *(["-P", str(path)] if path else []),
+            "-e", f"trace={syscall}", "-e", f"inject={syscall}:signal=KILL:when={when}"]
+
+
+def _run_to_kill(tmp: Path, options: str, prefix: list[str], name: str) -> str:
+    """Start a daemon under *prefix* (strace) that must die of SIGKILL before it mounts;
+    return its log.  Bounded: a daemon that neither dies nor mounts fails the test."""
+    mnt = tmp / "mnt"
+    mnt.mkdir(exist_ok=True)
+    log_path = tmp / f"{name}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(prefix + daemon_command(mnt, options), stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    try:
+        code = proc.wait(timeout=MOUNT_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # strace and the daemon it started
+        unmount(mnt, proc)
+        raise AssertionError(f"the daemon was not killed:\n{log_path.read_text()}") from None
+    finally:
+        if is_mounted(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+    text = log_path.read_text(errors="replace")
+    assert code == -signal.SIGKILL, f"exit {code}, not SIGKILL:\n{text}"
+    assert "mounted " not in text, text
+    return text
+
+
+@contextmanager
+def _traced(pid: int, prefix: list[str]) -> Iterator[subprocess.Popen[bytes]]:
+    """strace with *prefix* attached to every thread of the running daemon *pid*."""
+    tracer = subprocess.Popen([*prefix, "-p", str(pid)], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + STRACE_TIMEOUT
+        while not _all_traced_by(pid, tracer.pid):
+            assert tracer.poll() is None and time.monotonic() < deadline, "strace did not attach"
+            time.sleep(0.01)
+        yield tracer
+    finally:
+        if tracer.poll() is None:
+            tracer.terminate()  # detaches from a daemon that was not killed
+        tracer.wait(timeout=STRACE_TIMEOUT)
+
+
+def _all_traced_by(pid: int, tracer: int) -> bool:
+    """Whether every thread of *pid* has *tracer* as its tracer."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if f"TracerPid:\t{tracer}\n" not in (task / "status").read_text():
+                return False
+        except FileNotFoundError:  # a thread that just ended
+            continue
+    return True
+
+
+def _accounting(root: Path) -> None:
+    """The pools' used dpages are exactly what the files hold (no leak, no double count)."""
+    st = os.statvfs(root)
+    held: dict[int, int] = {}
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            s = os.lstat(os.path.join(dirpath, name))
+            held[s.st_ino] = s.st_blocks * 512 // st.f_bsize
+    assert st.f_blocks - st.f_bfree == sum(held.values()), "dpages leaked or counted twice"
+
+
+@pytest.fixture
+def pool_memory(tmp_path: Path) -> Iterator[Path]:
+    """The passthrough path's pool memory directory for tmp_path/mnt; whatever a failed
+    test leaves there (tmpfs instances, metadata) is removed afterwards."""
+    base = pool_memory_dir(str(tmp_path / "mnt"))
+    yield base
+    for point in shmem.mounts_under(base):
+        shmem.detach(point)
+    shutil.rmtree(base, ignore_errors=True)
+    for leftover in base.parent.glob(base.name + ".meta*"):
+        leftover.unlink()
+
+
+def _write_some(root: Path, rng: random.Random) -> Model:
+    """A small tree with confirmed contents: files, a directory, a symlink, an xattr."""
+    model = Model()
+    (root / "d").mkdir()
+    model.dirs.add("d")
+    for name in ("a", "d/b", "d/c"):
+        data = rng.randbytes(rng.randrange(1, 3 * M))
+        (root / name).write_bytes(data)
+        model.files[name] = File(bytearray(data))
+    os.setxattr(root / "a", "user.k", b"v")
+    model.files["a"].xattrs["user.k"] = b"v"
+    os.symlink("d/b", root / "s")
+    model.links["s"] = "d/b"
+    return model
+
+
+def test_sigkill_while_populating_loses_nothing(tmp_path: Path, region: Path, data_path: str,
+                                                pool_memory: Path) -> None:
+    """A kill while the memory is populated at start (region: madvise(POPULATE_WRITE) in a
+    worker thread; pool memory: the same on the reserve file) leaves a start that works:
+    the region path recovers every confirmed file, the passthrough path (which populates
+    only when it starts without files) detaches what the killed start mounted and has
+    all of the pool free again."""
+    root = tmp_path / "mnt"
+    # 1 GiB is four 256 MiB chunks for two workers: a worker's second madvise comes while
+    # the other is still in its first.
+    size = 1 << 30
+    killer = _strace("madvise", 2, tmp_path / "strace.txt")
+    if data_path == "passthrough":
+        options = f"size=1G,pagesize=2M,{path_options(data_path)}"
+        text = _run_to_kill(tmp_path, options, killer, "killed")
+        assert "pool memory:" not in text, text  # its populated-in line
+        # Killed after mounting the pool's tmpfs instances, before they were filled.
+        assert len(shmem.mounts_under(pool_memory)) == 2
+        assert "MADV_POPULATE_WRITE" in (tmp_path / "strace.txt").read_text()
+        with daemon(tmp_path, options):
+            log = (tmp_path / "daemon.log").read_text()
+            assert "detached 2 pool memory mount(s)" in log, log
+            assert os.listdir(root) == []
+            st = os.statvfs(root)
+            assert st.f_bfree == st.f_blocks == size // (2 * M)
+            with open(root / "all", "wb") as f:  # every dpage can be had: none was lost
+                os.posix_fallocate(f.fileno(), 0, size)
+            _accounting(root)
+            os.unlink(root / "all")
+        assert shmem.mounts_under(pool_memory) == []
+        return
+    meta = tmp_path / "meta"
+    options = f"size=1G,pagesize=4K,region={region},meta={meta},{path_options(data_path)}"
+    # The first start on a new region file: killed half way, the file is partly populated.
+    text = _run_to_kill(tmp_path, options, killer, "first")
+    assert "populated" not in text, text
+    assert 0 < region.stat().st_blocks * 512 < size, "the kill did not land mid-populate"
+    assert not meta.exists()
+    with daemon(tmp_path, options) as proc:
+        model = _write_some(root, random.Random(16))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    before = meta.read_bytes()
+    # A start that recovered the files and is killed while populating the region again.
+    text = _run_to_kill(tmp_path, options, killer, "second")
+    assert "populated" not in text and "MADV_POPULATE_WRITE" in (
+        tmp_path / "strace.txt").read_text(), text
+    assert meta.read_bytes() == before, "a start killed before mounting changed the metadata"
+    with daemon(tmp_path, options):
+        seen, _ = observe(root)
+        assert seen == expected(model), _diff(seen, expected(model))
+        _accounting(root)
+
+
+def test_sigkill_during_replay_changes_nothing(tmp_path: Path, region: Path) -> None:
+    """A kill while recovery replays a long log (20000 setxattr batches, no checkpoint:
+    about 0.3 s of replay here) leaves the metadata as it was, and the next start
+    replays all of it.  Replay makes no system call (the file is read in one go first),
+    so this kill is timed, not injected: at 60% of the time recovery takes on this very
+    file, measured here, after the daemon took the metadata lock (just before it reads
+    the file); the log then proves it came before recovery ended (the data path is
+    logged right after it)."""
+    meta = tmp_path / "meta"
+    options = f"size=64M,pagesize=4K,region={region},meta={meta},checkpoint=1G"
+    root = tmp_path / "mnt"
+    batches = 20_000
+    with daemon(tmp_path, options) as proc:
+        model = _write_some(root, random.Random(17))
+        (root / "x").touch()
+        model.files["x"] = File()
+        target = str(root / "x")
+        for i in range(batches):  # one batch each
+            os.setxattr(target, f"user.n{i % 8}", i.to_bytes(4, "little"))
+        model.files["x"].xattrs.update({f"user.n{i % 8}": i.to_bytes(4, "little")
+                                        for i in range(batches - 8, batches)})
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    before = meta.read_bytes()
+    header = metalog.read_log(str(meta), before).header
+    started = time.monotonic()
+    state = recovery.load(str(meta), metalog.layout_of(header),
+                          lambda text: parse_policy(text, {}))
+    took = time.monotonic() - started
+    assert state.batches > batches and took > 0.2, (state.batches, took)
+    log_path = tmp_path / "replay.log"
+    lock = str(meta) + ".lock"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(daemon_command(root, options), stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while lock not in _open_files(proc.pid):
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.001)
+        time.sleep(0.6 * took)
+        proc.kill()
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        unmount(root, proc)
+    text = log_path.read_text()
+    assert "data path:" not in text, "the kill came after recovery:\n" + text
+    assert meta.read_bytes() == before, "a kill during replay changed the metadata"
+    with daemon(tmp_path, options):
+        seen, _ = observe(root)
+        assert seen == expected(model), _diff(seen, expected(model))
+        _accounting(root)
+    assert f"{state.batches} batches replayed" in (tmp_path / "daemon.log").read_text()
+
+
+def _open_files(pid: int) -> set[str]:
+    """What the fds of process *pid* name now (fds that close meanwhile are left out)."""
+    out = set()
+    with contextlib.suppress(FileNotFoundError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                out.add(os.readlink(fd))
+    return out
+
+
+@pytest.mark.parametrize("point", ["rename", "dir-fsync", "rename-at-start"])
+def test_sigkill_at_checkpoint_rename(tmp_path: Path, region: Path, point: str) -> None:
+    """A kill as a checkpoint is renamed into place (rename(2) of PATH.new over PATH, the
+    main thread's second: the first is the start's own checkpoint), just after it (at
+    the fsync of the directory that follows), or at the checkpoint a start writes right
+    after recovery: the next start has every confirmed operation, the one in flight
+    either way, and the dpages add up."""
+    meta = tmp_path / "meta"
+    options = f"size=64M,pagesize=4K,region={region},meta={meta},checkpoint=32K"
+    root = tmp_path / "mnt"
+    writer = Writer(root, Model(), random.Random(f"checkpoint-{point}"))
+    trace = tmp_path / "strace.txt"
+    if point == "rename-at-start":
+        with daemon(tmp_path, options) as proc:
+            for _ in range(300):
+                writer.step()
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        before = meta.read_bytes()
+        text = _run_to_kill(tmp_path, options, _strace("rename", 1, trace), "killed")
+        assert "recovered from" in text, text
+        assert meta.read_bytes() == before, "the killed rename happened"
+    else:
+        # rename: fsync 1 and 2 are the start's checkpoint (its file, its directory); 3 and
+        # 4 the first one the log's growth triggers.
+        killer = (_strace("rename", 2, trace) if point == "rename"
+                  else _strace("fsync", 4, trace))
+        mnt_log = tmp_path / "killed.log"
+        root.mkdir()
+        with open(mnt_log, "wb") as log:
+            proc = subprocess.Popen(killer + daemon_command(root, options), stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            wait_mounted(root, proc, mnt_log)
+            deadline = time.monotonic() + 20
+            with pytest.raises(OSError) as dead:
+                while time.monotonic() < deadline:
+                    writer.step()
+            assert dead.value.errno in DEAD, dead.value
+            assert proc.wait(timeout=10) == -signal.SIGKILL
+        finally:
+            unmount(root, proc)
+        # The new file was whole on disk; the kill decides whether it is the record.
+        assert Path(f"{meta}.new").exists() == (point == "rename")
+    assert "killed by SIGKILL" in trace.read_text()
+    with daemon(tmp_path, options):
+        seen, _ = observe(root)
+        settle(writer, seen)
+        _accounting(root)
+        writer.step()  # and it goes on working
+    assert not Path(f"{meta}.new").exists()
+    assert writer.count >= 10
+
+
+FUSE_DEV = Path("/dev/fuse")
+
+
+def _markers(size: int) -> dict[int, bytes]:
+    """4 KiB of random bytes every 64 MiB of a *size*-byte file."""
+    return {off: os.urandom(4096) for off in range(0, size, 64 * M)}
+
+
+def test_sigkill_in_the_middle_of_a_huge_truncate(tmp_path: Path, region: Path, data_path: str,
+                                                  pool_memory: Path) -> None:
+    """A truncate of a nearly 2 GiB file to 0, killed half way, either happened or did not:
+    the next start has the file whole (its size, every marker, every dpage) or empty
+    with all of its dpages free again, never a mix.  The kill points, each a strace
+    attached to the running daemon just before the truncate:
+
+    * journal: the append of the truncate's batch (its work done, the record not);
+    * reply: the SETATTR's FUSE reply (recorded, not answered);
+    * reserve (passthrough): the reserve refill after the backing file was cut (the
+      kernel dropped the pages; the ledger has not been written).
+    """
+    root = tmp_path / "mnt"
+    size = 2 << 30
+    if data_path == "passthrough":
+        options = f"size=2G,pagesize=2M,{path_options(data_path)}"
+        meta = Path(f"{pool_memory}.meta")
+        reserve = pool_memory / "pool0" / "reserve" / "reserve"
+        points = [("fallocate", reserve), ("write", meta), ("writev", FUSE_DEV)]
+    else:
+        meta = tmp_path / "meta"
+        options = f"size=2G,pagesize=4K,region={region},meta={meta},{path_options(data_path)}"
+        points = [("write", meta), ("writev", FUSE_DEV)]
+    length = size - 64 * M
+    outcomes = []
+    for syscall, path in points:
+        markers = _markers(length)
+        with daemon(tmp_path, options) as proc:
+            if (root / "big").exists():
+                os.unlink(root / "big")
+            fd = os.open(root / "big", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                os.posix_fallocate(fd, 0, length)
+                for off, data in markers.items():
+                    os.pwrite(fd, data, off)
+                os.fsync(fd)
+                _accounting(root)
+                # The kernel asks for security.capability before a truncate (the daemon
+                # answers it with the first reply); the second reply is the SETATTR's.
+                when = 2 if path == FUSE_DEV else 1
+                trace = tmp_path / "strace.txt"
+                with _traced(proc.pid, _strace(syscall, when, trace, path)):
+                    with pytest.raises(OSError) as dead:
+                        os.ftruncate(fd, 0)
+                    assert dead.value.errno in DEAD, f"the truncate at {syscall} returned"
+                    assert proc.wait(timeout=10) == -signal.SIGKILL
+                if path == FUSE_DEV:  # killed at a 120-byte reply, error 0: the attributes
+                    assert r'iov_base="x\0\0\0\0\0\0\0' in trace.read_text(), trace.read_text()
+            finally:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        with daemon(tmp_path, options):
+            st = os.stat(root / "big")
+            if st.st_size == 0:
+                outcome = "happened"
+                assert st.st_blocks == 0, f"at {syscall}: size 0 but {st.st_blocks} blocks"
+            else:
+                outcome = "did not happen"
+                assert st.st_size == length and st.st_blocks * 512 == length, (syscall, st)
+                with open(root / "big", "rb") as f:
+                    for off, data in markers.items():
+                        assert os.pread(f.fileno(), len(data), off) == data, (syscall, off)
+            _accounting(root)
+            outcomes.append(f"{syscall}: {outcome}")
+    print(", ".join(outcomes))
