@@ -1,33 +1,42 @@
-"""Load: several processes on one mount at once, and a long create/unlink churn.
+"""Load: many processes on one mount at once, and a long create/unlink churn.
 
-The first test runs worker processes side by side, each on files of its own,
-doing random pwrite, pread, truncate and MAP_SHARED writes with msync, and
-checking every read against a model it keeps in memory.  Afterwards the files
-must hold exactly what the workers last wrote, and the pools' accounting must
-equal the dpages the files hold, before and after they are all removed.
+The first test runs sixteen worker processes side by side for a bounded time, each in a
+directory of its own, doing a random mix of create, pwrite, pread, truncate, MAP_SHARED
+writes with msync, rename (within and across its subdirectories, sometimes over another
+of its files), unlink, and a fallocate larger than the whole mount that must fail with
+ENOSPC and change nothing.  Every read is checked against a model the worker keeps in
+memory.  Afterwards the tree must hold exactly the files the workers last had, with the
+bytes they last wrote; the pools' accounting must equal the dpages the files hold; the
+daemon's own request counters must show no error but the ENOSPC provoked and the
+ENOENT of looking up names before creating them; and removing everything must give every
+dpage and inode back.  The request latencies (p50, p99) come from the daemon's metrics.
 
 The second test runs 100,000 create/write/close/unlink cycles and checks that
 the daemon gives back what it took: its anonymous memory (RssAnon: the region
 is a shared mapping, so it is not counted there), its inodes and its dpages.
 
+``DMEMFS_LOAD_SECONDS`` sets how long the workers run (60 s by default, as in CI).
 Run as ``python test_load.py worker ...``, this file is the worker.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import mmap
 import os
 import random
+import re
 import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from mounting import Mount, dmemfs, path_options
+from mounting import Mount, dmemfs, free_port, metrics, path_options
 
 pytestmark = pytest.mark.mount
 
@@ -36,13 +45,25 @@ K = 1 << 10
 
 # -- concurrent workers ------------------------------------------------------------------------
 
-WORKERS = 4
-FILES_PER_WORKER = 3
+WORKERS = 16
+MAX_FILES = 3  # per worker at a time
 DPAGE = 2 * M
-MOUNT_OPTIONS = "size=128M,pagesize=2M"  # 64 dpages
-MAX_FILE = 10 * M  # 5 dpages: 4 workers x 3 files x 5 = 60 of 64 at most, so never ENOSPC
-RUN_SECONDS = 10.0
-OPS = {"pwrite": 30, "pread": 30, "truncate": 10, "mmap": 15, "verify": 5}
+TOTAL_DPAGES = 512
+MOUNT_OPTIONS = f"size={TOTAL_DPAGES * 2}M,pagesize=2M"
+MAX_FILE = 10 * M  # 5 dpages: 16 workers x 3 files x 5 = 240 of 512 at most
+# Room for the dpages of removed files, which come back only when the kernel's FORGET
+# reaches the daemon, a moment after the unlink or rename returned: the ENOSPC the test
+# provokes is the only one it may see.
+assert WORKERS * MAX_FILES * MAX_FILE // DPAGE <= TOTAL_DPAGES // 2
+RUN_SECONDS = float(os.environ.get("DMEMFS_LOAD_SECONDS", "60"))
+OPS = {"pwrite": 25, "pread": 25, "truncate": 8, "mmap": 12, "verify": 5, "create": 6,
+       "rename": 8, "unlink": 5, "enospc": 2}
+SUBDIRS = ("a", "b")
+# Errors the daemon may count: a create looks its name up first (ENOENT); the kernel
+# asks for security.capability at a file's first write, and the daemon keeps no
+# security.* xattrs (EOPNOTSUPP); the fallocate larger than the mount fails on purpose.
+EXPECTED_ERRORS = {("lookup", "ENOENT"), ("getxattr", errno.errorcode[errno.EOPNOTSUPP]),
+                   ("fallocate", "ENOSPC")}
 
 
 def read_exactly(fd: int, size: int) -> bytes:
@@ -58,26 +79,54 @@ def read_exactly(fd: int, size: int) -> bytes:
     return b"".join(parts)
 
 
+@dataclass
+class File:
+    """One of a worker's files: a read-write fd, an O_DIRECT fd and the bytes it holds."""
+
+    fd: int
+    direct: int  # O_DIRECT reads go to the daemon (after writing back dirty pages)
+    model: bytearray
+
+    def close(self) -> None:
+        os.close(self.fd)
+        os.close(self.direct)
+
+
 class Worker:
-    """One worker's files, the bytes each should hold, and the checks on them."""
+    """One worker's directory, its files, the bytes each should hold, and the checks."""
 
     def __init__(self, root: Path, ident: int, seed: int) -> None:
         self.rng = random.Random(seed)
-        self.names = [f"w{ident}-f{k}" for k in range(FILES_PER_WORKER)]
-        self.model = {name: bytearray() for name in self.names}
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL
-        self.fds = {name: os.open(root / name, flags, 0o644) for name in self.names}
-        # O_DIRECT reads go to the daemon (after writing back dirty pages), not the page cache
-        self.direct = {name: os.open(root / name, os.O_RDONLY | os.O_DIRECT)
-                       for name in self.names}
+        self.home = root / f"w{ident}"
+        self.home.mkdir()
+        for sub in SUBDIRS:
+            (self.home / sub).mkdir()
+        self.files: dict[str, File] = {}  # path relative to home -> file
+        self.made = 0
         self.counts: Counter[str] = Counter()
+        for _ in range(MAX_FILES):
+            self.create()
 
     def close(self) -> None:
-        for fd in [*self.fds.values(), *self.direct.values()]:
-            os.close(fd)
+        for file in self.files.values():
+            file.close()
+
+    def new_name(self) -> str:
+        self.made += 1
+        return f"{self.rng.choice(SUBDIRS)}/f{self.made}"
+
+    def create(self) -> None:
+        name = self.new_name()
+        fd = os.open(self.home / name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        self.files[name] = File(fd, os.open(self.home / name, os.O_RDONLY | os.O_DIRECT),
+                                bytearray())
+
+    def remove(self, name: str) -> None:
+        self.files.pop(name).close()
+        os.unlink(self.home / name)
 
     def check(self, name: str, what: str, got: bytes, off: int, length: int) -> None:
-        want = bytes(self.model[name][off:off + length])
+        want = bytes(self.files[name].model[off:off + length])
         if got != want:
             pairs = zip(got, want, strict=False)
             diff = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(got), len(want)))
@@ -87,11 +136,16 @@ class Worker:
     def step(self) -> None:
         """One random operation on one random file, checked against the model."""
         rng = self.rng
-        name = rng.choice(self.names)
-        fd, model = self.fds[name], self.model[name]
+        name = rng.choice(sorted(self.files))
+        file = self.files[name]
+        fd, model = file.fd, file.model
         op = rng.choices(list(OPS), weights=list(OPS.values()))[0]
         if op == "mmap" and not model:
             op = "truncate"  # nothing to map yet
+        if op == "create" and len(self.files) == MAX_FILES:
+            op = "unlink"
+        if op == "unlink" and len(self.files) == 1:
+            op = "create"
         if op == "pwrite":
             off = rng.randrange(MAX_FILE)
             data = rng.randbytes(rng.randint(1, min(256 * K, MAX_FILE - off)))
@@ -112,19 +166,45 @@ class Worker:
                 model.extend(bytes(size - len(model)))
         elif op == "mmap":
             self.mapped_writes(name)
-        else:
+        elif op == "verify":
             size = os.fstat(fd).st_size
             assert size == len(model), f"{name}: size {size}, want {len(model)}"
-            self.check(name, "O_DIRECT read", read_exactly(self.direct[name], size + 1),
-                       0, size + 1)
+            self.check(name, "O_DIRECT read", read_exactly(file.direct, size + 1), 0, size + 1)
+        elif op == "create":
+            self.create()
+        elif op == "unlink":
+            self.remove(name)
+        elif op == "rename":
+            others = [other for other in self.files if other != name]
+            target = rng.choice(others) if others and rng.random() < 0.3 else self.new_name()
+            if target in self.files:  # rename over another file: that one is gone
+                self.files.pop(target).close()
+            os.rename(self.home / name, self.home / target)
+            self.files[target] = self.files.pop(name)
+        else:
+            self.too_large(name)
         self.counts[op] += 1
+
+    def too_large(self, name: str) -> None:
+        """A fallocate of more than the whole mount: ENOSPC, and nothing changed."""
+        file = self.files[name]
+        before = os.fstat(file.fd)
+        try:
+            os.posix_fallocate(file.fd, 0, (TOTAL_DPAGES + 1) * DPAGE)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, f"{name}: fallocate failed with {exc}"
+        else:
+            raise AssertionError(f"{name}: a fallocate larger than the mount succeeded")
+        after = os.fstat(file.fd)
+        assert (after.st_size, after.st_blocks) == (before.st_size, before.st_blocks), name
 
     def mapped_writes(self, name: str) -> None:
         """A few writes through a MAP_SHARED mapping of the whole file, then msync."""
-        rng, model = self.rng, self.model[name]
+        rng, file = self.rng, self.files[name]
+        model = file.model
         size = len(model)
         written = []
-        with mmap.mmap(self.fds[name], size, mmap.MAP_SHARED,
+        with mmap.mmap(file.fd, size, mmap.MAP_SHARED,
                        mmap.PROT_READ | mmap.PROT_WRITE) as mapping:
             for _ in range(rng.randint(1, 4)):
                 off = rng.randrange(size)
@@ -139,11 +219,12 @@ class Worker:
             mapping.flush()  # msync(MS_SYNC)
         for off, length in written:  # the daemon has them now
             self.check(name, "O_DIRECT read after msync",
-                       os.pread(self.direct[name], length, off), off, length)
+                       os.pread(file.direct, length, off), off, length)
 
     def report(self) -> dict[str, object]:
-        files = {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-                 for name, data in self.model.items()}
+        files = {f"{self.home.name}/{name}": {"size": len(file.model),
+                                              "sha256": hashlib.sha256(file.model).hexdigest()}
+                 for name, file in self.files.items()}
         return {"files": files, "counts": dict(self.counts)}
 
 
@@ -154,10 +235,10 @@ def worker_main(root: str, ident: str, seed: str, seconds: str, report: str) -> 
         deadline = time.monotonic() + float(seconds)
         while time.monotonic() < deadline:
             worker.step()
-        for name in worker.names:  # a last full check of every file, from the daemon
-            size = len(worker.model[name])
-            worker.check(name, "final O_DIRECT read",
-                         read_exactly(worker.direct[name], size + 1), 0, size + 1)
+        for name, file in worker.files.items():  # a last full check of every file
+            size = len(file.model)
+            worker.check(name, "final O_DIRECT read", read_exactly(file.direct, size + 1),
+                         0, size + 1)
     finally:
         worker.close()
     Path(report).write_text(json.dumps(worker.report()))
@@ -185,19 +266,65 @@ def wait_statfs(mount: Mount, bfree: int, ffree: int, timeout: float = 10.0) -> 
     return vfs
 
 
+SAMPLE = re.compile(r'(?P<name>\w+)\{(?P<labels>[^}]*)\}')
+
+
+def labelled(values: dict[str, float], name: str) -> list[tuple[dict[str, str], float]]:
+    """The samples of metric *name*: (labels, value) pairs."""
+    out = []
+    for key, value in values.items():
+        match = SAMPLE.fullmatch(key)
+        if match and match["name"] == name:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', match["labels"]))
+            out.append((labels, value))
+    return out
+
+
+def quantile(buckets: dict[float, float], q: float) -> float:
+    """The *q* quantile of a cumulative histogram {upper bound: count}, interpolated
+    linearly inside its bucket as Prometheus's histogram_quantile() does."""
+    bounds = sorted(buckets)
+    total = buckets[float("inf")]
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for bound in bounds:
+        if buckets[bound] >= rank:
+            if bound == float("inf"):
+                return lower  # past the last finite bound: the most it can say
+            return lower + (bound - lower) * (rank - below) / (buckets[bound] - below)
+        lower, below = bound, buckets[bound]
+    raise AssertionError("a histogram without its +Inf bucket")
+
+
+def latencies(values: dict[str, float]) -> dict[str, tuple[int, float, float]]:
+    """Per operation, and over all ("all"): request count, p50 and p99 in seconds."""
+    per_op: dict[str, dict[float, float]] = {}
+    for labels, value in labelled(values, "dmemfs_fuse_request_duration_seconds_bucket"):
+        bound = float(labels["le"])
+        per_op.setdefault(labels["op"], {})[bound] = value
+        overall = per_op.setdefault("all", {})
+        overall[bound] = overall.get(bound, 0.0) + value
+    return {op: (int(buckets[float("inf")]), quantile(buckets, 0.5), quantile(buckets, 0.99))
+            for op, buckets in per_op.items()}
+
+
+@pytest.mark.timeout(RUN_SECONDS + 240)
 def test_concurrent_workers_keep_their_bytes_and_the_accounting(tmp_path: Path,
                                                                 data_path: str) -> None:
-    """Four processes at once: every byte read back is right, and no dpage is lost.
+    """Sixteen processes at once: every byte read back is right, and nothing is lost.
 
     Each worker checks its reads during the run; afterwards the parent reads every file
     from the daemon and compares its digest with the worker's model, checks that used
     dpages equal the sum over the files of st_blocks in dpages (and that no file holds a
-    dpage past its end), and that removing the files gives every dpage and inode back.
+    dpage past its end), that the daemon counted the workers' ENOSPC and no other
+    unexpected error, and that removing the files gives every dpage and inode back.
     """
     seed = random.randrange(1 << 32)
-    with dmemfs(tmp_path, f"{MOUNT_OPTIONS},{path_options(data_path)}") as mount:
+    port = free_port()
+    options = f"{MOUNT_OPTIONS},metrics={port},{path_options(data_path)}"
+    with dmemfs(tmp_path, options) as mount:
         start = mount.statvfs()
-        assert start.f_bsize == DPAGE and start.f_bfree == start.f_blocks == 64
+        assert start.f_bsize == DPAGE and start.f_bfree == start.f_blocks == TOTAL_DPAGES
         reports = [tmp_path / f"worker-{i}.json" for i in range(WORKERS)]
         logs = [tmp_path / f"worker-{i}.err" for i in range(WORKERS)]
         procs = []
@@ -209,7 +336,7 @@ def test_concurrent_workers_keep_their_bytes_and_the_accounting(tmp_path: Path,
                          str(seed + i), str(RUN_SECONDS), str(reports[i])],
                         stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL))
             for proc in procs:
-                proc.wait(timeout=RUN_SECONDS + 90)
+                proc.wait(timeout=RUN_SECONDS + 120)
         finally:
             for proc in procs:
                 if proc.poll() is None:
@@ -224,9 +351,10 @@ def test_concurrent_workers_keep_their_bytes_and_the_accounting(tmp_path: Path,
             data = json.loads(report.read_text())
             expected.update(data["files"])
             counts.update(data["counts"])
-        print(f"\nseed {seed}, operations: {dict(counts)}")
         assert set(counts) == set(OPS), f"some operation never ran: {counts}"
-        assert sorted(os.listdir(mount.path)) == sorted(expected)
+        found = sorted(str(path.relative_to(mount.path)) for path in mount.path.rglob("*")
+                       if path.is_file())
+        assert found == sorted(expected)
 
         held = 0
         for name, want in expected.items():
@@ -239,12 +367,31 @@ def test_concurrent_workers_keep_their_bytes_and_the_accounting(tmp_path: Path,
             dpages = st.st_blocks * 512 // DPAGE
             assert dpages <= -(-st.st_size // DPAGE), f"{name} holds dpages past its end"
             held += dpages
-        vfs = mount.statvfs()
+        # Removed files' dpages come back with their FORGET, a moment after the run.
+        vfs = wait_statfs(mount, start.f_blocks - held,
+                          start.f_ffree - len(expected) - WORKERS * (1 + len(SUBDIRS)))
         assert vfs.f_blocks - vfs.f_bfree == held, (vfs, held)
-        assert vfs.f_ffree == start.f_ffree - len(expected)
+        assert vfs.f_ffree == start.f_ffree - len(expected) - WORKERS * (1 + len(SUBDIRS))
+
+        values = metrics(port)
+        errors = {(labels["op"], labels["result"]): int(value)
+                  for labels, value in labelled(values, "dmemfs_fuse_requests_total")
+                  if labels["result"] != "ok"}
+        assert set(errors) <= EXPECTED_ERRORS, errors
+        assert errors.get(("fallocate", "ENOSPC"), 0) == counts["enospc"], (errors, counts)
+        timing = latencies(values)
+        print(f"\n{data_path}: seed {seed}, {WORKERS} workers for {RUN_SECONDS:.0f} s, "
+              f"operations: {dict(counts)}")
+        for op, (requests, p50, p99) in sorted(timing.items(), key=lambda item: -item[1][0]):
+            print(f"  {op:12} {requests:9} requests  p50 {p50 * 1e6:8.0f} us  "
+                  f"p99 {p99 * 1e6:8.0f} us")
 
         for name in expected:
             os.unlink(mount.path / name)
+        for worker in range(WORKERS):
+            for sub in SUBDIRS:
+                os.rmdir(mount.path / f"w{worker}" / sub)
+            os.rmdir(mount.path / f"w{worker}")
         vfs = wait_statfs(mount, start.f_bfree, start.f_ffree)
         assert (vfs.f_bfree, vfs.f_bavail) == (vfs.f_blocks, vfs.f_blocks)
         assert vfs.f_ffree == start.f_ffree
