@@ -193,7 +193,7 @@ class PassthroughStore:
 
         With *resident* (adoption), also for pages the file holds that SEEK_DATA cannot
         see: fallocated ones not written yet (tmpfs calls them holes), lent by a request
-        whose commit the kill prevented.
+        whose commit the kill prevented (holds_pages sees them through cachestat).
         """
         dps = self.dpage_size
         fd = os.open(home.path_of(extents.ino), os.O_RDONLY | os.O_CLOEXEC)
@@ -492,8 +492,8 @@ class PassthroughStore:
                 continue
             self.sync(inode)
             home = self.memory.pools[self._home[inode.ino]]
+            self._drop_unheld(inode.data, home)  # first: what it frees may be entered next
             self._enter_data(inode.data, home, resident=True)
-            self._drop_unheld(inode.data, home)
         removed = len(self._freed_found)
         for _, path in self._freed_found.values():
             os.unlink(path)
@@ -513,28 +513,27 @@ class PassthroughStore:
         """Adoption: give back the ledger dpages of which the backing file holds no page.
 
         A committed lend is in the backing file (its fallocate comes before the commit),
-        so such a dpage was cut or punched for a request whose commit the kill prevented:
-        the kernel did it, the metadata still lends it.  Kept, it would be lent to
-        nothing: a file truncated to 0 would go on counting its old blocks, and the pool
-        would stay that much short until the file is removed.
+        so such a dpage lost its memory behind the ledger's back: cut or punched by a
+        request the kill stopped before its commit, or by MADV_REMOVE on a mapping.
+        Kept, it would be lent to nothing: a file truncated to 0 would go on counting its
+        old blocks, and the pool would stay that much short until the file is removed.
         """
         dps = self.dpage_size
         unheld: list[int] = []
         fd = os.open(home.path_of(extents.ino), os.O_RDONLY | os.O_CLOEXEC)
         try:
             for file_dpage, _, count in extents.runs():
-                if not _find_unheld(fd, file_dpage, count, dps, unheld):
-                    log.warning("inode %d: cachestat(2) is not available, so dpages a killed "
-                                "request cut from its backing file stay counted until the "
-                                "file is truncated or removed", extents.ino)
-                    return
+                found = _unheld(fd, file_dpage, count, dps)
+                if found is None:
+                    return  # no cachestat here (logged once): the ledger stays as recorded
+                unheld += found
         finally:
             os.close(fd)
         for dpage in unheld:
             self.pools.free(extents.punch(dpage, 1))
         if unheld:
-            log.info("inode %d: %d dpage(s) the metadata lends it hold no memory (cut by a "
-                     "request the kill interrupted): given back", extents.ino, len(unheld))
+            log.info("inode %d: %d dpage(s) the metadata lends it hold no memory: given back",
+                     extents.ino, len(unheld))
 
     def _open(self, ino: int) -> int:
         return os.open(self.memory.pools[self._home[ino]].path_of(ino), os.O_RDWR | os.O_CLOEXEC)
@@ -585,19 +584,19 @@ def _probe(fd: int, dpage: int, dps: int) -> bool:
     return length > 0 and holds_pages(fd, dpage * dps, length)
 
 
-def _find_unheld(fd: int, first: int, count: int, dps: int, out: list[int]) -> bool:
-    """Append to *out* the dpages of ``[first, first+count)`` of which *fd* holds no page,
-    halving ranges that are neither full nor empty; False without cachestat."""
+def _unheld(fd: int, first: int, count: int, dps: int) -> list[int] | None:
+    """The dpages of ``[first, first+count)`` of which *fd* holds no page, halving ranges
+    that are neither full nor empty; None where cachestat cannot be called."""
     cached = cached_pages(fd, first * dps, count * dps)
     if cached is None:
-        return False
+        return None
     if cached == 0:
-        out.extend(range(first, first + count))
-    elif count > 1 and cached < count * dps // mmap.PAGESIZE:
-        half = count // 2
-        return (_find_unheld(fd, first, half, dps, out)
-                and _find_unheld(fd, first + half, count - half, dps, out))
-    return True
+        return list(range(first, first + count))
+    if count == 1 or cached == count * dps // mmap.PAGESIZE:
+        return []
+    half = count // 2
+    low, high = _unheld(fd, first, half, dps), _unheld(fd, first + half, count - half, dps)
+    return None if low is None or high is None else low + high
 
 
 def _probe_run(fd: int, first: int, count: int, dps: int) -> list[int]:

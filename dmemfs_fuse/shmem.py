@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import logging
 import mmap
 import os
@@ -65,6 +66,7 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+_libc.syscall.restype = ctypes.c_long
 MAP_FAILED = ctypes.c_void_p(-1).value
 
 
@@ -469,29 +471,44 @@ class _Cachestat(ctypes.Structure):
                 ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
 
 
-SYS_CACHESTAT = 451  # the same number on every architecture (Linux 6.5)
-_libc.syscall.restype = ctypes.c_long
+# x86_64's number, and that of every architecture on the generic syscall table (Linux 6.5;
+# alpha and MIPS differ).
+SYS_CACHESTAT = 451
+
+
+@functools.cache
+def _cachestat_unusable(err: int) -> None:
+    """Say once why cachestat cannot be used here."""
+    log.warning("cachestat(2) fails here (%s): pages fallocated but not written yet are not "
+                "seen, so a daemon killed in the middle of sizing or cutting a file may leave "
+                "the ledger counting memory wrongly until the file is resized or removed",
+                os.strerror(err))
 
 
 def cached_pages(fd: int, offset: int, length: int) -> int | None:
     """How many pages of bytes ``[offset, offset+length)`` the file *fd* holds in its page
     cache (cachestat(2)), fallocated ones not written yet included, which mincore and
-    SEEK_DATA do not see on tmpfs; None where cachestat cannot be called: a kernel before
-    6.5, or a seccomp filter that does not know it (systemd 252's answers EPERM)."""
+    SEEK_DATA do not see on tmpfs.  None where cachestat cannot be called: a seccomp
+    filter that does not know it (systemd 252's answers EPERM), or any other failure,
+    which is logged once; what this serves is bookkeeping, never a reason to stop."""
+    # struct cachestat_range and struct cachestat: include/uapi/linux/mman.h
     where, stats = _CachestatRange(offset, length), _Cachestat()
     if _libc.syscall(ctypes.c_long(SYS_CACHESTAT), ctypes.c_int(fd), ctypes.byref(where),
                      ctypes.byref(stats), ctypes.c_uint(0)) != 0:
-        err = ctypes.get_errno()
-        if err in (errno.ENOSYS, errno.EPERM):
-            return None
-        raise OSError(err, f"cachestat: {os.strerror(err)}")
+        _cachestat_unusable(ctypes.get_errno())
+        return None
     return int(stats.nr_cache)
 
 
 def holds_pages(fd: int, offset: int, length: int) -> bool:
-    """Whether the file *fd* holds any page in ``[offset, offset+length)`` (mincore of a
-    read-only mapping, which faults nothing in).  For what SEEK_DATA cannot see: on this
-    kernel it finds no data in the last page below MAX_LFS_FILESIZE, on tmpfs too."""
+    """Whether the file *fd* holds any page in ``[offset, offset+length)``, for what
+    SEEK_DATA cannot see (fallocated pages not written yet; and on this kernel no data in
+    the last page below MAX_LFS_FILESIZE, on tmpfs too).  cachestat sees both; where it
+    cannot be called, mincore of a read-only mapping (which faults nothing in) sees the
+    second only."""
+    cached = cached_pages(fd, offset, length)
+    if cached is not None:
+        return cached > 0
     page = mmap.PAGESIZE
     length = -(-length // page) * page
     addr = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, offset)

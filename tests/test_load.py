@@ -7,15 +7,17 @@ of its files), unlink, and a fallocate larger than the whole mount that must fai
 ENOSPC and change nothing.  Every read is checked against a model the worker keeps in
 memory.  Afterwards the tree must hold exactly the files the workers last had, with the
 bytes they last wrote; the pools' accounting must equal the dpages the files hold; the
-daemon's own request counters must show no error but the ENOSPC provoked and the
-ENOENT of looking up names before creating them; and removing everything must give every
-dpage and inode back.  The request latencies (p50, p99) come from the daemon's metrics.
+daemon's own request counters must show no error but the ENOSPC provoked, the ENOENT of
+looking up names before creating them and the EOPNOTSUPP for security.capability; and
+removing everything must give every dpage and inode back.  The request latencies (p50,
+p99) come from the daemon's metrics.
 
 The second test runs 100,000 create/write/close/unlink cycles and checks that
 the daemon gives back what it took: its anonymous memory (RssAnon: the region
 is a shared mapping, so it is not counted there), its inodes and its dpages.
 
-``DMEMFS_LOAD_SECONDS`` sets how long the workers run (60 s by default, as in CI).
+``DMEMFS_LOAD_SECONDS`` sets how long the workers run (60 s by default, as in CI), and
+``DMEMFS_LOAD_SEED`` the seed a failed run printed (worker i uses seed + i).
 Run as ``python test_load.py worker ...``, this file is the worker.
 """
 
@@ -88,6 +90,7 @@ class File:
     model: bytearray
 
     def close(self) -> None:
+        """Close both descriptors."""
         os.close(self.fd)
         os.close(self.direct)
 
@@ -112,16 +115,19 @@ class Worker:
             file.close()
 
     def new_name(self) -> str:
+        """A name never used in this worker's directory, in one of its subdirectories."""
         self.made += 1
         return f"{self.rng.choice(SUBDIRS)}/f{self.made}"
 
     def create(self) -> None:
+        """A new empty file, opened for reading and writing and for O_DIRECT reads."""
         name = self.new_name()
         fd = os.open(self.home / name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         self.files[name] = File(fd, os.open(self.home / name, os.O_RDONLY | os.O_DIRECT),
                                 bytearray())
 
     def remove(self, name: str) -> None:
+        """Close and unlink *name*."""
         self.files.pop(name).close()
         os.unlink(self.home / name)
 
@@ -319,7 +325,8 @@ def test_concurrent_workers_keep_their_bytes_and_the_accounting(tmp_path: Path,
     dpage past its end), that the daemon counted the workers' ENOSPC and no other
     unexpected error, and that removing the files gives every dpage and inode back.
     """
-    seed = random.randrange(1 << 32)
+    seed = int(os.environ.get("DMEMFS_LOAD_SEED", random.randrange(1 << 32)))
+    print(f"\n{data_path}: DMEMFS_LOAD_SEED={seed}")
     port = free_port()
     options = f"{MOUNT_OPTIONS},metrics={port},{path_options(data_path)}"
     with dmemfs(tmp_path, options) as mount:
@@ -380,7 +387,7 @@ def test_concurrent_workers_keep_their_bytes_and_the_accounting(tmp_path: Path,
         assert set(errors) <= EXPECTED_ERRORS, errors
         assert errors.get(("fallocate", "ENOSPC"), 0) == counts["enospc"], (errors, counts)
         timing = latencies(values)
-        print(f"\n{data_path}: seed {seed}, {WORKERS} workers for {RUN_SECONDS:.0f} s, "
+        print(f"{data_path}: {WORKERS} workers for {RUN_SECONDS:.0f} s, "
               f"operations: {dict(counts)}")
         for op, (requests, p50, p99) in sorted(timing.items(), key=lambda item: -item[1][0]):
             print(f"  {op:12} {requests:9} requests  p50 {p50 * 1e6:8.0f} us  "

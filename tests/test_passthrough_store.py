@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import errno
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from dmemfs_fuse import shmem
 from dmemfs_fuse.daemon import build_pools
 from dmemfs_fuse.extents import FileExtents
 from dmemfs_fuse.inodes import Inode
@@ -17,7 +19,7 @@ from dmemfs_fuse.options import PoolSpec
 from dmemfs_fuse.passthrough import PassthroughStore
 from dmemfs_fuse.pool import Extent
 from dmemfs_fuse.region import RegionPlan
-from dmemfs_fuse.shmem import ShmemMemory
+from dmemfs_fuse.shmem import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, ShmemMemory
 
 MIB = 1 << 20
 DPS = 2 * MIB
@@ -159,3 +161,92 @@ def test_what_the_ledger_cannot_enter_is_counted_once_and_retried(
     store.pools.free([Extent(0, DPAGES)])
     store.sync(f)  # nothing changed in the file, but the ledger has room now
     assert store.unledgered_dpages == 0 and f.data.mapped == 2
+
+
+# -- pages fallocated but not written yet (cachestat) -------------------------------------
+
+
+def test_cachestat_sees_fallocated_pages_that_mincore_and_seek_data_do_not() -> None:
+    """On tmpfs a fallocated page not written yet is no data for SEEK_DATA or mincore;
+    cachestat counts it, and holds_pages asks cachestat first."""
+    with tempfile.TemporaryFile(dir="/dev/shm") as f:
+        fd = f.fileno()
+        os.ftruncate(fd, 4 * DPS)
+        shmem.fallocate(fd, DPS, DPS, shmem.FALLOC_FL_KEEP_SIZE)
+        with pytest.raises(OSError) as none:
+            os.lseek(fd, 0, os.SEEK_DATA)
+        assert none.value.errno == errno.ENXIO
+        assert shmem.cached_pages(fd, 0, 4 * DPS) == DPS // 4096
+        assert shmem.cached_pages(fd, 0, DPS) == 0
+        assert shmem.holds_pages(fd, DPS, DPS) and not shmem.holds_pages(fd, 2 * DPS, DPS)
+
+
+def _punch(store: PassthroughStore, ino: int, off: int, length: int) -> None:
+    """Punch the backing file behind the ledger's back, as a killed request's kernel work
+    or MADV_REMOVE on a mapping would."""
+    path = store.backing_path(ino)
+    assert path is not None
+    fd = os.open(path, os.O_RDWR)
+    try:
+        shmem.fallocate(fd, off, length, shmem.FALLOC_FL_PUNCH_HOLE | shmem.FALLOC_FL_KEEP_SIZE)
+    finally:
+        os.close(fd)
+
+
+def test_adopt_gives_back_the_dpages_the_backing_file_no_longer_holds(
+        store: PassthroughStore) -> None:
+    """Four dpages lent (0 written, 1 only fallocated, 2 punched whole, 3 punched in
+    part): adoption gives back dpage 2 alone, whatever was written or not."""
+    f = _file(10)
+    assert f.data is not None
+    store.resize(f.data, 0, 4 * DPS)
+    f.size = 4 * DPS
+    path = store.backing_path(10)
+    assert path is not None
+    with open(path, "r+b") as backing:
+        backing.write(b"w" * 100)
+    _punch(store, 10, 2 * DPS, DPS)
+    _punch(store, 10, 3 * DPS, 4096)
+    again = PassthroughStore(store.memory, store.pools)
+    again.discover()
+    assert again.adopt({10: f}) == 0
+    assert [(first, count) for first, _, count in f.data.runs()] == [(0, 2), (3, 1)]
+    assert store.pools.free_dpages == DPAGES - 3
+    # The 4 KiB punched out of dpage 3 went back to the kernel; the reserve moves in
+    # whole dpages.
+    assert _memory(store) == ((DPAGES - 3) * DPS, 3 * DPS - 4096)
+
+
+def test_adopt_enters_a_lend_whose_commit_the_kill_prevented(store: PassthroughStore) -> None:
+    """A truncate up killed after the backing file was sized and fallocated but before its
+    commit: the recovered file has no extents, and adoption enters every dpage the
+    backing file holds, written or not, with its size."""
+    f = _file(11)
+    assert f.data is not None
+    store.place(11)
+    path = store.backing_path(11)
+    assert path is not None
+    fd = os.open(path, os.O_RDWR)
+    try:
+        shmem.fallocate(fd, 0, 3 * DPS, shmem.FALLOC_FL_KEEP_SIZE)
+        os.ftruncate(fd, 3 * DPS)
+    finally:
+        os.close(fd)
+    again = PassthroughStore(store.memory, store.pools)
+    again.discover()
+    assert again.adopt({11: f}) == 0
+    assert f.size == 3 * DPS and f.data.mapped == 3
+    assert store.pools.free_dpages == DPAGES - 3
+    assert _memory(store) == ((DPAGES - 3) * DPS, 3 * DPS)
+
+
+def test_a_punch_of_part_of_a_dpage_not_written_yet_keeps_it(store: PassthroughStore) -> None:
+    """A balloon gives back 4 KiB of a dpage the guest never touched: the rest of the
+    dpage is still fallocated in the backing file, so the dpage stays lent."""
+    f = _file(12)
+    assert f.data is not None
+    store.resize(f.data, 0, 2 * DPS)
+    store.fallocate(f.data, 2 * DPS, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 4096, 4096)
+    assert f.data.mapped == 2 and store.pools.free_dpages == DPAGES - 2
+    store.fallocate(f.data, 2 * DPS, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, DPS)
+    assert f.data.mapped == 1 and store.pools.free_dpages == DPAGES - 1

@@ -10,7 +10,8 @@ mapping or with pwrite, and reads it back, while real reclaim happens:
 - and, separately, with ``MADV_PAGEOUT`` on its mapping;
 - and a booted QEMU guest whose RAM is a dmemfs file runs in such a cgroup.
 
-Afterwards every byte checks out (read from the daemon with O_DIRECT), the daemon
+Afterwards every byte checks out (read with O_DIRECT: from the daemon on the region
+path, from the backing file on passthrough; the guest's pattern for the guest), the daemon
 still answers ``status``, and the pools' accounting is exact.  What each data path
 does under pressure differs, and the tests pin it down:
 
@@ -92,7 +93,8 @@ def first_difference(got: np.ndarray, seed: int, offset: int) -> int | None:
 
 def check_file(path: Path, seed: int, length: int) -> None:
     """The first *length* bytes of *path* (a multiple of CHUNK) hold the pattern, read
-    from the daemon with O_DIRECT."""
+    with O_DIRECT (past the page cache: from the daemon on the region path, from the
+    backing file on passthrough)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     try:
         with mmap.mmap(-1, CHUNK) as buf:  # page-aligned, as O_DIRECT wants
@@ -175,10 +177,12 @@ class MemoryCgroup:
     version: int
 
     def file(self, v2: str, v1: str) -> Path:
+        """The control file named *v2* on cgroup v2, *v1* on v1."""
         return self.path / (v2 if self.version == 2 else v1)
 
     @property
     def procs(self) -> Path:
+        """The file a process writes its pid to, to join the cgroup."""
         return self.path / "cgroup.procs"
 
     def peak(self) -> int:
@@ -192,10 +196,12 @@ class MemoryCgroup:
         return self.events()["max"]
 
     def events(self) -> dict[str, int]:
+        """memory.events (v2) or memory.oom_control (v1), by name."""
         text = self.file("memory.events", "memory.oom_control").read_text()
         return {key: int(value) for key, value in (line.split() for line in text.splitlines())}
 
     def oom_kills(self) -> int:
+        """Processes of the cgroup the OOM killer ended."""
         return self.events().get("oom_kill", 0)
 
     def stat(self) -> dict[str, int]:
@@ -223,13 +229,19 @@ def memory_hierarchy() -> tuple[int, Path]:
 
 @contextmanager
 def memory_cgroup(limit: int, high: int) -> Iterator[MemoryCgroup]:
-    """A new memory cgroup with hard limit *limit* (and, on v2, ``memory.high`` *high*) and
-    no swap; removed afterwards, once every process in it is gone."""
+    """A new memory cgroup with hard limit *limit* (and, on v2, ``memory.high`` *high* and
+    no swap; v1 has no swap limit without memsw, and the hosts here have no swap);
+    removed afterwards, once every process in it is gone, with the parent's controllers
+    as they were."""
     version, parent = memory_hierarchy()
-    if version == 2:  # the root cgroup may enable controllers for its children freely
-        control = parent / "cgroup.subtree_control"
-        if "memory" not in control.read_text().split():
+    control = parent / "cgroup.subtree_control"
+    enabled = False
+    if version == 2 and "memory" not in control.read_text().split():
+        try:  # a root cgroup may; a namespaced one holding processes says EBUSY
             control.write_text("+memory\n")
+        except OSError as exc:
+            pytest.fail(f"cannot give {parent}'s children the memory controller: {exc}")
+        enabled = True
     group = MemoryCgroup(parent / f"dmemfs-test-{uuid.uuid4().hex[:12]}", version)
     group.path.mkdir()
     try:
@@ -249,6 +261,8 @@ def memory_cgroup(limit: int, high: int) -> Iterator[MemoryCgroup]:
             assert time.monotonic() < deadline, f"{group.path} keeps processes {pids}"
             time.sleep(0.05)
         group.path.rmdir()
+        if enabled:
+            control.write_text("-memory\n")
 
 
 def run_workload(group: MemoryCgroup, *args: str, timeout: float = 180) -> \
@@ -265,6 +279,7 @@ def daemon_bytes(port: int) -> tuple[int, int]:
 
 
 def make_file(path: Path, size: int) -> None:
+    """Create *path* and size it with ftruncate, as QEMU sizes a RAM file."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         os.ftruncate(fd, size)
@@ -318,18 +333,18 @@ def test_mapped_pattern_survives_a_memory_limit(tmp_path: Path, data_path: str) 
               f"{LIMIT_MIB} MiB, limit hit {hits} times, OOM kills {kills}; resident after "
               f"the writes {report['resident_after_write'] * PAGE / M:.0f} of {FILE_MIB} MiB; "
               f"the daemon stored {written / M:.0f} MiB and returned {read / M:.0f} MiB")
-        assert peak <= LIMIT_MIB * M and kills == 0
+        assert kills == 0
         if data_path == "region":
             assert hits > 0, "the workload never met its limit: no pressure"
-            # At most the limit can stay resident: the rest was written back and evicted,
-            # and the read-back brought it in again from the daemon.
             # Each page's first touch READs it; what was not resident after the writes
             # is READ once more by the read-back.
             evicted = (report["pages"] - report["resident_after_write"]) * PAGE
-            assert report["resident_after_write"] * PAGE <= LIMIT_MIB * M
+            assert evicted >= size - LIMIT_MIB * M, report
             assert written >= evicted and read >= size + evicted, (written, read)
         else:
-            assert peak < size // 4, "the workload was charged for the pool's memory"
+            # The file's memory is shmem; charged to the workload, it would show here (and
+            # stay after the workload ended, as the file keeps it).
+            assert group.stat()["shmem"] == 0, "the workload was charged for the pool's memory"
             assert report["resident_after_write"] == report["pages"]
             assert (read, written) == (0, 0), "passthrough I/O reached the daemon"
         check_file(target, seed, size)
@@ -436,9 +451,10 @@ def test_madv_pageout_of_a_mapping(tmp_path: Path, data_path: str) -> None:
     assert mount.exit_code == 0, mount.log()
 
 # QEMU's own anonymous memory (TCG, its heap) is about 80 MiB; 160 MiB leaves a
-# region-path guest at most 80 MiB of its 128 MiB resident.
-GUEST_LIMIT_MIB = 160
-GUEST_HIGH_MIB = 144
+# region-path guest at most 80 MiB of its 128 MiB resident.  DMEMFS_GUEST_LIMIT_MIB
+# tries another limit (memory.high stays 16 MiB below it).
+GUEST_LIMIT_MIB = int(os.environ.get("DMEMFS_GUEST_LIMIT_MIB", "160"))
+GUEST_HIGH_MIB = GUEST_LIMIT_MIB - 16
 
 
 def test_booted_guest_under_a_memory_limit(guest: Guest, tmp_path: Path,  # noqa: F811
@@ -461,6 +477,7 @@ def test_booted_guest_under_a_memory_limit(guest: Guest, tmp_path: Path,  # noqa
         args = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(group.procs),
                 *qemu_args(guest, file_form(vm0, share=True, prealloc=False), seed)]
         read_before, written_before = daemon_bytes(port)
+        started = time.monotonic()
         with qemu(args) as vm:
             _, runs = pattern_runs(vm)
             for _ in range(2):
@@ -468,14 +485,15 @@ def test_booted_guest_under_a_memory_limit(guest: Guest, tmp_path: Path,  # noqa
                 assert "DMEMFS-FILL-OK" in vm.wait_for("DMEMFS-FILL-"), vm.output()
             shmem = group.stat()["shmem"]  # while the guest's RAM is mapped
             power_off(vm)
+        elapsed = time.monotonic() - started
         read, written = (after - before for after, before in
                          zip(daemon_bytes(port), (read_before, written_before), strict=True))
         peak, hits, kills = group.peak(), group.limit_hits(), group.oom_kills()
-        print(f"\n{data_path}, cgroup v{group.version}: QEMU peak {peak / M:.1f} MiB (shmem "
-              f"{shmem / M:.1f} MiB), limit "
-              f"{GUEST_LIMIT_MIB} MiB hit {hits} times, OOM kills {kills}; the daemon stored "
+        print(f"\n{data_path}, cgroup v{group.version}: {elapsed:.1f} s, QEMU peak "
+              f"{peak / M:.1f} MiB (shmem {shmem / M:.1f} MiB), limit {GUEST_LIMIT_MIB} MiB "
+              f"hit {hits} times, OOM kills {kills}; the daemon stored "
               f"{written / M:.0f} MiB and returned {read / M:.0f} MiB")
-        assert peak <= GUEST_LIMIT_MIB * M and kills == 0
+        assert kills == 0
         if data_path == "region":
             assert hits > 0, "QEMU never met its limit: no pressure"
             assert read > GUEST_MIB * M, "no page of the guest's RAM was evicted and read again"
