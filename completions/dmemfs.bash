@@ -1,6 +1,6 @@
 # bash completion for dmemfs(8)                                -*- shell-script -*-
 # Installed as /usr/share/bash-completion/completions/dmemfs.  Completes the
-# mount options after -o (names from dmemfs_fuse.options.OPTIONS; tests/test_host.py
+# mount options after -o (names from dmemfs_fuse.host.options.OPTIONS; tests/test_host.py
 # checks that every one is offered) and their fixed values.
 
 _dmemfs()

@@ -56,7 +56,7 @@ def path_options(data_path: str) -> str:
 
 def daemon_command(mountpoint: Path, options: str, *extra: str) -> list[str]:
     """The command line that starts the daemon in the foreground."""
-    return [sys.executable, "-m", "dmemfs_fuse.cli", "none", str(mountpoint), "-f",
+    return [sys.executable, "-m", "dmemfs_fuse.host.cli", "none", str(mountpoint), "-f",
             "-o", options, *extra]
 
 
@@ -182,7 +182,7 @@ def free_port() -> int:
 
 def dmemctl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run dmemctl; with *check*, fail unless it exits 0."""
-    result = subprocess.run([sys.executable, "-m", "dmemfs_fuse.dmemctl", *args],
+    result = subprocess.run([sys.executable, "-m", "dmemfs_fuse.insight.dmemctl", *args],
                             capture_output=True, text=True, timeout=60, check=False)
     if check:
         assert result.returncode == 0, result.stderr

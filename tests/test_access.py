@@ -42,8 +42,8 @@ from typing import Any
 import pytest
 from mounting import Mount, dmemfs, free_port, kernel_fs, metrics, path_options, unescape
 
-from dmemfs_fuse import dmemctl
-from dmemfs_fuse.control import socket_path
+from dmemfs_fuse.insight import dmemctl
+from dmemfs_fuse.insight.control import socket_path
 
 pytestmark = pytest.mark.mount
 

@@ -1,4 +1,4 @@
-"""dmemfs_fuse.bdi on real mounts: finding the mount's bdi, readahead and the dirty limit."""
+"""dmemfs_fuse.memory.bdi on real mounts: finding the mount's bdi, readahead and the dirty limit."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from mounting import Mount, dmemfs
 
-from dmemfs_fuse import bdi
+from dmemfs_fuse.memory import bdi
 
 pytestmark = pytest.mark.mount
 MIB = 1 << 20

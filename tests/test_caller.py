@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from dmemfs_fuse.caller import Caller
+from dmemfs_fuse.adapter.caller import Caller
 
 
 def test_this_process() -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pyfuse3
 import pytest
 
-from dmemfs_fuse import connection
+from dmemfs_fuse.adapter import connection
 from dmemfs_fuse.errors import ConfigError
 
 KILLPRIV_V2 = pyfuse3.FUSE_CAP_HANDLE_KILLPRIV_V2

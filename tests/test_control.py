@@ -19,8 +19,8 @@ import pytest
 from mounting import Mount, dmemctl, dmemfs, free_port, metrics
 from PIL import Image
 
-from dmemfs_fuse.control import socket_path
-from dmemfs_fuse.picture import CELL, FREE, ROW_GAP, owner_colour
+from dmemfs_fuse.insight.control import socket_path
+from dmemfs_fuse.insight.picture import CELL, FREE, ROW_GAP, owner_colour
 
 M = 1 << 20
 DPS = 2 * M
@@ -47,7 +47,7 @@ def only_mount_dmemctl(mount: Path, *args: str) -> subprocess.CompletedProcess[s
     script = ("for m in $(awk '$3 == \"fuse.dmemfs\" { print $2 }' /proc/mounts); do "
               f'[ "$m" = "{mount}" ] || umount -l "$m"; done; exec "$0" "$@"')
     result = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                             script, sys.executable, "-m", "dmemfs_fuse.dmemctl", *args],
+                             script, sys.executable, "-m", "dmemfs_fuse.insight.dmemctl", *args],
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     return result
@@ -237,7 +237,7 @@ def test_control_socket_is_root_only(two_pools: tuple[Mount, int]) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.stat().st_uid == 0
     result = subprocess.run(
         ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", sys.executable,
-         "-m", "dmemfs_fuse.dmemctl", "-m", str(mount.path), "status"],
+         "-m", "dmemfs_fuse.insight.dmemctl", "-m", str(mount.path), "status"],
         capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 1 and "permission denied" in result.stderr
 

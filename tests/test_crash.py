@@ -31,9 +31,11 @@ from mounting import (
     wait_mounted,
 )
 
-from dmemfs_fuse import control, metalog, persistence, recovery, shmem
-from dmemfs_fuse.daemon import pool_memory_dir
-from dmemfs_fuse.policy import parse_policy
+from dmemfs_fuse.files.policy import parse_policy
+from dmemfs_fuse.host.daemon import pool_memory_dir
+from dmemfs_fuse.insight import control
+from dmemfs_fuse.memory import shmem
+from dmemfs_fuse.metadata import metalog, persistence, recovery
 
 M = 1 << 20
 DEAD = {errno.ENOTCONN, errno.ECONNABORTED}

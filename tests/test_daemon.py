@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from mounting import daemon_command, dmemfs, is_mounted, kernel_fs, run_daemon, unmount
 
-from dmemfs_fuse.options import OPTIONS
+from dmemfs_fuse.host.options import OPTIONS
 
 M = 1 << 20
 G = 1 << 30
@@ -56,7 +56,7 @@ def test_bad_options_fail_before_reserving(tmp_path: Path, options: str, message
 
 
 def test_help_lists_every_option() -> None:
-    out = subprocess.run([sys.executable, "-m", "dmemfs_fuse.cli", "--help"],
+    out = subprocess.run([sys.executable, "-m", "dmemfs_fuse.host.cli", "--help"],
                          capture_output=True, text=True, check=True).stdout
     for opt in OPTIONS:
         assert f"  {opt.name}" in out
@@ -66,7 +66,7 @@ def test_help_lists_every_option() -> None:
 def test_version_names_the_library_and_the_kernels_protocol() -> None:
     """libfuse 3.17 is the one loaded (not the system's 3.14), and a throwaway mount asks
     the kernel for its FUSE protocol; it leaves no mount behind."""
-    version = subprocess.run([sys.executable, "-m", "dmemfs_fuse.cli", "--version"],
+    version = subprocess.run([sys.executable, "-m", "dmemfs_fuse.host.cli", "--version"],
                              capture_output=True, text=True, check=True).stdout.splitlines()
     assert version[0].startswith("dmemfs ")
     assert version[1].startswith("libfuse 3.17."), version
@@ -211,7 +211,7 @@ def test_detaches_once_mounted(tmp_path: Path) -> None:
         subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        pids = subprocess.run(["pgrep", "-f", f"dmemfs_fuse.cli none {mnt} "],
+        pids = subprocess.run(["pgrep", "-f", f"dmemfs_fuse.host.cli none {mnt} "],
                               capture_output=True, text=True, check=False).stdout.split()
         if not pids:
             break
@@ -229,7 +229,7 @@ def test_verbose_brings_the_start_up_log_back(tmp_path: Path) -> None:
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
     try:
         assert result.returncode == 0, result.stderr
-        assert "INFO dmemfs_fuse.region: region: 16 MiB of memfd" in result.stderr
+        assert "INFO dmemfs_fuse.memory.region: region: 16 MiB of memfd" in result.stderr
     finally:
         subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
         wait_gone = time.monotonic() + 20

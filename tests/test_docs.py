@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dmemfs_fuse.options import OPTIONS
+from dmemfs_fuse.host.options import OPTIONS
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

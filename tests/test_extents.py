@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dmemfs_fuse.extents import FileExtents, Piece
-from dmemfs_fuse.pool import Extent
+from dmemfs_fuse.alloc.pool import Extent
+from dmemfs_fuse.files.extents import FileExtents, Piece
 
 
 def test_pieces_cover_holes_and_runs() -> None:

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from dmemfs_fuse import bootreserve, cli, dmemctl, manpage
 from dmemfs_fuse.errors import ConfigError
-from dmemfs_fuse.hugepages import node_path
-from dmemfs_fuse.options import OPTIONS
+from dmemfs_fuse.host import bootreserve, cli, manpage
+from dmemfs_fuse.host.options import OPTIONS
+from dmemfs_fuse.insight import dmemctl
+from dmemfs_fuse.memory.hugepages import node_path
 
 REPO = Path(__file__).resolve().parent.parent
 INSTALL = REPO / "tools" / "install"
@@ -310,10 +311,10 @@ def test_dmemctl_man_page_has_every_subcommand(staged: Path) -> None:
 
 
 def test_manpage_command_line(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "dmemfs_fuse.manpage", "dmemctl"],
+    result = subprocess.run([sys.executable, "-m", "dmemfs_fuse.host.manpage", "dmemctl"],
                             capture_output=True, text=True, timeout=60, check=True)
     assert result.stdout.startswith('.TH "DMEMCTL" "8"')
-    bad = subprocess.run([sys.executable, "-m", "dmemfs_fuse.manpage", "nope"],
+    bad = subprocess.run([sys.executable, "-m", "dmemfs_fuse.host.manpage", "nope"],
                          capture_output=True, text=True, timeout=60, check=False)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
 
@@ -481,7 +482,7 @@ def test_the_command_reserves_and_releases(tmp_path: Path, restore_hugepages: Pa
     state = restore_hugepages
     config = tmp_path / "hugepages.conf"
     config.write_text("node=0 pagesize=2M count=4\n")
-    args = [sys.executable, "-m", "dmemfs_fuse.bootreserve", "--config", str(config),
+    args = [sys.executable, "-m", "dmemfs_fuse.host.bootreserve", "--config", str(config),
             "--state", str(state)]
     before = nr_hugepages()
     result = subprocess.run([*args, "reserve"], capture_output=True, text=True, timeout=60,
@@ -513,7 +514,7 @@ def test_bad_config_lines_fail_clearly(tmp_path: Path, config: str, message: str
     path = tmp_path / "hugepages.conf"
     path.write_text(config + "\n")
     before = nr_hugepages()
-    result = subprocess.run([sys.executable, "-m", "dmemfs_fuse.bootreserve", "--config",
+    result = subprocess.run([sys.executable, "-m", "dmemfs_fuse.host.bootreserve", "--config",
                              str(path), "--state", str(tmp_path / "state"), "reserve"],
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2
@@ -548,8 +549,8 @@ def test_reserve_is_all_or_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     def fake_path(size: int, node: int, name: str) -> Path:
         return fake / f"node{node}" / name
 
-    monkeypatch.setattr("dmemfs_fuse.hugepages.node_path", fake_path)
-    monkeypatch.setattr("dmemfs_fuse.bootreserve.node_path", fake_path)
+    monkeypatch.setattr("dmemfs_fuse.memory.hugepages.node_path", fake_path)
+    monkeypatch.setattr("dmemfs_fuse.host.bootreserve.node_path", fake_path)
     requests = bootreserve.parse_config("node=0 pagesize=2M count=4\n"
                                         "node=1 pagesize=2M count=4\n", "test.conf")
     state = tmp_path / "state"

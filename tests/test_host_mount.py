@@ -191,7 +191,7 @@ def test_options_between_source_and_mountpoint(tmp_path: Path) -> None:
     """`dmemfs none -o OPTIONS MNT` (options first, as some scripts write it) still mounts."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "dmemfs_fuse.cli", "none", "-o",
+    proc = subprocess.Popen([sys.executable, "-m", "dmemfs_fuse.host.cli", "none", "-o",
                              "size=16M,pagesize=4K", str(mnt), "-f"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

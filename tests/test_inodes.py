@@ -7,14 +7,14 @@ import stat
 
 import pytest
 
-from dmemfs_fuse.extents import FileExtents
-from dmemfs_fuse.inodes import (
+from dmemfs_fuse.alloc.pool import Extent
+from dmemfs_fuse.files.extents import FileExtents
+from dmemfs_fuse.files.inodes import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
     ROOT_INO,
     InodeTable,
 )
-from dmemfs_fuse.pool import Extent
 
 FILE = stat.S_IFREG | 0o644
 DIR = stat.S_IFDIR | 0o755

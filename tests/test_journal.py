@@ -16,20 +16,20 @@ import pyfuse3
 import pytest
 import trio
 
-from dmemfs_fuse import metalog, persistence
-from dmemfs_fuse.changes import ChangeLog
-from dmemfs_fuse.daemon import build_pools
-from dmemfs_fuse.fs import DmemOperations
-from dmemfs_fuse.inodes import RENAME_EXCHANGE, ROOT_INO, Inode, InodeTable
-from dmemfs_fuse.journal import Journal
-from dmemfs_fuse.metalog import MetadataError
-from dmemfs_fuse.options import PoolSpec
-from dmemfs_fuse.poison import MemoryErrors
-from dmemfs_fuse.policy import parse_policy
-from dmemfs_fuse.pool import Extent
-from dmemfs_fuse.recovery import install, load
-from dmemfs_fuse.region import Region, RegionPlan
-from dmemfs_fuse.store import FileStore
+from dmemfs_fuse.adapter.fs import DmemOperations
+from dmemfs_fuse.alloc.pool import Extent
+from dmemfs_fuse.files.changes import ChangeLog
+from dmemfs_fuse.files.inodes import RENAME_EXCHANGE, ROOT_INO, Inode, InodeTable
+from dmemfs_fuse.files.poison import MemoryErrors
+from dmemfs_fuse.files.policy import parse_policy
+from dmemfs_fuse.files.store import FileStore
+from dmemfs_fuse.host.daemon import build_pools
+from dmemfs_fuse.host.options import PoolSpec
+from dmemfs_fuse.memory.region import Region, RegionPlan
+from dmemfs_fuse.metadata import metalog, persistence
+from dmemfs_fuse.metadata.journal import Journal
+from dmemfs_fuse.metadata.metalog import MetadataError
+from dmemfs_fuse.metadata.recovery import install, load
 
 DPS = 4096
 POOL_DPAGES = 256

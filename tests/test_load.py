@@ -450,7 +450,7 @@ def test_create_unlink_churn_returns_memory(tmp_path: Path) -> None:
     with dmemfs(tmp_path) as mount:
         pid = mount.proc.pid
         with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-            assert b"dmemfs_fuse.cli" in cmdline.read(), "not the daemon's pid"
+            assert b"dmemfs_fuse.host.cli" in cmdline.read(), "not the daemon's pid"
         start = mount.statvfs()
         churn(mount.path, WARMUP_CYCLES)
         wait_statfs(mount, start.f_bfree, start.f_ffree)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from dmemfs_fuse.daemon import fuse_options
 from dmemfs_fuse.errors import ConfigError
-from dmemfs_fuse.options import PoolSpec, SizeSpec, parse_mount_options, parse_size
+from dmemfs_fuse.host.daemon import fuse_options
+from dmemfs_fuse.host.options import PoolSpec, SizeSpec, parse_mount_options, parse_size
 
 G = 1 << 30
 M = 1 << 20

@@ -35,7 +35,7 @@ from mounting import (
 )
 from test_qemu import _long_term_pin
 
-from dmemfs_fuse.daemon import pool_memory_dir
+from dmemfs_fuse.host.daemon import pool_memory_dir
 
 MIB = 1 << 20
 DPAGE = 2 * MIB

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from dmemfs_fuse import shmem
-from dmemfs_fuse.daemon import build_pools
-from dmemfs_fuse.extents import FileExtents
-from dmemfs_fuse.inodes import Inode
-from dmemfs_fuse.options import PoolSpec
-from dmemfs_fuse.passthrough import PassthroughStore
-from dmemfs_fuse.pool import Extent
-from dmemfs_fuse.region import RegionPlan
-from dmemfs_fuse.shmem import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, ShmemMemory
+from dmemfs_fuse.alloc.pool import Extent
+from dmemfs_fuse.files.extents import FileExtents
+from dmemfs_fuse.files.inodes import Inode
+from dmemfs_fuse.files.passthrough import PassthroughStore
+from dmemfs_fuse.host.daemon import build_pools
+from dmemfs_fuse.host.options import PoolSpec
+from dmemfs_fuse.memory import shmem
+from dmemfs_fuse.memory.region import RegionPlan
+from dmemfs_fuse.memory.shmem import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, ShmemMemory
 
 MIB = 1 << 20
 DPS = 2 * MIB

@@ -22,12 +22,10 @@ from pathlib import Path
 import pytest
 from mounting import Mount, dmemctl, dmemfs, free_port, metrics, status
 
-from dmemfs_fuse import numa
-from dmemfs_fuse.daemon import build_pools
+from dmemfs_fuse.alloc.pool import Pool
 from dmemfs_fuse.errors import AllocatorError
-from dmemfs_fuse.extents import FileExtents
-from dmemfs_fuse.options import PoolSpec
-from dmemfs_fuse.poison import (
+from dmemfs_fuse.files.extents import FileExtents
+from dmemfs_fuse.files.poison import (
     BUS_MCEERR_AO,
     KPF_HWPOISON,
     PAGE_SIZE,
@@ -36,9 +34,11 @@ from dmemfs_fuse.poison import (
     parse_sigbus,
     send_mce_notice,
 )
-from dmemfs_fuse.pool import Pool
-from dmemfs_fuse.region import Region, RegionPlan
-from dmemfs_fuse.store import FileStore
+from dmemfs_fuse.files.store import FileStore
+from dmemfs_fuse.host.daemon import build_pools
+from dmemfs_fuse.host.options import PoolSpec
+from dmemfs_fuse.memory import numa
+from dmemfs_fuse.memory.region import Region, RegionPlan
 
 DPS = 4096
 M = 1 << 20

@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dmemfs_fuse.bitmap import Bitmap
+from dmemfs_fuse.alloc.bitmap import Bitmap
+from dmemfs_fuse.alloc.pool import Extent, Pool
+from dmemfs_fuse.alloc.poolset import PoolSet
 from dmemfs_fuse.errors import AllocatorError, NoSpaceError
-from dmemfs_fuse.pool import Extent, Pool
-from dmemfs_fuse.poolset import PoolSet
 
 DPS = 2 << 20
 

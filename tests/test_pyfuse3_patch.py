@@ -24,7 +24,7 @@ import pytest
 import trio
 from mounting import is_mounted, unmount
 
-from dmemfs_fuse import connection
+from dmemfs_fuse.adapter import connection
 
 pytestmark = pytest.mark.mount
 

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 from mounting import Mount, dmemctl, dmemfs, free_port, is_mounted, metrics, status
 
-from dmemfs_fuse import bdi, control
-from dmemfs_fuse.control import socket_path
+from dmemfs_fuse.insight import control
+from dmemfs_fuse.insight.control import socket_path
+from dmemfs_fuse.memory import bdi
 
 pytestmark = pytest.mark.mount
 

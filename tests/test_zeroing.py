@@ -13,11 +13,11 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dmemfs_fuse.extents import FileExtents
-from dmemfs_fuse.pool import Extent, Pool
-from dmemfs_fuse.poolset import PoolSet
-from dmemfs_fuse.store import FileStore
-from dmemfs_fuse.zeroing import DirtyRuns, Zeroer
+from dmemfs_fuse.alloc.pool import Extent, Pool
+from dmemfs_fuse.alloc.poolset import PoolSet
+from dmemfs_fuse.alloc.zeroing import DirtyRuns, Zeroer
+from dmemfs_fuse.files.extents import FileExtents
+from dmemfs_fuse.files.store import FileStore
 
 DPS = 4096
 

@@ -49,8 +49,8 @@ def _text(data: bytes) -> str:
 def build_options() -> Check:
     """The options target: the first byte picks mount options, a policy or a size."""
     from dmemfs_fuse.errors import ConfigError
-    from dmemfs_fuse.options import OPTIONS, parse_mount_options, parse_size, split_options
-    from dmemfs_fuse.policy import parse_policy
+    from dmemfs_fuse.files.policy import parse_policy
+    from dmemfs_fuse.host.options import OPTIONS, parse_mount_options, parse_size, split_options
 
     known_pools = (0, 1, 2, 3)
     option_names = {o.name for o in OPTIONS} | {"ro"}
@@ -92,16 +92,16 @@ def build_control() -> Check:
     """The control target: a Reporter over a 16-dpage memfd region holding two files."""
     from functools import partial
 
-    from dmemfs_fuse.control import answer
-    from dmemfs_fuse.daemon import build_pools
-    from dmemfs_fuse.fs import DmemOperations
-    from dmemfs_fuse.inodes import ROOT_INO, InodeTable
-    from dmemfs_fuse.options import PoolSpec
-    from dmemfs_fuse.poison import block_sigbus
-    from dmemfs_fuse.policy import parse_policy
-    from dmemfs_fuse.region import Region, RegionPlan
-    from dmemfs_fuse.report import Reporter
-    from dmemfs_fuse.store import FileStore
+    from dmemfs_fuse.adapter.fs import DmemOperations
+    from dmemfs_fuse.files.inodes import ROOT_INO, InodeTable
+    from dmemfs_fuse.files.poison import block_sigbus
+    from dmemfs_fuse.files.policy import parse_policy
+    from dmemfs_fuse.files.store import FileStore
+    from dmemfs_fuse.host.daemon import build_pools
+    from dmemfs_fuse.host.options import PoolSpec
+    from dmemfs_fuse.insight.control import answer
+    from dmemfs_fuse.insight.report import Reporter
+    from dmemfs_fuse.memory.region import Region, RegionPlan
 
     # The control protocol's kernel_error asks for a real SIGBUS: taken, as in the daemon,
     # only through a signalfd (none is read here), never delivered.
@@ -146,9 +146,9 @@ META_REGION = "file:fuzz"
 
 def _meta_filesystem() -> tuple[Any, Any, Any]:
     """(plan, layout, region) of the metadata target."""
-    from dmemfs_fuse.metalog import Layout
-    from dmemfs_fuse.options import PoolSpec
-    from dmemfs_fuse.region import Region, RegionPlan
+    from dmemfs_fuse.host.options import PoolSpec
+    from dmemfs_fuse.memory.region import Region, RegionPlan
+    from dmemfs_fuse.metadata.metalog import Layout
 
     plan = RegionPlan(pools=(PoolSpec(0, META_POOL_DPAGES * META_DPAGE),) * 2,
                       dpage_size=META_DPAGE, backend="memfd")
@@ -160,7 +160,7 @@ def _fix_checksums(data: bytes) -> bytes:
     """*data* with each whole frame's CRC recomputed (a torn last frame is left as it is)."""
     import zlib
 
-    from dmemfs_fuse.metalog import FRAME
+    from dmemfs_fuse.metadata.metalog import FRAME
 
     out = bytearray(data)
     pos = 0
@@ -181,12 +181,12 @@ def build_metadata() -> Check:
     import tempfile
     from functools import partial
 
-    from dmemfs_fuse.daemon import build_pools
-    from dmemfs_fuse.inodes import InodeTable
-    from dmemfs_fuse.metalog import MetadataError
-    from dmemfs_fuse.policy import parse_policy
-    from dmemfs_fuse.recovery import install, load
-    from dmemfs_fuse.store import FileStore
+    from dmemfs_fuse.files.inodes import InodeTable
+    from dmemfs_fuse.files.policy import parse_policy
+    from dmemfs_fuse.files.store import FileStore
+    from dmemfs_fuse.host.daemon import build_pools
+    from dmemfs_fuse.metadata.metalog import MetadataError
+    from dmemfs_fuse.metadata.recovery import install, load
 
     plan, layout, region = _meta_filesystem()
     work = tempfile.mkdtemp(prefix="dmemfs-fuzz-metadata-")
@@ -230,14 +230,14 @@ def make_metadata_seeds(directory: str) -> list[str]:
     import stat
     import tempfile
 
-    from dmemfs_fuse.changes import ChangeLog
-    from dmemfs_fuse.daemon import build_pools
-    from dmemfs_fuse.inodes import ROOT_INO, InodeTable
-    from dmemfs_fuse.journal import Journal
-    from dmemfs_fuse.metalog import frame
-    from dmemfs_fuse.poison import MemoryErrors
-    from dmemfs_fuse.policy import parse_policy
-    from dmemfs_fuse.store import FileStore
+    from dmemfs_fuse.files.changes import ChangeLog
+    from dmemfs_fuse.files.inodes import ROOT_INO, InodeTable
+    from dmemfs_fuse.files.poison import MemoryErrors
+    from dmemfs_fuse.files.policy import parse_policy
+    from dmemfs_fuse.files.store import FileStore
+    from dmemfs_fuse.host.daemon import build_pools
+    from dmemfs_fuse.metadata.journal import Journal
+    from dmemfs_fuse.metadata.metalog import frame
 
     plan, layout, region = _meta_filesystem()
     work = tempfile.mkdtemp(prefix="dmemfs-fuzz-seeds-")

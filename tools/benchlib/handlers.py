@@ -52,12 +52,12 @@ class FakeContext:
 
 def build(dpage: int, size: int) -> Any:
     """A DmemOperations over a fresh, zeroed buffer of *size* bytes with *dpage* dpages."""
-    pool_mod = importlib.import_module("dmemfs_fuse.pool")
-    poolset_mod = importlib.import_module("dmemfs_fuse.poolset")
-    store_mod = importlib.import_module("dmemfs_fuse.store")
-    inodes_mod = importlib.import_module("dmemfs_fuse.inodes")
-    fs_mod = importlib.import_module("dmemfs_fuse.fs")
-    policy_mod = importlib.import_module("dmemfs_fuse.policy")
+    pool_mod = importlib.import_module("dmemfs_fuse.alloc.pool")
+    poolset_mod = importlib.import_module("dmemfs_fuse.alloc.poolset")
+    store_mod = importlib.import_module("dmemfs_fuse.files.store")
+    inodes_mod = importlib.import_module("dmemfs_fuse.files.inodes")
+    fs_mod = importlib.import_module("dmemfs_fuse.adapter.fs")
+    policy_mod = importlib.import_module("dmemfs_fuse.files.policy")
     buffer = bytearray(size)
     region = SimpleNamespace(size=size, dpage_size=dpage, fresh=True, view=memoryview(buffer),
                              array=np.frombuffer(buffer, dtype=np.uint8))
@@ -125,7 +125,7 @@ async def measure(n: int = 3000) -> dict[str, float]:
                   lambda i: big.read(info.fh, (i % 8000) * 131072, 131072), out)
     await _timeit("read 4 KiB", 4000, lambda i: big.read(info.fh, (i * 4096) % (1 << 30), 4096),
                   out)
-    numa = importlib.import_module("dmemfs_fuse.numa")
+    numa = importlib.import_module("dmemfs_fuse.memory.numa")
     await _timeit("numa.process_node(pid) (each open/create)", n,
                   lambda i: _aw(numa.process_node, os.getpid()), out)
     await _timeit("numa.node_distance(0, 0) (each pool, each allocation)", n,
@@ -139,9 +139,9 @@ async def _aw(fn: Callable[..., Any], *args: Any) -> Any:
 
 def apply_whatif() -> list[str]:
     """Patch this process's copy of the daemon with the candidate fixes; describe them."""
-    numa = importlib.import_module("dmemfs_fuse.numa")
-    fs_mod = importlib.import_module("dmemfs_fuse.fs")
-    poolset_mod = importlib.import_module("dmemfs_fuse.poolset")
+    numa = importlib.import_module("dmemfs_fuse.memory.numa")
+    fs_mod = importlib.import_module("dmemfs_fuse.adapter.fs")
+    poolset_mod = importlib.import_module("dmemfs_fuse.alloc.poolset")
     for name in ("node_distance", "cpu_node"):
         setattr(numa, name, functools.lru_cache(maxsize=None)(getattr(numa, name)))
     setattr(poolset_mod, "numa", numa)  # noqa: B010 - a module attribute, patched in-process

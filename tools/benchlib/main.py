@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="extra -o options for every dmemfs mount")
     parser.add_argument("--dmemfs-cmd", default=None, metavar="CMD",
                         help="run this instead of .venv/bin/dmemfs (e.g. an experimental copy: "
-                             "'env PYTHONPATH=/tmp/x .venv/bin/python -m dmemfs_fuse.cli')")
+                             "'env PYTHONPATH=/tmp/x .venv/bin/python -m dmemfs_fuse.host.cli')")
     parser.add_argument("--dmemfs-bdi", action="append", default=[], metavar="KEY=VALUE",
                         help="write /sys/class/bdi/<bdi>/KEY after each dmemfs mount "
                              "(e.g. read_ahead_kb=1024), as the daemon could do itself")

@@ -123,7 +123,7 @@ def daemon_pids(path: Path) -> list[int]:
             continue
         args = [a.decode(errors="replace") for a in argv if a]
         if (target in args and "none" in args
-                and any(a.endswith("/dmemfs") or a in ("dmemfs", "dmemfs_fuse.cli")
+                and any(a.endswith("/dmemfs") or a in ("dmemfs", "dmemfs_fuse.host.cli")
                         for a in args)):
             out.append(int(entry.name))
     return out

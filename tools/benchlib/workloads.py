@@ -758,9 +758,9 @@ def model_bookkeeping(dpage: int, region: int) -> int | None:
     those classes cannot be built (their signatures changed).
     """
     try:
-        pool_mod = importlib.import_module("dmemfs_fuse.pool")
-        poolset_mod = importlib.import_module("dmemfs_fuse.poolset")
-        store_mod = importlib.import_module("dmemfs_fuse.store")
+        pool_mod = importlib.import_module("dmemfs_fuse.alloc.pool")
+        poolset_mod = importlib.import_module("dmemfs_fuse.alloc.poolset")
+        store_mod = importlib.import_module("dmemfs_fuse.files.store")
     except ImportError:
         return None
     tracemalloc.start()

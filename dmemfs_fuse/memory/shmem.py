@@ -41,9 +41,9 @@ from pathlib import Path
 
 from humanfriendly import format_size
 
+from ..errors import ConfigError
+from ..host.options import DPAGE_SIZES, MountOptions
 from . import numa
-from .errors import ConfigError
-from .options import DPAGE_SIZES, MountOptions
 from .region import RegionPlan, meminfo_available, plan_pools
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 from sortedcontainers import SortedDict
 
+from ..errors import fs_error
 from .changes import ChangeLog
-from .errors import fs_error
 from .extents import FileExtents
 from .policy import POLICY_XATTR, Policy
 

@@ -7,9 +7,9 @@ import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from . import numa
-from .errors import AllocatorError, NoSpaceError
-from .policy import LOCAL, Policy
+from ..errors import AllocatorError, NoSpaceError
+from ..files.policy import LOCAL, Policy
+from ..memory import numa
 from .pool import Extent, Pool, PoolStats
 
 log = logging.getLogger(__name__)

@@ -12,16 +12,16 @@ import logging
 from dataclasses import asdict
 from typing import Any, Protocol
 
-from . import numa
-from .connection import Negotiated
-from .datapath import REGION, DataPath
-from .errors import fs_error
-from .inodes import ROOT_INO, Inode, InodeTable
-from .journal import Journal
-from .passthrough import PassthroughStore
-from .poison import MemoryErrors, Poisoned, hwpoisoned_dpages, send_mce_notice
-from .recovery import RecoveryReport
-from .store import FileStore
+from ..adapter.connection import Negotiated
+from ..adapter.datapath import REGION, DataPath
+from ..errors import fs_error
+from ..files.inodes import ROOT_INO, Inode, InodeTable
+from ..files.passthrough import PassthroughStore
+from ..files.poison import MemoryErrors, Poisoned, hwpoisoned_dpages, send_mce_notice
+from ..files.store import FileStore
+from ..memory import numa
+from ..metadata.journal import Journal
+from ..metadata.recovery import RecoveryReport
 
 log = logging.getLogger(__name__)
 

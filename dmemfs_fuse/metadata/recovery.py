@@ -27,16 +27,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .changes import BAD, ENTRY_ADD, ENTRY_REMOVE, MAP, TRUNCATE, UNMAP
-from .errors import AllocatorError
-from .extents import FileExtents
-from .inodes import ROOT_INO, Inode, InodeTable
+from ..alloc.pool import Extent
+from ..alloc.poolset import PoolSet
+from ..errors import AllocatorError
+from ..files.changes import BAD, ENTRY_ADD, ENTRY_REMOVE, MAP, TRUNCATE, UNMAP
+from ..files.extents import FileExtents
+from ..files.inodes import ROOT_INO, Inode, InodeTable
+from ..files.passthrough import PassthroughStore
+from ..files.policy import Policy
+from ..files.store import FileStore
 from .metalog import Layout, MetadataError, decode_inode, layout_of, read_log
-from .passthrough import PassthroughStore
-from .policy import Policy
-from .pool import Extent
-from .poolset import PoolSet
-from .store import FileStore
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from typing import NamedTuple
 import numpy as np
 from sortedcontainers import SortedDict, SortedList
 
+from ..errors import AllocatorError, NoSpaceError
 from .bitmap import Bitmap
-from .errors import AllocatorError, NoSpaceError
 
 log = logging.getLogger(__name__)
 

@@ -32,10 +32,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__
-from .errors import ConfigError
-from .hugepages import GLOBAL_ROOT, HugePageReservation, node_path
-from .numa import NODE_ROOT
+from .. import __version__
+from ..errors import ConfigError
+from ..memory.hugepages import GLOBAL_ROOT, HugePageReservation, node_path
+from ..memory.numa import NODE_ROOT
 
 log = logging.getLogger("dmemfs_fuse.bootreserve")
 

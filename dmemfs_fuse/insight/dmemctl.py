@@ -12,7 +12,7 @@ from typing import Any
 
 from humanfriendly import InvalidSize, format_size, parse_size
 
-from . import __version__
+from .. import __version__
 from .control import socket_path
 from .picture import render
 

@@ -42,14 +42,11 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import numa
-from .errors import NoSpaceError, fs_error
-from .extents import FileExtents
-from .inodes import Inode
-from .policy import LOCAL, Policy
-from .pool import Extent, Pool
-from .poolset import PoolSet
-from .shmem import (
+from ..alloc.pool import Extent, Pool
+from ..alloc.poolset import PoolSet
+from ..errors import NoSpaceError, fs_error
+from ..memory import numa
+from ..memory.shmem import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     PoolMemory,
@@ -59,6 +56,9 @@ from .shmem import (
     holds_pages,
     page_nodes_of_file,
 )
+from .extents import FileExtents
+from .inodes import Inode
+from .policy import LOCAL, Policy
 from .store import MAX_FILE_SIZE, check_fallocate_mode, seek_in, whole_dpages
 
 log = logging.getLogger(__name__)

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 
 from humanfriendly import format_size
 
-from .control import RUN_DIR
-from .errors import ConfigError
+from ..errors import ConfigError
+from ..files.policy import Policy
+from ..host.options import MountOptions
+from ..insight.control import RUN_DIR
+from ..memory.region import RegionPlan, on_hugetlbfs
 from .metalog import Layout, MetadataError, region_identity
-from .options import MountOptions
-from .policy import Policy
 from .recovery import Recovered, load
-from .region import RegionPlan, on_hugetlbfs
 
 log = logging.getLogger(__name__)
 

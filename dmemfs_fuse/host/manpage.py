@@ -18,7 +18,9 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 
-from . import __version__, bootreserve, cli, dmemctl
+from .. import __version__
+from ..insight import dmemctl
+from . import bootreserve, cli
 from .options import IGNORED, OPTIONS
 
 SECTION = "8"

@@ -30,12 +30,12 @@ import uuid as uuidlib
 from dataclasses import dataclass
 from typing import Any
 
+from ..alloc.pool import Extent
+from ..alloc.poolset import PoolSet
+from ..files.changes import ChangeLog
+from ..files.inodes import InodeTable
 from . import metalog
-from .changes import ChangeLog
-from .inodes import InodeTable
 from .metalog import BATCH, SNAPSHOT, Layout, encode_inode, frame, header_record
-from .pool import Extent
-from .poolset import PoolSet
 
 log = logging.getLogger(__name__)
 

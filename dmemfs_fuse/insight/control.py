@@ -22,8 +22,8 @@ from typing import Any, TypeVar
 
 import trio
 
+from ..tasks import supervise
 from .report import JSON, Reporter
-from .tasks import supervise
 
 log = logging.getLogger(__name__)
 

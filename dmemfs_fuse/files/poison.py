@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import trio
 
-from .errors import fs_error
+from ..errors import fs_error
 from .inodes import InodeTable
 from .store import FileStore
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 from humanfriendly import format_size
 
+from ..errors import ConfigError
+from ..host.options import DPAGE_SIZES, MountOptions, PoolSpec
 from . import hugepages, numa
-from .errors import ConfigError
-from .options import DPAGE_SIZES, MountOptions, PoolSpec
 
 log = logging.getLogger(__name__)
 

@@ -34,15 +34,15 @@ import errno
 import logging
 import os
 
-from .errors import fs_error
+from ..alloc.pool import Extent
+from ..alloc.poolset import PoolSet
+from ..alloc.zeroing import DEFAULT_CHUNK_BYTES, DirtyRuns, Zeroer
+from ..errors import fs_error
+from ..memory.region import Region
+from ..memory.shmem import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
 from .extents import FileExtents
 from .inodes import Inode
 from .policy import LOCAL, Policy
-from .pool import Extent
-from .poolset import PoolSet
-from .region import Region
-from .shmem import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
-from .zeroing import DEFAULT_CHUNK_BYTES, DirtyRuns, Zeroer
 
 log = logging.getLogger(__name__)
 

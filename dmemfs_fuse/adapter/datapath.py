@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import pyfuse3
 
+from ..errors import ConfigError
+from ..host.options import DPAGE_SIZES, MountOptions
+from ..memory.shmem import shmem_huge_possible
 from .caller import CAP_SYS_ADMIN, has_capability
 from .connection import Negotiated
-from .errors import ConfigError
-from .options import DPAGE_SIZES, MountOptions
-from .shmem import shmem_huge_possible
 
 PASSTHROUGH, REGION = "passthrough", "region"
 

@@ -13,8 +13,8 @@ from typing import NamedTuple
 
 from sortedcontainers import SortedDict
 
+from ..alloc.pool import Extent
 from .changes import ChangeLog
-from .pool import Extent
 
 
 class Piece(NamedTuple):

@@ -35,25 +35,29 @@ from humanfriendly import format_size
 from prometheus_client import CollectorRegistry
 from tqdm import tqdm
 
-from . import bdi, connection, control, datapath, metrics, persistence, poison, recovery
-from .changes import ChangeLog
-from .datapath import DataPath
-from .fs import DmemOperations
-from .inodes import InodeTable
-from .journal import Journal
-from .metalog import MetadataError
-from .metrics import build_registry
+from ..adapter import connection, datapath
+from ..adapter.datapath import DataPath
+from ..adapter.fs import DmemOperations
+from ..alloc.pool import Pool
+from ..alloc.poolset import PoolSet
+from ..files import poison
+from ..files.changes import ChangeLog
+from ..files.inodes import InodeTable
+from ..files.passthrough import PassthroughStore
+from ..files.policy import Policy, parse_policy
+from ..files.store import FileStore
+from ..insight import control, metrics
+from ..insight.metrics import build_registry
+from ..insight.report import Reporter
+from ..memory import bdi
+from ..memory.region import Region, RegionPlan, plan_region
+from ..memory.shmem import ShmemMemory, plan_shmem
+from ..metadata import persistence, recovery
+from ..metadata.journal import Journal
+from ..metadata.metalog import MetadataError
+from ..tasks import supervise
 from .notify import Notifier
 from .options import MountOptions
-from .passthrough import PassthroughStore
-from .policy import Policy, parse_policy
-from .pool import Pool
-from .poolset import PoolSet
-from .region import Region, RegionPlan, plan_region
-from .report import Reporter
-from .shmem import ShmemMemory, plan_shmem
-from .store import FileStore
-from .tasks import supervise
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import humanfriendly
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 K = 1024
 DPAGE_SIZES = {"4K": 4 * K, "2M": 2 * K * K, "1G": K * K * K}

@@ -34,16 +34,16 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from . import numa
+from ..errors import NoSpaceError
+from ..files.inodes import Inode, InodeTable
+from ..files.passthrough import PassthroughStore
+from ..files.policy import LOCAL
+from ..files.store import FileStore
+from ..insight.metrics import RequestMetrics
+from ..memory import numa
+from ..metadata.journal import Journal
 from .caller import Caller
 from .connection import Negotiated, negotiate
-from .errors import NoSpaceError
-from .inodes import Inode, InodeTable
-from .journal import Journal
-from .metrics import RequestMetrics
-from .passthrough import PassthroughStore
-from .policy import LOCAL
-from .store import FileStore
 
 log = logging.getLogger(__name__)
 

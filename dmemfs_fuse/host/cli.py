@@ -15,10 +15,10 @@ import os
 import sys
 import textwrap
 
-from . import __version__
-from .connection import version_text
+from .. import __version__
+from ..adapter.connection import version_text
+from ..errors import ConfigError
 from .daemon import DaemonConfig, detach_dead_mount, run
-from .errors import ConfigError
 from .options import OPTIONS, parse_mount_options
 
 log = logging.getLogger("dmemfs_fuse")
