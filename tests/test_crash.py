@@ -31,11 +31,11 @@ from mounting import (
     wait_mounted,
 )
 
-from dmemfs_fuse.files.policy import parse_policy
+from dmemfs_fuse.alloc.policy import parse_policy
 from dmemfs_fuse.host.daemon import pool_memory_dir
-from dmemfs_fuse.insight import control
 from dmemfs_fuse.memory import shmem
 from dmemfs_fuse.metadata import metalog, persistence, recovery
+from dmemfs_fuse.rundir import RUN_DIR
 
 M = 1 << 20
 DEAD = {errno.ENOTCONN, errno.ECONNABORTED}
@@ -475,7 +475,7 @@ def test_hugetlbfs_region_file_comes_back_after_sigkill(tmp_path: Path) -> None:
     with huge_pages(8), kernel_fs(tmp_path / "huge", "hugetlbfs", "pagesize=2M") as huge:
         region = huge / "vm0"
         meta = Path(persistence.default_meta_path(str(region)))
-        assert meta.parent == control.RUN_DIR / "meta"
+        assert meta.parent == RUN_DIR / "meta"
         options = f"size=16M,pagesize=2M,region={region}"
         data = os.urandom(5 * M)
         try:

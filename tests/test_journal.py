@@ -17,15 +17,14 @@ import pytest
 import trio
 
 from dmemfs_fuse.adapter.fs import DmemOperations
+from dmemfs_fuse.alloc.policy import parse_policy
 from dmemfs_fuse.alloc.pool import Extent
 from dmemfs_fuse.files.changes import ChangeLog
 from dmemfs_fuse.files.inodes import RENAME_EXCHANGE, ROOT_INO, Inode, InodeTable
 from dmemfs_fuse.files.poison import MemoryErrors
-from dmemfs_fuse.files.policy import parse_policy
 from dmemfs_fuse.files.store import FileStore
 from dmemfs_fuse.host.daemon import build_pools
-from dmemfs_fuse.host.options import PoolSpec
-from dmemfs_fuse.memory.region import Region, RegionPlan
+from dmemfs_fuse.memory.region import PoolSpec, Region, RegionPlan
 from dmemfs_fuse.metadata import metalog, persistence
 from dmemfs_fuse.metadata.journal import Journal
 from dmemfs_fuse.metadata.metalog import MetadataError

@@ -6,7 +6,8 @@ import pytest
 
 from dmemfs_fuse.errors import ConfigError
 from dmemfs_fuse.host.daemon import fuse_options
-from dmemfs_fuse.host.options import PoolSpec, SizeSpec, parse_mount_options, parse_size
+from dmemfs_fuse.host.options import SizeSpec, parse_mount_options, parse_size
+from dmemfs_fuse.memory.region import PoolSpec
 
 G = 1 << 30
 M = 1 << 20

@@ -16,9 +16,8 @@ from dmemfs_fuse.files.extents import FileExtents
 from dmemfs_fuse.files.inodes import Inode
 from dmemfs_fuse.files.passthrough import PassthroughStore
 from dmemfs_fuse.host.daemon import build_pools
-from dmemfs_fuse.host.options import PoolSpec
 from dmemfs_fuse.memory import shmem
-from dmemfs_fuse.memory.region import RegionPlan
+from dmemfs_fuse.memory.region import PoolSpec, RegionPlan
 from dmemfs_fuse.memory.shmem import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, ShmemMemory
 
 MIB = 1 << 20

@@ -36,9 +36,8 @@ from dmemfs_fuse.files.poison import (
 )
 from dmemfs_fuse.files.store import FileStore
 from dmemfs_fuse.host.daemon import build_pools
-from dmemfs_fuse.host.options import PoolSpec
 from dmemfs_fuse.memory import numa
-from dmemfs_fuse.memory.region import Region, RegionPlan
+from dmemfs_fuse.memory.region import PoolSpec, Region, RegionPlan
 
 DPS = 4096
 M = 1 << 20

@@ -6,10 +6,10 @@ import errno
 
 import pytest
 
+from dmemfs_fuse.alloc.policy import LOCAL, Policy, parse_policy
 from dmemfs_fuse.alloc.pool import Extent, Pool
 from dmemfs_fuse.alloc.poolset import PoolSet
 from dmemfs_fuse.errors import NoSpaceError
-from dmemfs_fuse.files.policy import LOCAL, Policy, parse_policy
 
 DPS = 2 << 20
 

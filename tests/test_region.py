@@ -12,9 +12,8 @@ from typing import Any
 
 import pytest
 
-from dmemfs_fuse.host.options import PoolSpec
 from dmemfs_fuse.memory import region as region_mod
-from dmemfs_fuse.memory.region import EHWPOISON, MADV_POPULATE_WRITE, Region, RegionPlan
+from dmemfs_fuse.memory.region import EHWPOISON, MADV_POPULATE_WRITE, PoolSpec, Region, RegionPlan
 
 DPS = 4096
 M = 1 << 20

@@ -10,9 +10,8 @@ import pytest
 from dmemfs_fuse.files.extents import FileExtents
 from dmemfs_fuse.files.store import FileStore
 from dmemfs_fuse.host.daemon import build_pools
-from dmemfs_fuse.host.options import PoolSpec
 from dmemfs_fuse.memory import numa
-from dmemfs_fuse.memory.region import Region, RegionPlan
+from dmemfs_fuse.memory.region import PoolSpec, Region, RegionPlan
 
 DPS = 4096
 POOL = 64 * DPS

@@ -29,17 +29,16 @@ import stat
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import pyfuse3
 import trio
 
+from ..alloc.policy import LOCAL
 from ..errors import NoSpaceError
 from ..files.inodes import Inode, InodeTable
 from ..files.passthrough import PassthroughStore
-from ..files.policy import LOCAL
 from ..files.store import FileStore
-from ..insight.metrics import RequestMetrics
 from ..memory import numa
 from ..metadata.journal import Journal
 from .caller import Caller
@@ -139,6 +138,19 @@ def _boundary(handler: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+class RequestObserver(Protocol):
+    """What the operations report of each request (insight's RequestMetrics is one)."""
+
+    def observe(self, op: str, seconds: float, result: str) -> None:
+        """One request of *op* took *seconds*; *result* is ok or an errno name."""
+
+    def read(self, nbytes: int) -> None:
+        """A READ returned *nbytes*."""
+
+    def wrote(self, nbytes: int) -> None:
+        """A WRITE stored *nbytes*."""
+
+
 @dataclass
 class Handle:
     """An open file: its inode and the NUMA node of the process that opened it."""
@@ -156,7 +168,7 @@ class DmemOperations(pyfuse3.Operations):
 
     def __init__(self, inodes: InodeTable, store: FileStore | PassthroughStore,
                  trace: bool = False,
-                 metrics: RequestMetrics | None = None, journal: Journal | None = None) -> None:
+                 metrics: RequestObserver | None = None, journal: Journal | None = None) -> None:
         super().__init__()
         self.inodes = inodes
         self.store = store
@@ -548,7 +560,7 @@ class DmemOperations(pyfuse3.Operations):
         assert node.data is not None
         data = self.store.read(node.data, node.size, off, size)
         if self.metrics is not None:
-            self.metrics.read_bytes.inc(len(data))
+            self.metrics.read(len(data))
         return data
 
     @_boundary
@@ -560,7 +572,7 @@ class DmemOperations(pyfuse3.Operations):
                                               policy=node.policy or LOCAL)
         node.touch(data=True)
         if self.metrics is not None:
-            self.metrics.written_bytes.inc(written)
+            self.metrics.wrote(written)
         return written
 
     @_boundary

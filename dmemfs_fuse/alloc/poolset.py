@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ..errors import AllocatorError, NoSpaceError
-from ..files.policy import LOCAL, Policy
 from ..memory import numa
+from .policy import LOCAL, Policy
 from .pool import Extent, Pool, PoolStats
 
 log = logging.getLogger(__name__)

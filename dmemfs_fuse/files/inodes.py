@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 
 from sortedcontainers import SortedDict
 
+from ..alloc.policy import POLICY_XATTR, Policy
 from ..errors import fs_error
 from .changes import ChangeLog
 from .extents import FileExtents
-from .policy import POLICY_XATTR, Policy
 
 log = logging.getLogger(__name__)
 

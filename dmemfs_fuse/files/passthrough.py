@@ -42,6 +42,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..alloc.policy import LOCAL, Policy
 from ..alloc.pool import Extent, Pool
 from ..alloc.poolset import PoolSet
 from ..errors import NoSpaceError, fs_error
@@ -58,7 +59,6 @@ from ..memory.shmem import (
 )
 from .extents import FileExtents
 from .inodes import Inode
-from .policy import LOCAL, Policy
 from .store import MAX_FILE_SIZE, check_fallocate_mode, seek_in, whole_dpages
 
 log = logging.getLogger(__name__)

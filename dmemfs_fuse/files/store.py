@@ -34,6 +34,7 @@ import errno
 import logging
 import os
 
+from ..alloc.policy import LOCAL, Policy
 from ..alloc.pool import Extent
 from ..alloc.poolset import PoolSet
 from ..alloc.zeroing import DEFAULT_CHUNK_BYTES, DirtyRuns, Zeroer
@@ -42,7 +43,6 @@ from ..memory.region import Region
 from ..memory.shmem import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
 from .extents import FileExtents
 from .inodes import Inode
-from .policy import LOCAL, Policy
 
 log = logging.getLogger(__name__)
 

@@ -35,29 +35,30 @@ from humanfriendly import format_size
 from prometheus_client import CollectorRegistry
 from tqdm import tqdm
 
-from ..adapter import connection, datapath
+from ..adapter import connection
 from ..adapter.datapath import DataPath
 from ..adapter.fs import DmemOperations
+from ..alloc.policy import Policy, parse_policy
 from ..alloc.pool import Pool
 from ..alloc.poolset import PoolSet
 from ..files import poison
 from ..files.changes import ChangeLog
 from ..files.inodes import InodeTable
 from ..files.passthrough import PassthroughStore
-from ..files.policy import Policy, parse_policy
 from ..files.store import FileStore
 from ..insight import control, metrics
 from ..insight.metrics import build_registry
 from ..insight.report import Reporter
 from ..memory import bdi
-from ..memory.region import Region, RegionPlan, plan_region
-from ..memory.shmem import ShmemMemory, plan_shmem
+from ..memory.region import Region, RegionPlan
+from ..memory.shmem import ShmemMemory
 from ..metadata import persistence, recovery
 from ..metadata.journal import Journal
 from ..metadata.metalog import MetadataError
 from ..tasks import supervise
 from .notify import Notifier
 from .options import MountOptions
+from .plan import choose_data_path, plan_meta, plan_region, plan_shmem
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def run(config: DaemonConfig) -> int:
     """Serve until the filesystem is unmounted or a signal stops it; return the exit code."""
     connection.check_library()
     opts = config.options
-    path = datapath.choose(opts, connection.probe)
+    path = choose_data_path(opts, connection.probe)
     plan = (plan_shmem(opts, pool_memory_dir(config.mountpoint)) if path.passthrough
             else plan_region(opts))
     pools = build_pools(plan, opts.max_alloc_try_dpages, explicit=bool(opts.nodes))
@@ -124,7 +125,7 @@ def run(config: DaemonConfig) -> int:
     def parse(text: str) -> Policy:
         return parse_policy(text, pools.ids)
 
-    meta = persistence.plan_meta(opts, plan)
+    meta = plan_meta(opts, plan)
     lock = persistence.MetaLock(meta) if meta else None
     try:
         # Read and replay the metadata before reserving anything: a file that

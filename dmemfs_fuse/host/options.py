@@ -13,9 +13,10 @@ from typing import NamedTuple
 import humanfriendly
 
 from ..errors import ConfigError
+from ..memory.hugepages import DPAGE_SIZES
+from ..memory.region import PoolSpec
 
 K = 1024
-DPAGE_SIZES = {"4K": 4 * K, "2M": 2 * K * K, "1G": K * K * K}
 
 
 class OptionDoc(NamedTuple):
@@ -97,13 +98,6 @@ IGNORED = {"rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "auto", "no
 FLAGS = {"reserve_hugepages", "private", "allow_other", "allow_unlocked", "debug",
          "start_empty"}
 VALUED = {o.name for o in OPTIONS} - FLAGS
-
-
-class PoolSpec(NamedTuple):
-    """A pool to carve: its node and size in bytes (``size`` may be relative, see SizeSpec)."""
-
-    node: int
-    size: int
 
 
 class SizeSpec(NamedTuple):

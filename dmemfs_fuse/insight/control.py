@@ -22,12 +22,12 @@ from typing import Any, TypeVar
 
 import trio
 
+from ..rundir import RUN_DIR
 from ..tasks import supervise
 from .report import JSON, Reporter
 
 log = logging.getLogger(__name__)
 
-RUN_DIR = Path(os.environ.get("DMEMFS_RUN_DIR", "/run/dmemfs"))
 MAX_REQUEST = 1 << 16
 MAX_DRAIN = 64 << 20  # the most of an oversized request read and dropped after the answer
 BACKLOG = socket.SOMAXCONN

@@ -51,6 +51,14 @@ class RequestMetrics:
         self.requests.labels(op, result).inc()
         self.latency.labels(op).observe(seconds)
 
+    def read(self, nbytes: int) -> None:
+        """Count *nbytes* returned by a READ."""
+        self.read_bytes.inc(nbytes)
+
+    def wrote(self, nbytes: int) -> None:
+        """Count *nbytes* stored by a WRITE."""
+        self.written_bytes.inc(nbytes)
+
 
 class PoolCollector(Collector):
     """Per-pool gauges and counters, read from the live pools at scrape time."""

@@ -18,6 +18,8 @@ from .numa import NODE_ROOT
 
 log = logging.getLogger(__name__)
 
+# The dpage sizes a mount may use: the base page and the two huge page sizes.
+DPAGE_SIZES = {"4K": 4 << 10, "2M": 2 << 20, "1G": 1 << 30}
 GLOBAL_ROOT = Path("/sys/kernel/mm/hugepages")
 HUGETLBFS_MAGIC = 0x958458F6
 

@@ -1,8 +1,9 @@
 """The region: one memory mapping taken at start-up, populated, locked and kept until exit.
 
-It stands in for the ``dmem=`` boot reservation.  :func:`plan_region` turns the
-mount options and the machine's facts into a :class:`RegionPlan` (checked
-before anything is reserved); :meth:`Region.open` carries the plan out.
+It stands in for the ``dmem=`` boot reservation.  The host's plan
+(host/plan.py) turns the mount options and the machine's facts into a
+:class:`RegionPlan`, checked before anything is reserved; :meth:`Region.open`
+carries the plan out.
 """
 
 from __future__ import annotations
@@ -19,12 +20,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from humanfriendly import format_size
 
-from ..errors import ConfigError
-from ..host.options import DPAGE_SIZES, MountOptions, PoolSpec
 from . import hugepages, numa
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,13 @@ MAP_FAILED = ctypes.c_void_p(-1).value
 
 def _human(size: int) -> str:
     return str(format_size(size, binary=True))
+
+
+class PoolSpec(NamedTuple):
+    """A pool to carve: its node and size in bytes (``size`` may be relative, see SizeSpec)."""
+
+    node: int
+    size: int
 
 
 @dataclass(frozen=True)
@@ -84,123 +91,6 @@ def meminfo_available() -> int:
     return 0
 
 
-def plan_region(opts: MountOptions) -> RegionPlan:
-    """Resolve *opts* against this machine; raise ConfigError if the plan cannot work."""
-    nodes = numa.online_nodes()
-    warnings: list[str] = []
-    huge_2m = DPAGE_SIZES["2M"]
-    pagesize = opts.pagesize
-    if pagesize is None:
-        if opts.region.startswith("/") and on_hugetlbfs(opts.region):
-            pagesize = os.statvfs(os.path.dirname(opts.region)).f_bsize
-        else:
-            wanted = _requested_bytes(opts, nodes) // huge_2m
-            enough = hugepages.supported(huge_2m) and hugepages.available(huge_2m) >= wanted
-            pagesize = huge_2m if enough or opts.reserve_hugepages else DPAGE_SIZES["4K"]
-    pools = plan_pools(opts, nodes, pagesize)
-    total = sum(p.size for p in pools)
-    huge = pagesize > DPAGE_SIZES["4K"] and hugepages.supported(pagesize)
-    if pagesize > DPAGE_SIZES["4K"] and not hugepages.supported(pagesize):
-        warnings.append(f"the kernel has no {_human(pagesize)} huge pages")
-    reserve: dict[int, int] = {}
-    enough = False
-    if huge:
-        need = total // pagesize
-        enough = hugepages.available(pagesize) >= need
-        if not enough and opts.reserve_hugepages:
-            for node in sorted({p.node for p in pools}):
-                node_need = sum(p.size for p in pools if p.node == node) // pagesize
-                free = int(hugepages.node_path(pagesize, node, "free_hugepages").read_text())
-                if node_need > free:
-                    reserve[node] = node_need - free
-            enough = True
-    short = (f"{hugepages.available(pagesize) if huge else 0} free huge pages of "
-             f"{_human(pagesize)}, {total // pagesize} needed")
-    backend: str
-    path: str | None = None
-    if opts.region.startswith("/"):
-        backend, path = "path", opts.region
-        _check_path(path, total)
-    elif opts.region == "hugetlbfs":
-        if not huge:
-            raise ConfigError(f"region=hugetlbfs: needs pagesize 2M or 1G with kernel support, "
-                              f"not {_human(pagesize)}")
-        path = _hugetlbfs_dir(opts, pagesize)
-        if path is None:
-            raise ConfigError(f"region=hugetlbfs: no hugetlbfs with pagesize={_human(pagesize)} "
-                              "is mounted; mount one or name it with hugetlbfs=DIR")
-        if not enough:
-            raise ConfigError(f"region=hugetlbfs: {short}; add reserve_hugepages or raise "
-                              "/proc/sys/vm/nr_hugepages")
-        backend = "hugetlbfs"
-    else:
-        path = _hugetlbfs_dir(opts, pagesize) if huge and opts.region == "auto" else None
-        if huge and enough:
-            backend = "hugetlbfs" if path else "memfd-hugetlb"
-        else:
-            backend, path = "memfd", None
-            if huge:
-                warnings.append(f"{short}: falling back to a plain memfd of small pages "
-                                f"(dpages stay {_human(pagesize)}); add reserve_hugepages or "
-                                "raise /proc/sys/vm/nr_hugepages for huge pages")
-    if backend == "memfd" or (backend == "path" and not on_hugetlbfs(path or "")):
-        avail = meminfo_available()
-        if total > avail:
-            raise ConfigError(f"size: {_human(total)} wanted but only {_human(avail)} of memory "
-                              "is available")
-    return RegionPlan(pools=tuple(pools), dpage_size=pagesize, backend=backend, path=path,
-                      reserve=reserve, allow_unlocked=opts.allow_unlocked,
-                      warnings=tuple(warnings))
-
-
-def plan_pools(opts: MountOptions, nodes: list[int], pagesize: int) -> tuple[PoolSpec, ...]:
-    """The pools *opts* ask for on a machine with memory on *nodes*, sized in *pagesize*
-    dpages; ConfigError if they cannot be."""
-    if opts.nodes:
-        for spec in opts.nodes:
-            if spec.node not in nodes:
-                raise ConfigError(f"nodes: node {spec.node} does not exist or has no memory "
-                                  f"(nodes with memory: {', '.join(map(str, nodes))})")
-        pools = tuple(opts.nodes)
-    else:
-        assert opts.size is not None
-        if opts.size.all_but:
-            pools = tuple(
-                PoolSpec(n, (numa.node_meminfo(n).get("MemFree", 0) - opts.size.size)
-                         // pagesize * pagesize)
-                for n in nodes
-            )
-            for spec in pools:
-                if spec.size <= 0:
-                    raise ConfigError(f"size=!{_human(opts.size.size)}: node {spec.node} has no "
-                                      "more free memory than that")
-        else:
-            pools = tuple(PoolSpec(n, opts.size.size) for n in nodes)
-    for spec in pools:
-        if spec.size % pagesize:
-            raise ConfigError(f"size {_human(spec.size)} is not a multiple of pagesize "
-                              f"{_human(pagesize)}")
-    return pools
-
-
-def _requested_bytes(opts: MountOptions, nodes: list[int]) -> int:
-    if opts.nodes:
-        return sum(p.size for p in opts.nodes)
-    assert opts.size is not None
-    if opts.size.all_but:
-        return sum(max(0, numa.node_meminfo(n).get("MemFree", 0) - opts.size.size) for n in nodes)
-    return opts.size.size * len(nodes)
-
-
-def _hugetlbfs_dir(opts: MountOptions, pagesize: int) -> str | None:
-    if opts.hugetlbfs:
-        if not on_hugetlbfs(os.path.join(opts.hugetlbfs, "x")):
-            raise ConfigError(f"hugetlbfs={opts.hugetlbfs}: not a hugetlbfs mount")
-        return opts.hugetlbfs
-    mounts = hugepages.hugetlbfs_mounts(pagesize)
-    return str(mounts[0]) if mounts else None
-
-
 def on_hugetlbfs(path: str) -> bool:
     """Whether *path* (or, if it does not exist yet, its directory) is on a hugetlbfs."""
     try:
@@ -214,17 +104,6 @@ def on_hugetlbfs(path: str) -> bool:
     except OSError:
         pass
     return False
-
-
-def _check_path(path: str, size: int) -> None:
-    if os.path.exists(path):
-        st = os.stat(path)
-        if stat.S_ISDIR(st.st_mode):
-            raise ConfigError(f"region={path}: is a directory; name a file or a device")
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-            raise ConfigError(f"region={path}: not a regular file or a device")
-    elif not os.path.isdir(os.path.dirname(path) or "/"):
-        raise ConfigError(f"region={path}: its directory does not exist")
 
 
 class Region:

@@ -41,10 +41,9 @@ from pathlib import Path
 
 from humanfriendly import format_size
 
-from ..errors import ConfigError
-from ..host.options import DPAGE_SIZES, MountOptions
 from . import numa
-from .region import RegionPlan, meminfo_available, plan_pools
+from .hugepages import DPAGE_SIZES
+from .region import RegionPlan
 
 log = logging.getLogger(__name__)
 
@@ -89,22 +88,6 @@ def shmem_huge_possible() -> bool:
     except OSError:
         return False
     return "[deny]" not in text
-
-
-def plan_shmem(opts: MountOptions, base: Path) -> RegionPlan:
-    """The pools for the passthrough path, their memory mounted at *base*: 2M dpages
-    (transparent huge pages) by default, 4K where shmem may not use huge pages;
-    ConfigError if the memory is not there."""
-    nodes = numa.online_nodes()
-    pagesize = opts.pagesize or (DPAGE_SIZES["2M"] if shmem_huge_possible()
-                                 else DPAGE_SIZES["4K"])
-    pools = plan_pools(opts, nodes, pagesize)
-    total = sum(p.size for p in pools)
-    avail = meminfo_available()
-    if total > avail:
-        raise ConfigError(f"size: {_human(total)} wanted but only {_human(avail)} of memory "
-                          "is available")
-    return RegionPlan(pools=pools, dpage_size=pagesize, backend="shmem", path=str(base))
 
 
 def mount_tmpfs(target: Path, size: int, dpage_size: int, node: int, nr_inodes: int) -> None:

@@ -34,10 +34,10 @@ from typing import Any
 
 import msgpack
 
+from ..alloc.policy import Policy
 from ..errors import ConfigError
 from ..files.extents import FileExtents
 from ..files.inodes import Directory, Inode
-from ..files.policy import Policy
 
 MAGIC = "dmemfs-metadata"
 VERSION = 1

@@ -16,11 +16,10 @@ from dataclasses import dataclass
 
 from humanfriendly import format_size
 
+from ..alloc.policy import Policy
 from ..errors import ConfigError
-from ..files.policy import Policy
-from ..host.options import MountOptions
-from ..insight.control import RUN_DIR
 from ..memory.region import RegionPlan, on_hugetlbfs
+from ..rundir import RUN_DIR
 from .metalog import Layout, MetadataError, region_identity
 from .recovery import Recovered, load
 
@@ -40,45 +39,6 @@ class MetaPlan:
     path: str
     start_empty: bool
     checkpoint_bytes: int
-
-
-def plan_meta(opts: MountOptions, plan: RegionPlan) -> MetaPlan | None:
-    """The metadata file for *opts*, or None when the mount does not persist."""
-    if opts.meta == "none":
-        return None
-    path = opts.meta
-    if plan.backend == "shmem":
-        # The passthrough path: the backing files outlive a daemon that dies (their
-        # tmpfs instances stay mounted), so the namespace goes beside them, in RUN_DIR,
-        # for the next daemon to adopt them.  An orderly stop ends both, as on tmpfs.
-        assert plan.path is not None and path is None  # meta=PATH takes the region path
-        if opts.size is not None and opts.size.all_but:
-            log.info("size=!%s: the pool sizes follow free memory, so files are not kept "
-                     "for a daemon that replaces this one after a crash",
-                     format_size(opts.size.size, binary=True))
-            return None
-        os.makedirs(os.path.dirname(plan.path), mode=0o700, exist_ok=True)
-        return MetaPlan(plan.path + ".meta", opts.start_empty, opts.checkpoint)
-    if path is None:
-        if plan.backend != "path" or plan.path is None:
-            return None
-        if os.path.exists(plan.path) and not stat.S_ISREG(os.stat(plan.path).st_mode):
-            log.warning("region=%s is a device: files will not be found again after a restart "
-                        "unless meta=PATH names where to keep the metadata", plan.path)
-            return None
-        path = default_meta_path(plan.path)
-    if opts.size is not None and opts.size.all_but:
-        raise ConfigError(f"size=!{format_size(opts.size.size, binary=True)}: the pool sizes "
-                          "would follow free memory and differ from start to start, so a "
-                          f"persistent region (metadata {path}) needs size=SIZE or nodes=; "
-                          "or meta=none")
-    if not os.path.isdir(os.path.dirname(path) or "/"):
-        raise ConfigError(f"meta={path}: its directory does not exist")
-    if os.path.isdir(path):
-        raise ConfigError(f"meta={path}: is a directory; name a file")
-    if opts.start_empty and not os.path.exists(path):
-        log.info("start_empty: there is no metadata at %s anyway", path)
-    return MetaPlan(path, opts.start_empty, opts.checkpoint)
 
 
 def default_meta_path(region: str) -> str:

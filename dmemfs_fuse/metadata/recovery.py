@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..alloc.policy import Policy
 from ..alloc.pool import Extent
 from ..alloc.poolset import PoolSet
 from ..errors import AllocatorError
@@ -34,7 +35,6 @@ from ..files.changes import BAD, ENTRY_ADD, ENTRY_REMOVE, MAP, TRUNCATE, UNMAP
 from ..files.extents import FileExtents
 from ..files.inodes import ROOT_INO, Inode, InodeTable
 from ..files.passthrough import PassthroughStore
-from ..files.policy import Policy
 from ..files.store import FileStore
 from .metalog import Layout, MetadataError, decode_inode, layout_of, read_log
 

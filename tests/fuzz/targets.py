@@ -48,8 +48,8 @@ def _text(data: bytes) -> str:
 
 def build_options() -> Check:
     """The options target: the first byte picks mount options, a policy or a size."""
+    from dmemfs_fuse.alloc.policy import parse_policy
     from dmemfs_fuse.errors import ConfigError
-    from dmemfs_fuse.files.policy import parse_policy
     from dmemfs_fuse.host.options import OPTIONS, parse_mount_options, parse_size, split_options
 
     known_pools = (0, 1, 2, 3)
@@ -93,15 +93,14 @@ def build_control() -> Check:
     from functools import partial
 
     from dmemfs_fuse.adapter.fs import DmemOperations
+    from dmemfs_fuse.alloc.policy import parse_policy
     from dmemfs_fuse.files.inodes import ROOT_INO, InodeTable
     from dmemfs_fuse.files.poison import block_sigbus
-    from dmemfs_fuse.files.policy import parse_policy
     from dmemfs_fuse.files.store import FileStore
     from dmemfs_fuse.host.daemon import build_pools
-    from dmemfs_fuse.host.options import PoolSpec
     from dmemfs_fuse.insight.control import answer
     from dmemfs_fuse.insight.report import Reporter
-    from dmemfs_fuse.memory.region import Region, RegionPlan
+    from dmemfs_fuse.memory.region import PoolSpec, Region, RegionPlan
 
     # The control protocol's kernel_error asks for a real SIGBUS: taken, as in the daemon,
     # only through a signalfd (none is read here), never delivered.
@@ -146,8 +145,7 @@ META_REGION = "file:fuzz"
 
 def _meta_filesystem() -> tuple[Any, Any, Any]:
     """(plan, layout, region) of the metadata target."""
-    from dmemfs_fuse.host.options import PoolSpec
-    from dmemfs_fuse.memory.region import Region, RegionPlan
+    from dmemfs_fuse.memory.region import PoolSpec, Region, RegionPlan
     from dmemfs_fuse.metadata.metalog import Layout
 
     plan = RegionPlan(pools=(PoolSpec(0, META_POOL_DPAGES * META_DPAGE),) * 2,
@@ -181,8 +179,8 @@ def build_metadata() -> Check:
     import tempfile
     from functools import partial
 
+    from dmemfs_fuse.alloc.policy import parse_policy
     from dmemfs_fuse.files.inodes import InodeTable
-    from dmemfs_fuse.files.policy import parse_policy
     from dmemfs_fuse.files.store import FileStore
     from dmemfs_fuse.host.daemon import build_pools
     from dmemfs_fuse.metadata.metalog import MetadataError
@@ -230,10 +228,10 @@ def make_metadata_seeds(directory: str) -> list[str]:
     import stat
     import tempfile
 
+    from dmemfs_fuse.alloc.policy import parse_policy
     from dmemfs_fuse.files.changes import ChangeLog
     from dmemfs_fuse.files.inodes import ROOT_INO, InodeTable
     from dmemfs_fuse.files.poison import MemoryErrors
-    from dmemfs_fuse.files.policy import parse_policy
     from dmemfs_fuse.files.store import FileStore
     from dmemfs_fuse.host.daemon import build_pools
     from dmemfs_fuse.metadata.journal import Journal

@@ -57,7 +57,7 @@ def build(dpage: int, size: int) -> Any:
     store_mod = importlib.import_module("dmemfs_fuse.files.store")
     inodes_mod = importlib.import_module("dmemfs_fuse.files.inodes")
     fs_mod = importlib.import_module("dmemfs_fuse.adapter.fs")
-    policy_mod = importlib.import_module("dmemfs_fuse.files.policy")
+    policy_mod = importlib.import_module("dmemfs_fuse.alloc.policy")
     buffer = bytearray(size)
     region = SimpleNamespace(size=size, dpage_size=dpage, fresh=True, view=memoryview(buffer),
                              array=np.frombuffer(buffer, dtype=np.uint8))
