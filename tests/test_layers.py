@@ -1,8 +1,8 @@
 """The package's layers: each module imports only from its own layer and the layers below.
 
-The order, from the bottom up, is the README's ("Layout").  errors.py, rundir.py and
-tasks.py at the top of the package are foundations that every layer may use; they import
-nothing of the package but errors.
+The order, from the bottom up, is the README's ("Layout").  The modules at the top of
+the package (errors, libc, rundir, sizes, tasks) are foundations that every layer may
+use; they import nothing of the package but errors.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "dmemfs_fuse"
 LAYERS = ["memory", "alloc", "files", "metadata", "adapter", "insight", "host"]
-FOUNDATIONS = {"errors", "rundir", "tasks", "__init__"}
+FOUNDATIONS = {"errors", "libc", "rundir", "sizes", "tasks", "__init__"}
 
 
 def rank(module: tuple[str, ...]) -> int:

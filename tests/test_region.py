@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from dmemfs_fuse.libc import libc as real
 from dmemfs_fuse.memory import region as region_mod
 from dmemfs_fuse.memory.region import EHWPOISON, MADV_POPULATE_WRITE, PoolSpec, Region, RegionPlan
 
@@ -56,17 +57,16 @@ def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
 def _open_with(monkeypatch: pytest.MonkeyPatch, size: int,
                fail: dict[int, int]) -> tuple[FakeMadvise, Region | BaseException]:
     plan = RegionPlan(pools=(PoolSpec(0, size),), dpage_size=DPS, backend="memfd")
-    fake = FakeMadvise(region_mod._libc.madvise, fail)
-    real_mmap = region_mod._libc.mmap
+    fake = FakeMadvise(real.madvise, fail)
+    real_mmap = real.mmap
 
     def mmap(*args: Any) -> Any:
         fake.base = real_mmap(*args)
         return fake.base
 
-    real = region_mod._libc
     libc = SimpleNamespace(madvise=fake, mmap=mmap, munmap=real.munmap, mlock=real.mlock,
                            munlock=real.munlock)
-    monkeypatch.setattr(region_mod, "_libc", libc)
+    monkeypatch.setattr(region_mod, "libc", libc)
     try:
         return fake, Region.open(plan)
     except OSError as exc:

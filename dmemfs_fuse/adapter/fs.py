@@ -283,17 +283,17 @@ class DmemOperations(pyfuse3.Operations):
         return self.connection is not None and self.connection.kills_privileges
 
     @staticmethod
-    def _kill_privileges(node: Inode, pid: int, caller: Caller | None = None) -> bool:
+    def _kill_privileges(entry: Inode, pid: int, caller: Caller | None = None) -> bool:
         """Clear set-user-ID and set-group-ID as the kernel does for process *pid* (*caller*
         if it was read already, else read only if needed), once it has been decided that
         the caller must lose them (see setattr and open).  Set-group-ID goes too on a file
         that is not group-executable when the caller is neither in its group nor holds
         CAP_FSETID (setattr_should_drop_sgid).  Returns whether the mode changed."""
         stranger = False
-        if node.mode & stat.S_ISGID and not node.mode & stat.S_IXGRP:
+        if entry.mode & stat.S_ISGID and not entry.mode & stat.S_IXGRP:
             caller = caller or Caller.of(pid)
-            stranger = not caller.in_group(node.gid) and not caller.cap_fsetid
-        return node.kill_suidgid(also_sgid=stranger)
+            stranger = not caller.in_group(entry.gid) and not caller.cap_fsetid
+        return entry.kill_suidgid(also_sgid=stranger)
 
     # -- attributes ------------------------------------------------------------
 
@@ -344,23 +344,23 @@ class DmemOperations(pyfuse3.Operations):
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        node = self.inodes.get(inode)
+        entry = self.inodes.get(inode)
         if fields.update_size:
-            self.store.sync(node)  # the size the kernel may have grown it to
+            self.store.sync(entry)  # the size the kernel may have grown it to
             try:
-                self._resize(node, attr.st_size, self._node_of(fh, ctx))
+                self._resize(entry, attr.st_size, self._node_of(fh, ctx))
             except NoSpaceError:  # nothing changed; `rm a; truncate -s N b` must work
                 if not await self._forgets_landed():
                     raise
-                self._resize(node, attr.st_size, self._node_of(fh, ctx))
+                self._resize(entry, attr.st_size, self._node_of(fh, ctx))
         # Under killpriv v2 the kernel leaves clearing suid/sgid to us, and says when:
         # FATTR_KILL_SUIDGID on a truncate or chown, and an otherwise empty SETATTR from
         # file_remove_privs() before a write (or fallocate) by a caller without
         # CAP_FSETID; the writer is the caller here.  libfuse drops the flag the WRITE
         # itself carries, and the write-back of a mapping, which keeps the bits, sends none.
-        if fields.kill_suidgid or (self.kills_privileges and node.data is not None
+        if fields.kill_suidgid or (self.kills_privileges and entry.data is not None
                                    and not _changes_anything(fields)):
-            self._kill_privileges(node, ctx.pid)
+            self._kill_privileges(entry, ctx.pid)
         now = time.time_ns()
         self.inodes.set_attributes(
             inode,
@@ -371,16 +371,16 @@ class DmemOperations(pyfuse3.Operations):
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else (
                 now if fields.update_size else None),
         )
-        return self._attrs(node)
+        return self._attrs(entry)
 
-    def _resize(self, node: Inode, size: int, numa_node: int) -> None:
-        if node.data is None:
-            raise OSError(errno.EISDIR if node.dir is not None else errno.EINVAL,
+    def _resize(self, entry: Inode, size: int, numa_node: int) -> None:
+        if entry.data is None:
+            raise OSError(errno.EISDIR if entry.dir is not None else errno.EINVAL,
                           "truncate of a non-regular file")
-        self.store.resize(node.data, node.size, size, node=numa_node,
-                          policy=node.policy or LOCAL)
-        node.size = size
-        node.touch(data=True)
+        self.store.resize(entry.data, entry.size, size, node=numa_node,
+                          policy=entry.policy or LOCAL)
+        entry.size = size
+        entry.touch(data=True)
 
     async def _forgets_landed(self) -> bool:
         """Give FORGETs in flight a short, bounded time to land; whether dpages came back.
@@ -494,9 +494,9 @@ class DmemOperations(pyfuse3.Operations):
         try:
             # Files the kernel opened with the id keep the backing file; the id goes.
             pyfuse3.backing_close(held[0])
-            node = self.inodes.inodes.get(ino)
-            if node is not None:
-                self.store.sync(node)
+            entry = self.inodes.inodes.get(ino)
+            if entry is not None:
+                self.store.sync(entry)
         except Exception:  # the reconcile task syncs the file again later
             log.exception("closing the backing file of inode %d", ino)
 
@@ -516,28 +516,28 @@ class DmemOperations(pyfuse3.Operations):
 
     @_boundary
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        node = self.inodes.get(inode)
-        if node.data is None:
-            raise OSError(errno.EISDIR if node.dir is not None else errno.ENXIO, "open")
+        entry = self.inodes.get(inode)
+        if entry.data is None:
+            raise OSError(errno.EISDIR if entry.dir is not None else errno.ENXIO, "open")
         if flags & os.O_TRUNC:  # times change even if the file is already empty
-            self._resize(node, 0, numa.process_node(ctx.pid))
-            self._kill_privileges_on_open(node, ctx.pid)
-        return self._open_handle(node, ctx)
+            self._resize(entry, 0, numa.process_node(ctx.pid))
+            self._kill_privileges_on_open(entry, ctx.pid)
+        return self._open_handle(entry, ctx)
 
-    def _kill_privileges_on_open(self, node: Inode, pid: int) -> None:
+    def _kill_privileges_on_open(self, entry: Inode, pid: int) -> None:
         """An O_TRUNC open: libfuse drops the kernel's FUSE_OPEN_KILL_SUIDGID, so ask as the
         kernel does whether the opener (blocked in open) holds CAP_FSETID."""
-        if not (self.kills_privileges and node.mode & (stat.S_ISUID | stat.S_ISGID)):
+        if not (self.kills_privileges and entry.mode & (stat.S_ISUID | stat.S_ISGID)):
             return
         caller = Caller.of(pid)
-        if not caller.cap_fsetid and self._kill_privileges(node, pid, caller):
+        if not caller.cap_fsetid and self._kill_privileges(entry, pid, caller):
             # The open reply carries no attributes: without this, `stat -c %a` would show
             # the old mode.  Attributes only: no page lock is taken, so this is safe inside
             # a request.
             try:
-                pyfuse3.invalidate_inode(node.ino, attr_only=True)
+                pyfuse3.invalidate_inode(entry.ino, attr_only=True)
             except OSError as exc:  # the kernel may not know the inode
-                log.debug("invalidate attributes of inode %d: %s", node.ino, exc)
+                log.debug("invalidate attributes of inode %d: %s", entry.ino, exc)
 
     @_boundary
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,

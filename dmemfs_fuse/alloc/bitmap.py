@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..sizes import ceil_div
+
 WORD_BITS = 64
 _WORD = np.dtype("<u8")
 _FULL = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
@@ -34,7 +36,7 @@ class Bitmap:
         if size < 0:
             raise ValueError(f"bitmap of {size} bits")
         self.size = size
-        self.words = np.zeros(-(-size // WORD_BITS), dtype=_WORD)
+        self.words = np.zeros(ceil_div(size, WORD_BITS), dtype=_WORD)
 
     @property
     def nbytes(self) -> int:

@@ -57,6 +57,7 @@ from ..memory.shmem import (
     holds_pages,
     page_nodes_of_file,
 )
+from ..sizes import ceil_div
 from .extents import FileExtents
 from .inodes import Inode
 from .store import MAX_FILE_SIZE, check_fallocate_mode, seek_in, whole_dpages
@@ -170,7 +171,7 @@ class PassthroughStore:
         # that a utimens the daemon served stays.
         if seen.mtime_ns < 0:
             changed = (st.st_size != inode.size
-                       or -(-st.st_blocks * 512 // self.dpage_size) > inode.data.mapped)
+                       or ceil_div(st.st_blocks * 512, self.dpage_size) > inode.data.mapped)
         else:
             changed = st.st_mtime_ns != seen.mtime_ns
         if st.st_size != inode.size:
@@ -200,7 +201,7 @@ class PassthroughStore:
         try:
             runs = _dpage_runs(_data_ranges(fd), dps)
             st = os.fstat(fd)
-            held = -(-st.st_blocks * 512 // dps)
+            held = ceil_div(st.st_blocks * 512, dps)
             if st.st_size and held > sum(e - f for f, e in runs):
                 last = (st.st_size - 1) // dps
                 if _probe(fd, last, dps):  # SEEK_DATA's blind spot at the largest size
@@ -208,7 +209,7 @@ class PassthroughStore:
                                        + [(last * dps, st.st_size)], dps)
             if resident and held > extents.mapped:
                 found = [(d * dps, (d + 1) * dps) for f, n in
-                         extents.holes(0, max(-(-st.st_size // dps), 1))
+                         extents.holes(0, max(ceil_div(st.st_size, dps), 1))
                          for d in _probe_run(fd, f, n, dps)]
                 runs = _dpage_runs([(f * dps, e * dps) for f, e in runs] + found, dps)
         finally:
@@ -275,7 +276,7 @@ class PassthroughStore:
             return file_size, 0
         dps = self.dpage_size
         self.place(extents.ino, node, policy)
-        self._lend(extents, off // dps, -(-end // dps), node)
+        self._lend(extents, off // dps, ceil_div(end, dps), node)
         fd = self._open(extents.ino)
         try:
             written = os.pwrite(fd, memoryview(data)[: end - off], off)
@@ -294,14 +295,14 @@ class PassthroughStore:
         dps = self.dpage_size
         home = self.place(extents.ino, node, policy)
         if new_size > old_size:
-            self._lend(extents, old_size // dps, -(-new_size // dps), node)
+            self._lend(extents, old_size // dps, ceil_div(new_size, dps), node)
         fd = self._open(extents.ino)
         try:
             os.ftruncate(fd, new_size)
         finally:
             os.close(fd)
         if new_size < old_size:
-            self.pools.free(extents.truncate(-(-new_size // dps)))
+            self.pools.free(extents.truncate(ceil_div(new_size, dps)))
             home.balance()
         self._note(extents.ino)
 
@@ -370,7 +371,7 @@ class PassthroughStore:
         dps = self.dpage_size
         home = self.place(extents.ino, node, policy)
         if not mode & FALLOC_FL_PUNCH_HOLE:
-            self._lend(extents, off // dps, -(-end // dps), node)
+            self._lend(extents, off // dps, ceil_div(end, dps), node)
             new_size = file_size if mode & FALLOC_FL_KEEP_SIZE else max(file_size, end)
         else:
             new_size = file_size
@@ -564,7 +565,7 @@ def _dpage_runs(ranges: list[tuple[int, int]], dps: int) -> list[tuple[int, int]
     data ranges may share a dpage (a page not written yet between them)."""
     runs: list[list[int]] = []
     for lo, hi in sorted(ranges):
-        first, end = lo // dps, -(-hi // dps)
+        first, end = lo // dps, ceil_div(hi, dps)
         if runs and first <= runs[-1][1]:
             runs[-1][1] = max(runs[-1][1], end)
         else:

@@ -31,6 +31,7 @@ import numpy as np
 import trio
 
 from ..errors import fs_error
+from ..libc import libc
 from .inodes import InodeTable
 from .store import FileStore
 
@@ -47,7 +48,6 @@ BUS_MCEERR_AO = 5
 PR_MCE_KILL, PR_MCE_KILL_SET, PR_MCE_KILL_EARLY = 33, 1, 1
 SYS_RT_TGSIGQUEUEINFO = 297  # x86_64
 SIGNALFD_SIGINFO = 128
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,7 @@ def trim_heap() -> None:
     MiB.  glibc keeps those freed chunks in the heap, which left the daemon
     about 14 MiB larger for good after scanning a 16 GiB region.
     """
-    trim = getattr(_libc, "malloc_trim", None)  # glibc only
+    trim = getattr(libc, "malloc_trim", None)  # glibc only
     if trim is not None:
         trim(0)
 
@@ -217,7 +217,7 @@ def block_sigbus() -> bool:
     mask, and kills the daemon as it would have anyway.  Returns whether the
     kernel accepted the early-notice request.
     """
-    early = bool(_libc.prctl(PR_MCE_KILL, PR_MCE_KILL_SET, PR_MCE_KILL_EARLY, 0, 0) == 0)
+    early = bool(libc.prctl(PR_MCE_KILL, PR_MCE_KILL_SET, PR_MCE_KILL_EARLY, 0, 0) == 0)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGBUS})
     return early
 
@@ -226,7 +226,7 @@ def open_sigbus_fd() -> int:
     """A non-blocking signalfd that yields SIGBUS (which must be blocked)."""
     mask = ctypes.create_string_buffer(128)
     struct.pack_into("<Q", mask, 0, 1 << (signal.SIGBUS - 1))
-    fd = _libc.signalfd(-1, mask, os.O_NONBLOCK | os.O_CLOEXEC)
+    fd = libc.signalfd(-1, mask, os.O_NONBLOCK | os.O_CLOEXEC)
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"signalfd: {os.strerror(err)}")
@@ -253,7 +253,7 @@ def send_mce_notice(addr: int) -> None:
     info = ctypes.create_string_buffer(128)
     struct.pack_into("<iii", info, 0, signal.SIGBUS, 0, BUS_MCEERR_AO)
     struct.pack_into("<Qh", info, 16, addr, PAGE_SIZE.bit_length() - 1)  # si_addr, si_addr_lsb
-    if _libc.syscall(SYS_RT_TGSIGQUEUEINFO, os.getpid(), _libc.gettid(), signal.SIGBUS,
+    if libc.syscall(SYS_RT_TGSIGQUEUEINFO, os.getpid(), libc.gettid(), signal.SIGBUS,
                      info) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"rt_tgsigqueueinfo: {os.strerror(err)}")

@@ -41,6 +41,7 @@ from ..alloc.zeroing import DEFAULT_CHUNK_BYTES, DirtyRuns, Zeroer
 from ..errors import fs_error
 from ..memory.region import Region
 from ..memory.shmem import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
+from ..sizes import ceil_div
 from .extents import FileExtents
 from .inodes import Inode
 
@@ -63,7 +64,7 @@ def check_fallocate_mode(mode: int) -> None:
 
 def whole_dpages(off: int, end: int, dps: int) -> tuple[int, int]:
     """The dpages ``[first, stop)`` that bytes ``[off, end)`` cover whole (maybe none)."""
-    first, stop = -(-off // dps), end // dps
+    first, stop = ceil_div(off, dps), end // dps
     return first, max(first, stop)
 
 
@@ -72,7 +73,7 @@ def seek_in(extents: FileExtents, file_size: int, off: int, whence: int, dps: in
     data, a hole is a hole, EOF is a hole); ENXIO at or past EOF, as on tmpfs."""
     if off >= file_size or off < 0:
         raise fs_error(errno.ENXIO, f"offset {off} is not before EOF ({file_size})")
-    end = -(-file_size // dps)
+    end = ceil_div(file_size, dps)
     for piece in extents.pieces(off // dps, end):
         if (piece.region is not None) == (whence == os.SEEK_DATA):
             return min(max(off, piece.file_dpage * dps), file_size)
@@ -104,7 +105,7 @@ class FileStore:
             return b""
         end = min(file_size, off + length)
         dps = self.dpage_size
-        pieces = list(extents.pieces(off // dps, -(-end // dps)))
+        pieces = list(extents.pieces(off // dps, ceil_div(end, dps)))
         if self.pools.bad_dpages:
             for piece in pieces:
                 if piece.region is not None and self.pools.bad_in(piece.region, piece.length):
@@ -144,13 +145,13 @@ class FileStore:
             return file_size, 0
         dps = self.dpage_size
         replace = self._bad_to_replace(extents, off, end) if self.pools.bad_dpages else []
-        self._allocate(extents, off // dps, -(-end // dps), node, policy, replace=replace)
+        self._allocate(extents, off // dps, ceil_div(end, dps), node, policy, replace=replace)
         if self.dirty:
             self._settle_for_write(extents, off, end)
         view = self.region.view
         source = memoryview(data)  # slicing a view copies nothing
         pos = 0
-        for piece in extents.pieces(off // dps, -(-end // dps)):
+        for piece in extents.pieces(off // dps, ceil_div(end, dps)):
             assert piece.region is not None
             lo = max(off, piece.file_dpage * dps)
             hi = min(end, (piece.file_dpage + piece.length) * dps)
@@ -172,9 +173,9 @@ class FileStore:
                            f"({MAX_FILE_SIZE} bytes)")
         dps = self.dpage_size
         if new_size > old_size:
-            self._allocate(extents, old_size // dps, -(-new_size // dps), node, policy)
+            self._allocate(extents, old_size // dps, ceil_div(new_size, dps), node, policy)
             return
-        released = extents.truncate(-(-new_size // dps))
+        released = extents.truncate(ceil_div(new_size, dps))
         self.free(released)
         if new_size % dps:
             last = next(extents.pieces(new_size // dps, new_size // dps + 1))
@@ -202,7 +203,7 @@ class FileStore:
             raise fs_error(errno.EFBIG, f"fallocate to byte {end}, past the largest file")
         dps = self.dpage_size
         if not mode & FALLOC_FL_PUNCH_HOLE:
-            self._allocate(extents, off // dps, -(-end // dps), node, policy)
+            self._allocate(extents, off // dps, ceil_div(end, dps), node, policy)
             return file_size if mode & FALLOC_FL_KEEP_SIZE else max(file_size, end)
         first, stop = whole_dpages(off, end, dps)
         for lo, hi in ((off, min(end, first * dps)), (max(off, stop * dps), end)):
@@ -273,7 +274,7 @@ class FileStore:
         """
         dps = self.dpage_size
         found: list[int] = []
-        for piece in extents.pieces(off // dps, -(-end // dps)):
+        for piece in extents.pieces(off // dps, ceil_div(end, dps)):
             if piece.region is None:
                 continue
             for bad in self.pools.bad_in(piece.region, piece.length):
@@ -325,8 +326,8 @@ class FileStore:
         """Before bytes ``[off, end)`` are written: take the file's dirty dpages there out of
         the set, zeroing the ones the write covers only in part."""
         dps = self.dpage_size
-        whole_lo, whole_hi = -(-off // dps), end // dps  # file dpages covered whole
-        for piece in extents.pieces(off // dps, -(-end // dps)):
+        whole_lo, whole_hi = ceil_div(off, dps), end // dps  # file dpages covered whole
+        for piece in extents.pieces(off // dps, ceil_div(end, dps)):
             assert piece.region is not None
             for ext in self.dirty.take(piece.region, piece.length):
                 first = piece.file_dpage + ext.start - piece.region  # file dpage of ext.start

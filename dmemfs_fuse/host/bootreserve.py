@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -238,7 +239,7 @@ def reserve(requests: list[PoolRequest], state: Path, source: str = "config") ->
                 partial = [*added, Added(request.node, request.pagesize, got)] if got else added
                 left = give_back(partial)
                 save_state(state, left)
-                if got < request.count and exc.errno == 12:
+                if got < request.count and exc.errno == errno.ENOMEM:
                     reason = (f"node {request.node}: the kernel gave {got} of {request.count} "
                               f"huge pages of {size_name(request.pagesize)} (memory too small "
                               "or too fragmented; hugepages= on the kernel command line "

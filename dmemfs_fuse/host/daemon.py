@@ -31,7 +31,6 @@ from typing import NoReturn
 
 import pyfuse3
 import trio
-from humanfriendly import format_size
 from prometheus_client import CollectorRegistry
 from tqdm import tqdm
 
@@ -55,6 +54,7 @@ from ..memory.shmem import ShmemMemory
 from ..metadata import persistence, recovery
 from ..metadata.journal import Journal
 from ..metadata.metalog import MetadataError
+from ..sizes import human
 from ..tasks import supervise
 from .notify import Notifier
 from .options import MountOptions
@@ -309,7 +309,7 @@ def _open_journal(meta: persistence.MetaPlan, plan: RegionPlan, inodes: InodeTab
                                 "metadata is kept beside it)") from None
         log.info("recovered from %s: %d files (%s), %d directories, %d inodes; %d batches "
                  "replayed%s, %d unlinked-but-open files freed, %d bad dpages, in %.2f s",
-                 meta.path, report.files, format_size(report.bytes, binary=True),
+                 meta.path, report.files, human(report.bytes),
                  report.directories, report.inodes, report.batches,
                  f", a torn last append of {report.torn_bytes} bytes dropped"
                  if report.torn_bytes else "", report.orphans_freed, report.bad_dpages,
@@ -339,8 +339,8 @@ class _Mount:
         self.mounted = True
         store = self.ops.store
         log.info("mounted %s: %s of %s dpages, %s data path", self.config.mountpoint,
-                 format_size(store.pools.total_dpages * store.dpage_size, binary=True),
-                 format_size(store.dpage_size, binary=True), self.reporter.data_path.name)
+                 human(store.pools.total_dpages * store.dpage_size),
+                 human(store.dpage_size), self.reporter.data_path.name)
         if self.ready_fd >= 0:
             _report_ready(self.ready_fd)
         self.notifier.ready(self.status_line())
@@ -348,8 +348,8 @@ class _Mount:
     def status_line(self) -> str:
         """The one-line state systemctl status shows."""
         st = self.reporter.status()
-        return (f"{format_size(st['free_bytes'], binary=True)} free of "
-                f"{format_size(st['total_bytes'], binary=True)} in {len(st['pools'])} pool(s), "
+        return (f"{human(st['free_bytes'])} free of "
+                f"{human(st['total_bytes'])} in {len(st['pools'])} pool(s), "
                 f"{st['inodes_used'] - 1} file(s) on {self.config.mountpoint}")
 
 
@@ -448,8 +448,8 @@ class _Progress:
         now = time.monotonic()
         if now - self.last >= 1.0 and done < total:
             self.last = now
-            text = (f"populating the region: {format_size(done, binary=True)} of "
-                    f"{format_size(total, binary=True)}")
+            text = (f"populating the region: {human(done)} of "
+                    f"{human(total)}")
             self.notifier.status(text)
             self.notifier.extend_timeout(30)  # still making progress: do not time us out
             if self.bar is None:

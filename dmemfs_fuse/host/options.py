@@ -15,6 +15,7 @@ import humanfriendly
 from ..errors import ConfigError
 from ..memory.hugepages import DPAGE_SIZES
 from ..memory.region import PoolSpec
+from ..sizes import human
 
 K = 1024
 
@@ -221,8 +222,8 @@ def parse_mount_options(opt_strings: list[str]) -> MountOptions:
         for size in sizes:
             if size % opts.pagesize:
                 raise ConfigError(
-                    f"size {humanfriendly.format_size(size, binary=True)} is not a multiple "
-                    f"of pagesize {humanfriendly.format_size(opts.pagesize, binary=True)}"
+                    f"size {human(size)} is not a multiple "
+                    f"of pagesize {human(opts.pagesize)}"
                 )
     return opts
 

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pyfuse3
-from humanfriendly import format_size
 
 from ..adapter.caller import CAP_SYS_ADMIN, has_capability
 from ..adapter.connection import Negotiated
@@ -26,13 +25,10 @@ from ..memory.hugepages import DPAGE_SIZES
 from ..memory.region import PoolSpec, RegionPlan, meminfo_available, on_hugetlbfs
 from ..memory.shmem import shmem_huge_possible
 from ..metadata.persistence import MetaPlan, default_meta_path
+from ..sizes import human
 from .options import MountOptions
 
 log = logging.getLogger(__name__)
-
-
-def _human(size: int) -> str:
-    return str(format_size(size, binary=True))
 
 
 def plan_region(opts: MountOptions) -> RegionPlan:
@@ -52,7 +48,7 @@ def plan_region(opts: MountOptions) -> RegionPlan:
     total = sum(p.size for p in pools)
     huge = pagesize > DPAGE_SIZES["4K"] and hugepages.supported(pagesize)
     if pagesize > DPAGE_SIZES["4K"] and not hugepages.supported(pagesize):
-        warnings.append(f"the kernel has no {_human(pagesize)} huge pages")
+        warnings.append(f"the kernel has no {human(pagesize)} huge pages")
     reserve: dict[int, int] = {}
     enough = False
     if huge:
@@ -66,7 +62,7 @@ def plan_region(opts: MountOptions) -> RegionPlan:
                     reserve[node] = node_need - free
             enough = True
     short = (f"{hugepages.available(pagesize) if huge else 0} free huge pages of "
-             f"{_human(pagesize)}, {total // pagesize} needed")
+             f"{human(pagesize)}, {total // pagesize} needed")
     backend: str
     path: str | None = None
     if opts.region.startswith("/"):
@@ -75,10 +71,10 @@ def plan_region(opts: MountOptions) -> RegionPlan:
     elif opts.region == "hugetlbfs":
         if not huge:
             raise ConfigError(f"region=hugetlbfs: needs pagesize 2M or 1G with kernel support, "
-                              f"not {_human(pagesize)}")
+                              f"not {human(pagesize)}")
         path = _hugetlbfs_dir(opts, pagesize)
         if path is None:
-            raise ConfigError(f"region=hugetlbfs: no hugetlbfs with pagesize={_human(pagesize)} "
+            raise ConfigError(f"region=hugetlbfs: no hugetlbfs with pagesize={human(pagesize)} "
                               "is mounted; mount one or name it with hugetlbfs=DIR")
         if not enough:
             raise ConfigError(f"region=hugetlbfs: {short}; add reserve_hugepages or raise "
@@ -92,12 +88,12 @@ def plan_region(opts: MountOptions) -> RegionPlan:
             backend, path = "memfd", None
             if huge:
                 warnings.append(f"{short}: falling back to a plain memfd of small pages "
-                                f"(dpages stay {_human(pagesize)}); add reserve_hugepages or "
+                                f"(dpages stay {human(pagesize)}); add reserve_hugepages or "
                                 "raise /proc/sys/vm/nr_hugepages for huge pages")
     if backend == "memfd" or (backend == "path" and not on_hugetlbfs(path or "")):
         avail = meminfo_available()
         if total > avail:
-            raise ConfigError(f"size: {_human(total)} wanted but only {_human(avail)} of memory "
+            raise ConfigError(f"size: {human(total)} wanted but only {human(avail)} of memory "
                               "is available")
     return RegionPlan(pools=tuple(pools), dpage_size=pagesize, backend=backend, path=path,
                       reserve=reserve, allow_unlocked=opts.allow_unlocked,
@@ -123,14 +119,14 @@ def plan_pools(opts: MountOptions, nodes: list[int], pagesize: int) -> tuple[Poo
             )
             for spec in pools:
                 if spec.size <= 0:
-                    raise ConfigError(f"size=!{_human(opts.size.size)}: node {spec.node} has no "
+                    raise ConfigError(f"size=!{human(opts.size.size)}: node {spec.node} has no "
                                       "more free memory than that")
         else:
             pools = tuple(PoolSpec(n, opts.size.size) for n in nodes)
     for spec in pools:
         if spec.size % pagesize:
-            raise ConfigError(f"size {_human(spec.size)} is not a multiple of pagesize "
-                              f"{_human(pagesize)}")
+            raise ConfigError(f"size {human(spec.size)} is not a multiple of pagesize "
+                              f"{human(pagesize)}")
     return pools
 
 
@@ -176,7 +172,7 @@ def plan_shmem(opts: MountOptions, base: Path) -> RegionPlan:
     total = sum(p.size for p in pools)
     avail = meminfo_available()
     if total > avail:
-        raise ConfigError(f"size: {_human(total)} wanted but only {_human(avail)} of memory "
+        raise ConfigError(f"size: {human(total)} wanted but only {human(avail)} of memory "
                           "is available")
     return RegionPlan(pools=pools, dpage_size=pagesize, backend="shmem", path=str(base))
 
@@ -237,7 +233,7 @@ def plan_meta(opts: MountOptions, plan: RegionPlan) -> MetaPlan | None:
         if opts.size is not None and opts.size.all_but:
             log.info("size=!%s: the pool sizes follow free memory, so files are not kept "
                      "for a daemon that replaces this one after a crash",
-                     format_size(opts.size.size, binary=True))
+                     human(opts.size.size))
             return None
         os.makedirs(os.path.dirname(plan.path), mode=0o700, exist_ok=True)
         return MetaPlan(plan.path + ".meta", opts.start_empty, opts.checkpoint)
@@ -250,7 +246,7 @@ def plan_meta(opts: MountOptions, plan: RegionPlan) -> MetaPlan | None:
             return None
         path = default_meta_path(plan.path)
     if opts.size is not None and opts.size.all_but:
-        raise ConfigError(f"size=!{format_size(opts.size.size, binary=True)}: the pool sizes "
+        raise ConfigError(f"size=!{human(opts.size.size)}: the pool sizes "
                           "would follow free memory and differ from start to start, so a "
                           f"persistent region (metadata {path}) needs size=SIZE or nodes=; "
                           "or meta=none")

@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from humanfriendly import InvalidSize, format_size, parse_size
+from humanfriendly import InvalidSize, parse_size
 
 from .. import __version__
+from ..sizes import human
 from .control import socket_path
 from .picture import render
 
@@ -90,10 +91,6 @@ def request(mount: str, payload: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _size(n: int) -> str:
-    return str(format_size(n, binary=True))
-
-
 def _inode(path: str) -> int:
     try:
         return os.stat(path).st_ino
@@ -105,37 +102,37 @@ def show_status(mount: str, st: dict[str, Any]) -> str:
     """Human form of ``status``."""
     dps = st["dpage_size"]
     path = st.get("data_path") or {"name": "region", "reason": ""}
-    lines = [f"dmemfs on {mount}: {st['region']}, dpage {_size(dps)}",
+    lines = [f"dmemfs on {mount}: {st['region']}, dpage {human(dps)}",
              f"data path: {path['name']} ({path['reason']})",
              f"{'pool':>4} {'node':>4} {'total':>10} {'free':>10} {'used':>10} "
              f"{'largest free':>12} {'runs':>5} {'frag':>5}"]
     for p in st["pools"]:
-        lines.append(f"{p['pool']:>4} {p['node']:>4} {_size(p['total_dpages'] * dps):>10} "
-                     f"{_size(p['free_dpages'] * dps):>10} {_size(p['used_dpages'] * dps):>10} "
-                     f"{_size(p['largest_free_run'] * dps):>12} {p['free_runs']:>5} "
+        lines.append(f"{p['pool']:>4} {p['node']:>4} {human(p['total_dpages'] * dps):>10} "
+                     f"{human(p['free_dpages'] * dps):>10} {human(p['used_dpages'] * dps):>10} "
+                     f"{human(p['largest_free_run'] * dps):>12} {p['free_runs']:>5} "
                      f"{p['fragmentation']:>5.2f}")
     lines.append(f"total_dpages {st['total_dpages']}  free_dpages {st['free_dpages']}  "
-                 f"({_size(st['free_bytes'])} free of {_size(st['total_bytes'])}); "
+                 f"({human(st['free_bytes'])} free of {human(st['total_bytes'])}); "
                  f"inodes {st['inodes_used']}/{st['inodes_total']}; "
                  f"ENOSPC {st['enospc']}; trace {'on' if st['trace'] else 'off'}")
-    lines.append(f"bad dpages {st['bad_dpages']} ({_size(st['bad_dpages'] * dps)}); "
+    lines.append(f"bad dpages {st['bad_dpages']} ({human(st['bad_dpages'] * dps)}); "
                  f"memory errors {st['memory_errors']}")
     fuse = st.get("fuse")
     if fuse:
         lines.append(f"FUSE: libfuse {fuse['libfuse']}, kernel protocol {fuse['protocol']}; "
                      f"enabled: {', '.join(fuse['enabled']) or 'none'}")
     for memory in st.get("pool_memory") or ():
-        lines.append(f"node {memory['node']} pool memory: {_size(memory['reserve_bytes'])} "
-                     f"in reserve, {_size(memory['file_bytes'])} in files (the kernel's count)"
-                     + (f"; {_size(memory['short_bytes'])} short" if memory["short_bytes"]
+        lines.append(f"node {memory['node']} pool memory: {human(memory['reserve_bytes'])} "
+                     f"in reserve, {human(memory['file_bytes'])} in files (the kernel's count)"
+                     + (f"; {human(memory['short_bytes'])} short" if memory["short_bytes"]
                         else ""))
     if st.get("zeroing") is not None:
-        lines.append(f"dirty dpages {st['dirty_dpages']} ({_size(st['dirty_dpages'] * dps)} "
+        lines.append(f"dirty dpages {st['dirty_dpages']} ({human(st['dirty_dpages'] * dps)} "
                      "of old bytes not zeroed yet)")
     journal = st.get("journal")
     if journal:
         lines.append(f"metadata {journal['path']}: generation {journal['generation']}, "
-                     f"{journal['batches']} batches ({_size(journal['log_bytes'])}) since the "
+                     f"{journal['batches']} batches ({human(journal['log_bytes'])}) since the "
                      f"last checkpoint" + ("" if journal["healthy"] else "; FAILING"))
     else:
         lines.append("metadata: not persistent (files are gone when the daemon stops)")
@@ -144,12 +141,12 @@ def show_status(mount: str, st: dict[str, Any]) -> str:
 
 def show_extents(path: str, ex: dict[str, Any]) -> str:
     """Human form of ``extents``."""
-    lines = [f"{path}: size {_size(ex['size'])}, allocated {_size(ex['allocated'])}, "
+    lines = [f"{path}: size {human(ex['size'])}, allocated {human(ex['allocated'])}, "
              f"policy {ex['policy']}, {len(ex['extents'])} extent(s)",
              f"{'file offset':>14} {'pool':>4} {'node':>4} {'region offset':>14} {'length':>10}"]
     for e in ex["extents"]:
         lines.append(f"{e['file_offset']:>14} {e['pool']:>4} {e['node']:>4} "
-                     f"{e['region_offset']:>14} {_size(e['length']):>10}")
+                     f"{e['region_offset']:>14} {human(e['length']):>10}")
     return "\n".join(lines)
 
 
@@ -157,7 +154,7 @@ def show_files(files: dict[str, Any]) -> str:
     """Human form of ``files``."""
     lines = [f"{'allocated':>10} {'size':>10} {'extents':>7} {'policy':<14} path"]
     for f in files["files"]:
-        lines.append(f"{_size(f['allocated']):>10} {_size(f['size']):>10} {f['extents']:>7} "
+        lines.append(f"{human(f['allocated']):>10} {human(f['size']):>10} {f['extents']:>7} "
                      f"{f['policy']:<14} {f['path']}")
     return "\n".join(lines)
 

@@ -8,6 +8,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from ..sizes import ceil_div
+
 FREE = (225, 225, 225)
 BACKGROUND = (255, 255, 255)
 TEXT = (20, 20, 20)
@@ -33,9 +35,9 @@ def render(data: dict[str, Any], out_path: str) -> tuple[int, int]:
     layouts = []
     for pool in pools:
         total = pool["total_dpages"]
-        per_cell = max(1, -(-total // MAX_CELLS))
-        cells = -(-total // per_cell)
-        rows = -(-cells // COLUMNS)
+        per_cell = max(1, ceil_div(total, MAX_CELLS))
+        cells = ceil_div(total, per_cell)
+        rows = ceil_div(cells, COLUMNS)
         layouts.append((per_cell, cells, rows))
         heights.append(16 + rows * (CELL + ROW_GAP) + 8)
     owners = sorted({run[2] for pool in pools for run in pool["used"]})

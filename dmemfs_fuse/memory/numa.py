@@ -8,12 +8,13 @@ to its node, and move_pages() with no target to ask where a page really lives.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import logging
 import os
 import re
 from pathlib import Path
+
+from ..libc import libc
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +25,6 @@ MPOL_MF_MOVE = 2
 _SYS_MBIND = 237  # x86_64
 _SYS_MOVE_PAGES = 279  # x86_64
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.syscall.restype = ctypes.c_long
 
 
 def parse_cpulist(text: str) -> list[int]:
@@ -108,7 +107,7 @@ def process_node(pid: int) -> int:
 def mbind(address: int, length: int, node: int) -> None:
     """Bind ``[address, address+length)`` to *node* with MPOL_BIND; raise OSError on failure."""
     mask = ctypes.c_ulong(1 << node)
-    ret = _libc.syscall(
+    ret = libc.syscall(
         _SYS_MBIND, ctypes.c_void_p(address), ctypes.c_ulong(length), MPOL_BIND,
         ctypes.byref(mask), ctypes.c_ulong(node + 2), MPOL_MF_STRICT | MPOL_MF_MOVE,
     )
@@ -131,7 +130,7 @@ def page_nodes(addresses: list[int]) -> list[int]:
     count = len(addresses)
     pages = (ctypes.c_void_p * count)(*addresses)
     status = (ctypes.c_int * count)()
-    ret = _libc.syscall(_SYS_MOVE_PAGES, 0, ctypes.c_ulong(count), pages, None, status, 0)
+    ret = libc.syscall(_SYS_MOVE_PAGES, 0, ctypes.c_ulong(count), pages, None, status, 0)
     if ret != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"move_pages: {os.strerror(err)}")

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from humanfriendly import format_size
 
+from ..libc import MAP_FAILED, libc
+from ..sizes import human
 from . import hugepages, numa
 
 log = logging.getLogger(__name__)
@@ -33,19 +34,6 @@ MADV_POPULATE_WRITE = 23
 EHWPOISON = 133  # "memory page has hardware error" (errno.EHWPOISON on newer Pythons)
 POPULATE_CHUNK = 256 << 20
 POPULATE_THREADS = 16  # at most; fewer if fewer CPUs are allowed
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.munlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-MAP_FAILED = ctypes.c_void_p(-1).value
-
-
-def _human(size: int) -> str:
-    return str(format_size(size, binary=True))
 
 
 class PoolSpec(NamedTuple):
@@ -148,11 +136,11 @@ class Region:
         for node, count in sorted(plan.reserve.items()):
             self._reservation.reserve(node, count)
         self.fd = self._open_fd()
-        addr = _libc.mmap(None, self.size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED,
+        addr = libc.mmap(None, self.size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED,
                           self.fd, 0)
         if addr in (None, MAP_FAILED):
             err = ctypes.get_errno()
-            raise OSError(err, f"mmap of {_human(self.size)} ({plan.backend}): {os.strerror(err)}")
+            raise OSError(err, f"mmap of {human(self.size)} ({plan.backend}): {os.strerror(err)}")
         self.addr = int(addr)
         offset = 0
         for spec in plan.pools:
@@ -165,11 +153,11 @@ class Region:
                             plan.path, spec.node, exc)
             offset += spec.size
         self._populate(progress)
-        if _libc.mlock(ctypes.c_void_p(self.addr), self.size) == 0:
+        if libc.mlock(ctypes.c_void_p(self.addr), self.size) == 0:
             self.locked = True
         else:
             err = ctypes.get_errno()
-            message = (f"mlock of {_human(self.size)} failed: {os.strerror(err)} (run as root or "
+            message = (f"mlock of {human(self.size)} failed: {os.strerror(err)} (run as root or "
                        "raise RLIMIT_MEMLOCK, e.g. LimitMEMLOCK=infinity under systemd)")
             if not plan.allow_unlocked:
                 raise OSError(err, message + "; allow_unlocked lets it run unlocked")
@@ -180,7 +168,7 @@ class Region:
         self.view = memoryview(buffer).cast("B")
         self.array = np.frombuffer(self.view, dtype=np.uint8)
         log.info("region: %s of %s in %d pool(s), dpage %s, populated%s in %.2f s",
-                 _human(self.size), self.describe(), len(plan.pools), _human(self.dpage_size),
+                 human(self.size), self.describe(), len(plan.pools), human(self.dpage_size),
                  " and locked" if self.locked else "", self.populate_seconds)
 
     def describe(self) -> str:
@@ -219,7 +207,7 @@ class Region:
             os.ftruncate(fd, self.size)
         except OSError as exc:
             os.close(fd)
-            raise OSError(exc.errno, f"sizing the {plan.backend} region to {_human(self.size)}: "
+            raise OSError(exc.errno, f"sizing the {plan.backend} region to {human(self.size)}: "
                           f"{exc.strerror}") from None
         return fd
 
@@ -250,13 +238,13 @@ class Region:
 
     def _populate_chunk(self, start: int, length: int) -> int:
         """Fault in ``[start, start+length)``; return *length*.  Runs in a worker thread."""
-        if _libc.madvise(ctypes.c_void_p(self.addr + start), length, MADV_POPULATE_WRITE):
+        if libc.madvise(ctypes.c_void_p(self.addr + start), length, MADV_POPULATE_WRITE):
             err = ctypes.get_errno()
             if err != EHWPOISON:
                 hint = ""
                 if err in (errno.ENOMEM, errno.EFAULT):
                     hint = " (not enough memory or huge pages for the region)"
-                raise OSError(err, f"populating {self.describe()} at offset {_human(start)}: "
+                raise OSError(err, f"populating {self.describe()} at offset {human(start)}: "
                               f"{os.strerror(err)}{hint}")
             # A reused region with poisoned memory: populate around it, one dpage at a
             # time, and report those dpages for marking bad.
@@ -265,12 +253,12 @@ class Region:
 
     def _populate_around_poison(self, start: int, length: int) -> None:
         for offset in range(start, start + length, self.dpage_size):
-            if _libc.madvise(ctypes.c_void_p(self.addr + offset), self.dpage_size,
+            if libc.madvise(ctypes.c_void_p(self.addr + offset), self.dpage_size,
                              MADV_POPULATE_WRITE) == 0:
                 continue
             err = ctypes.get_errno()
             if err != EHWPOISON:
-                raise OSError(err, f"populating {self.describe()} at offset {_human(offset)}: "
+                raise OSError(err, f"populating {self.describe()} at offset {human(offset)}: "
                               f"{os.strerror(err)}")
             log.warning("region offset %d: the kernel reports poisoned memory there", offset)
             self.poisoned_dpages.append(offset // self.dpage_size)  # list.append is atomic
@@ -281,8 +269,8 @@ class Region:
         self.array = np.zeros(0, dtype=np.uint8)
         if self.addr:
             if self.locked:
-                _libc.munlock(ctypes.c_void_p(self.addr), self.size)
-            _libc.munmap(ctypes.c_void_p(self.addr), self.size)
+                libc.munlock(ctypes.c_void_p(self.addr), self.size)
+            libc.munmap(ctypes.c_void_p(self.addr), self.size)
             self.addr = 0
             self.locked = False
         if self.fd >= 0:

@@ -39,8 +39,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from humanfriendly import format_size
-
+from ..libc import MAP_FAILED, libc
+from ..sizes import ceil_div, human
 from . import numa
 from .hugepages import DPAGE_SIZES
 from .region import RegionPlan
@@ -54,28 +54,11 @@ FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
 POPULATE_CHUNK = 256 << 20
 THP_SHMEM = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                        ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-_libc.syscall.restype = ctypes.c_long
-MAP_FAILED = ctypes.c_void_p(-1).value
-
-
-def _human(size: int) -> str:
-    return str(format_size(size, binary=True))
 
 
 def fallocate(fd: int, offset: int, length: int, mode: int = 0) -> None:
     """fallocate(2); OSError with the errno on failure."""
-    if length > 0 and _libc.fallocate(fd, mode, offset, length) != 0:
+    if length > 0 and libc.fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
@@ -95,7 +78,7 @@ def mount_tmpfs(target: Path, size: int, dpage_size: int, node: int, nr_inodes: 
     huge = "always" if dpage_size >= DPAGE_SIZES["2M"] else "never"
     data = (f"size={size},nr_inodes={nr_inodes},huge={huge},mpol=bind:{node},noswap,"
             "mode=0700")
-    if _libc.mount(b"dmemfs-pool", os.fsencode(target), b"tmpfs",
+    if libc.mount(b"dmemfs-pool", os.fsencode(target), b"tmpfs",
                    MS_NOSUID | MS_NODEV | MS_NOEXEC, data.encode()) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"mounting tmpfs ({data}) at {target}: {os.strerror(err)}")
@@ -103,7 +86,7 @@ def mount_tmpfs(target: Path, size: int, dpage_size: int, node: int, nr_inodes: 
 
 def detach(target: Path) -> bool:
     """Lazily unmount *target*: what processes still map or hold open stays theirs."""
-    if _libc.umount2(os.fsencode(target), MNT_DETACH) != 0:
+    if libc.umount2(os.fsencode(target), MNT_DETACH) != 0:
         err = ctypes.get_errno()
         if err not in (errno.EINVAL, errno.ENOENT):  # not a mount point: nothing to do
             log.warning("unmounting %s: %s", target, os.strerror(err))
@@ -180,8 +163,8 @@ class PoolMemory:
                               "metadata describes is gone")
             st = os.statvfs(where)
             if st.f_blocks * st.f_frsize != self.size:
-                raise OSError(errno.EINVAL, f"{where} holds {_human(st.f_blocks * st.f_frsize)}, "
-                              f"not the pool's {_human(self.size)}")
+                raise OSError(errno.EINVAL, f"{where} holds {human(st.f_blocks * st.f_frsize)}, "
+                              f"not the pool's {human(self.size)}")
         self._reserve_fd = os.open(self.reserve_dir / "reserve", os.O_RDWR | os.O_CLOEXEC)
         self.reserve_size = os.fstat(self._reserve_fd).st_size
         self.balance()
@@ -192,7 +175,7 @@ class PoolMemory:
         try:
             fallocate(fd, 0, self.size)
         except OSError as exc:
-            raise OSError(exc.errno, f"taking {_human(self.size)} for pool {self.index} on node "
+            raise OSError(exc.errno, f"taking {human(self.size)} for pool {self.index} on node "
                           f"{self.node}: {exc.strerror}") from None
         self.reserve_size = self.size
         chunks = [(off, min(POPULATE_CHUNK, self.size - off))
@@ -205,18 +188,18 @@ class PoolMemory:
     def _touch(self, chunk: tuple[int, int]) -> int:
         """Write-fault one chunk of the reserve (the host backs it now, not at a guest's start)."""
         offset, length = chunk
-        addr = _libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED,
+        addr = libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED,
                           self._reserve_fd, offset)
         if addr in (None, MAP_FAILED):
             err = ctypes.get_errno()
             raise OSError(err, f"mapping the reserve of pool {self.index}: {os.strerror(err)}")
         try:
-            if _libc.madvise(addr, length, MADV_POPULATE_WRITE) != 0:
+            if libc.madvise(addr, length, MADV_POPULATE_WRITE) != 0:
                 err = ctypes.get_errno()
-                raise OSError(err, f"populating pool {self.index} at {_human(offset)}: "
+                raise OSError(err, f"populating pool {self.index} at {human(offset)}: "
                               f"{os.strerror(err)}")
         finally:
-            _libc.munmap(addr, length)
+            libc.munmap(addr, length)
         return length
 
     def file_bytes(self) -> int:
@@ -250,7 +233,7 @@ class PoolMemory:
                 short = target - got
                 if short != self.short_bytes:
                     log.warning("pool %d: the reserve could not take back %s (%s); the pool "
-                                "holds that much less until it can", self.index, _human(short),
+                                "holds that much less until it can", self.index, human(short),
                                 exc.strerror)
                 self.short_bytes = short
                 self.reserve_size = got
@@ -344,7 +327,7 @@ class ShmemMemory:
         for pool in memory.pools:
             pool.adopt()
         log.info("pool memory: adopted %s of shmem in %d pool(s) from %s, left by a daemon "
-                 "that did not stop", _human(memory.size), len(memory.pools), base)
+                 "that did not stop", human(memory.size), len(memory.pools), base)
         return memory
 
     def _open(self, progress: Callable[[int, int], None] | None) -> None:
@@ -369,10 +352,10 @@ class ShmemMemory:
             if huge < self.size * 9 // 10:
                 log.warning("only %s of the %s reserve is in 2 MiB pages (memory is "
                             "fragmented): guest RAM will be mapped partly with 4 KiB pages",
-                            _human(max(0, huge)), _human(self.size))
+                            human(max(0, huge)), human(self.size))
         log.info("pool memory: %s of shmem in %d pool(s), dpage %s, kept out of swap, "
-                 "populated in %.2f s", _human(self.size), len(self.pools),
-                 _human(self.dpage_size), self.populate_seconds)
+                 "populated in %.2f s", human(self.size), len(self.pools),
+                 human(self.dpage_size), self.populate_seconds)
 
     def describe(self) -> str:
         """The backend in words, for logs and status."""
@@ -431,15 +414,15 @@ def page_nodes_of_file(path: str, offsets: list[int]) -> list[int]:
         nodes = []
         for wanted in offsets:
             offset = wanted // page * page
-            addr = _libc.mmap(None, page, mmap.PROT_READ, mmap.MAP_SHARED, fd, offset)
+            addr = libc.mmap(None, page, mmap.PROT_READ, mmap.MAP_SHARED, fd, offset)
             if addr in (None, MAP_FAILED):
                 err = ctypes.get_errno()
                 raise OSError(err, f"mapping {path} at {offset}: {os.strerror(err)}")
             try:
-                _libc.madvise(addr, page, MADV_POPULATE_READ)
+                libc.madvise(addr, page, MADV_POPULATE_READ)
                 nodes.extend(numa.page_nodes([addr]))
             finally:
-                _libc.munmap(addr, page)
+                libc.munmap(addr, page)
         return nodes
     finally:
         os.close(fd)
@@ -476,7 +459,7 @@ def cached_pages(fd: int, offset: int, length: int) -> int | None:
     which is logged once; what this serves is bookkeeping, never a reason to stop."""
     # struct cachestat_range and struct cachestat: include/uapi/linux/mman.h
     where, stats = _CachestatRange(offset, length), _Cachestat()
-    if _libc.syscall(ctypes.c_long(SYS_CACHESTAT), ctypes.c_int(fd), ctypes.byref(where),
+    if libc.syscall(ctypes.c_long(SYS_CACHESTAT), ctypes.c_int(fd), ctypes.byref(where),
                      ctypes.byref(stats), ctypes.c_uint(0)) != 0:
         _cachestat_unusable(ctypes.get_errno())
         return None
@@ -493,16 +476,16 @@ def holds_pages(fd: int, offset: int, length: int) -> bool:
     if cached is not None:
         return cached > 0
     page = mmap.PAGESIZE
-    length = -(-length // page) * page
-    addr = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, offset)
+    length = ceil_div(length, page) * page
+    addr = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, offset)
     if addr in (None, MAP_FAILED):
         err = ctypes.get_errno()
         raise OSError(err, f"mapping bytes at {offset}: {os.strerror(err)}")
     try:
         vec = ctypes.create_string_buffer(length // page)
-        if _libc.mincore(addr, length, vec) != 0:
+        if libc.mincore(addr, length, vec) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"mincore: {os.strerror(err)}")
         return any(byte & 1 for byte in vec.raw)
     finally:
-        _libc.munmap(addr, length)
+        libc.munmap(addr, length)

@@ -38,6 +38,7 @@ from ..alloc.policy import Policy
 from ..errors import ConfigError
 from ..files.extents import FileExtents
 from ..files.inodes import Directory, Inode
+from ..libc import libc
 
 MAGIC = "dmemfs-metadata"
 VERSION = 1
@@ -85,7 +86,6 @@ class Layout:
         return f"dpage {self.dpage_size} bytes, pools [{pools}], region {self.region}"
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
 AT_FDCWD = -100
 STATX_BTIME = 0x800
 STATX_BTIME_OFFSET = 80  # struct statx: stx_btime.tv_sec (s64), then tv_nsec (u32)
@@ -94,7 +94,7 @@ STATX_BTIME_OFFSET = 80  # struct statx: stx_btime.tv_sec (s64), then tv_nsec (u
 def _birth_time(path: str) -> int | None:
     """The file's creation time in ns through statx(2), or None where the filesystem has none."""
     buf = ctypes.create_string_buffer(256)
-    if _libc.statx(AT_FDCWD, os.fsencode(path), 0, STATX_BTIME, buf) != 0:
+    if libc.statx(AT_FDCWD, os.fsencode(path), 0, STATX_BTIME, buf) != 0:
         return None
     mask = struct.unpack_from("<I", buf.raw, 0)[0]
     if not mask & STATX_BTIME:

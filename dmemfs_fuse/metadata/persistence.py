@@ -14,12 +14,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from humanfriendly import format_size
-
 from ..alloc.policy import Policy
 from ..errors import ConfigError
 from ..memory.region import RegionPlan, on_hugetlbfs
 from ..rundir import RUN_DIR
+from ..sizes import human
 from .metalog import Layout, MetadataError, region_identity
 from .recovery import Recovered, load
 
@@ -115,8 +114,8 @@ def find(meta: MetaPlan, plan: RegionPlan,
         if stat.S_ISREG(st.st_mode) and st.st_size < plan.size:
             raise MetadataError(
                 f"metadata {meta.path} describes a region of "
-                f"{format_size(plan.size, binary=True)} but {plan.path} holds only "
-                f"{format_size(st.st_size, binary=True)}")
+                f"{human(plan.size)} but {plan.path} holds only "
+                f"{human(st.st_size)}")
         return load(meta.path, layout_for(plan, plan.path), parse_policy)
     except MetadataError as exc:
         raise MetadataError(f"{exc}. Nothing was changed. To start with an empty filesystem "
