@@ -38,7 +38,7 @@ from ..errors import ConfigError
 from ..memory.hugepages import GLOBAL_ROOT, HugePageReservation, node_path
 from ..memory.numa import NODE_ROOT
 
-log = logging.getLogger("dmemfs_fuse.bootreserve")
+log = logging.getLogger("dmemfs_fuse.host.bootreserve")
 
 DEFAULT_CONFIG = "/etc/dmemfs/hugepages.conf"
 DEFAULT_STATE = "/run/dmemfs/hugepages.state"
