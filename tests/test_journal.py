@@ -19,11 +19,11 @@ import trio
 from dmemfs_fuse.adapter.fs import DmemOperations
 from dmemfs_fuse.alloc.policy import parse_policy
 from dmemfs_fuse.alloc.pool import Extent
+from dmemfs_fuse.alloc.poolset import PoolSet
 from dmemfs_fuse.files.changes import ChangeLog
 from dmemfs_fuse.files.inodes import RENAME_EXCHANGE, ROOT_INO, Inode, InodeTable
 from dmemfs_fuse.files.poison import MemoryErrors
 from dmemfs_fuse.files.store import FileStore
-from dmemfs_fuse.host.daemon import build_pools
 from dmemfs_fuse.memory.region import PoolSpec, Region, RegionPlan
 from dmemfs_fuse.metadata import metalog, persistence
 from dmemfs_fuse.metadata.journal import Journal
@@ -45,7 +45,7 @@ class Fs:
                                dpage_size=DPS, backend="path", path=str(tmp / "region"))
         self.meta = str(tmp / "region.meta")
         self.region = Region.open(self.plan)
-        self.pools = build_pools(self.plan, 0)
+        self.pools = PoolSet.from_plan(self.plan, 0)
         self.store = FileStore(self.region, self.pools)
         self.table = InodeTable(1000, release_data=self.store.release,
                                 parse_policy=self.parse, changes=ChangeLog())
@@ -579,7 +579,7 @@ def _recovered_matches(fs: Fs) -> list[str]:
     """Load and install the metadata file into fresh objects and compare with *fs*."""
     shadow = Fs.__new__(Fs)
     shadow.plan, shadow.meta = fs.plan, fs.meta
-    shadow.pools = build_pools(fs.plan, 0)
+    shadow.pools = PoolSet.from_plan(fs.plan, 0)
     shadow.region = Region.open(fs.plan)
     try:
         shadow.store = FileStore(shadow.region, shadow.pools)

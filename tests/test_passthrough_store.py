@@ -7,15 +7,17 @@ import errno
 import os
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from mounting import require_mounts
 
 from dmemfs_fuse.alloc.pool import Extent
+from dmemfs_fuse.alloc.poolset import PoolSet
 from dmemfs_fuse.files.extents import FileExtents
 from dmemfs_fuse.files.inodes import Inode
 from dmemfs_fuse.files.passthrough import PassthroughStore
-from dmemfs_fuse.host.daemon import build_pools
 from dmemfs_fuse.memory import shmem
 from dmemfs_fuse.memory.region import PoolSpec, RegionPlan
 from dmemfs_fuse.memory.shmem import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, ShmemMemory
@@ -27,13 +29,12 @@ DPAGES = 16
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[PassthroughStore]:
-    if os.geteuid() != 0:
-        pytest.fail("mounting the pool's tmpfs instances needs root")
+    require_mounts()
     plan = RegionPlan(pools=(PoolSpec(0, DPAGES * DPS),), dpage_size=DPS, backend="shmem",
                       path=str(tmp_path / "pools"))
     memory = ShmemMemory.open(plan, tmp_path / "pools", 100)
     try:
-        yield PassthroughStore(memory, build_pools(plan, 0))
+        yield PassthroughStore(memory, PoolSet.from_plan(plan, 0))
     finally:
         memory.close()
 
@@ -180,16 +181,23 @@ def test_cachestat_sees_fallocated_pages_that_mincore_and_seek_data_do_not() -> 
         assert shmem.holds_pages(fd, DPS, DPS) and not shmem.holds_pages(fd, 2 * DPS, DPS)
 
 
-def _punch(store: PassthroughStore, ino: int, off: int, length: int) -> None:
-    """Punch the backing file behind the ledger's back, as a killed request's kernel work
-    or MADV_REMOVE on a mapping would."""
+@contextmanager
+def _backing(store: PassthroughStore, ino: int) -> Iterator[int]:
+    """The backing file of *ino*, open for reading and writing behind the ledger's back
+    (as the kernel's passed-through writes, a killed request or MADV_REMOVE would)."""
     path = store.backing_path(ino)
     assert path is not None
     fd = os.open(path, os.O_RDWR)
     try:
-        shmem.fallocate(fd, off, length, shmem.FALLOC_FL_PUNCH_HOLE | shmem.FALLOC_FL_KEEP_SIZE)
+        yield fd
     finally:
         os.close(fd)
+
+
+def _punch(store: PassthroughStore, ino: int, off: int, length: int) -> None:
+    """Punch the backing file of *ino* behind the ledger's back."""
+    with _backing(store, ino) as fd:
+        shmem.fallocate(fd, off, length, shmem.FALLOC_FL_PUNCH_HOLE | shmem.FALLOC_FL_KEEP_SIZE)
 
 
 def test_adopt_gives_back_the_dpages_the_backing_file_no_longer_holds(
@@ -223,14 +231,9 @@ def test_adopt_enters_a_lend_whose_commit_the_kill_prevented(store: PassthroughS
     f = _file(11)
     assert f.data is not None
     store.place(11)
-    path = store.backing_path(11)
-    assert path is not None
-    fd = os.open(path, os.O_RDWR)
-    try:
+    with _backing(store, 11) as fd:
         shmem.fallocate(fd, 0, 3 * DPS, shmem.FALLOC_FL_KEEP_SIZE)
         os.ftruncate(fd, 3 * DPS)
-    finally:
-        os.close(fd)
     again = PassthroughStore(store.memory, store.pools)
     again.discover()
     assert again.adopt({11: f}) == 0

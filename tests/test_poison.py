@@ -23,6 +23,7 @@ import pytest
 from mounting import Mount, dmemctl, dmemfs, free_port, metrics, status
 
 from dmemfs_fuse.alloc.pool import Pool
+from dmemfs_fuse.alloc.poolset import PoolSet
 from dmemfs_fuse.errors import AllocatorError
 from dmemfs_fuse.files.extents import FileExtents
 from dmemfs_fuse.files.poison import (
@@ -35,7 +36,6 @@ from dmemfs_fuse.files.poison import (
     send_mce_notice,
 )
 from dmemfs_fuse.files.store import FileStore
-from dmemfs_fuse.host.daemon import build_pools
 from dmemfs_fuse.memory import numa
 from dmemfs_fuse.memory.region import PoolSpec, Region, RegionPlan
 
@@ -69,7 +69,7 @@ def store() -> Iterator[FileStore]:
     plan = RegionPlan(pools=(PoolSpec(0, 32 * DPS),), dpage_size=DPS, backend="memfd")
     region = Region.open(plan)
     try:
-        yield FileStore(region, build_pools(plan, 0))
+        yield FileStore(region, PoolSet.from_plan(plan, 0))
     finally:
         region.close()
 

@@ -278,6 +278,12 @@ def daemon_bytes(port: int) -> tuple[int, int]:
     return int(values["dmemfs_read_bytes_total"]), int(values["dmemfs_written_bytes_total"])
 
 
+def daemon_bytes_since(port: int, before: tuple[int, int]) -> tuple[int, int]:
+    """Bytes the daemon returned by READ and stored by WRITE since *before* (daemon_bytes)."""
+    read, written = daemon_bytes(port)
+    return read - before[0], written - before[1]
+
+
 def make_file(path: Path, size: int) -> None:
     """Create *path* and size it with ftruncate, as QEMU sizes a RAM file."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
@@ -322,12 +328,11 @@ def test_mapped_pattern_survives_a_memory_limit(tmp_path: Path, data_path: str) 
             as mount, memory_cgroup(LIMIT_MIB * M, HIGH_MIB * M) as group:
         target = mount.path / "mapped"
         make_file(target, size)
-        read_before, written_before = daemon_bytes(port)
+        before = daemon_bytes(port)
         result = run_workload(group, "map", str(target), str(seed), str(size))
         assert result.returncode == 0, result.stderr
         report = json.loads(result.stdout.splitlines()[-1])
-        read, written = (after - before for after, before in
-                         zip(daemon_bytes(port), (read_before, written_before), strict=True))
+        read, written = daemon_bytes_since(port, before)
         peak, hits, kills = group.peak(), group.limit_hits(), group.oom_kills()
         print(f"\n{data_path}, cgroup v{group.version}: peak {peak / M:.1f} MiB of "
               f"{LIMIT_MIB} MiB, limit hit {hits} times, OOM kills {kills}; resident after "
@@ -423,15 +428,15 @@ def test_madv_pageout_of_a_mapping(tmp_path: Path, data_path: str) -> None:
                     words[:] = pattern(seed, 0, size)
                     area.madvise(MADV_PAGEOUT)
                     dirty = resident(area)
-                    read_before, _ = daemon_bytes(port)
+                    before = daemon_bytes(port)
                     assert first_difference(words, seed, 0) is None
-                    read_dirty = daemon_bytes(port)[0] - read_before
+                    read_dirty, _ = daemon_bytes_since(port, before)
                     area.flush()  # msync(MS_SYNC): clean, and mapped again by the read
                     area.madvise(MADV_PAGEOUT)
                     clean = resident(area)
-                    read_before, _ = daemon_bytes(port)
+                    before = daemon_bytes(port)
                     assert first_difference(words, seed, 0) is None
-                    read_clean = daemon_bytes(port)[0] - read_before
+                    read_clean, _ = daemon_bytes_since(port, before)
                 finally:
                     del words  # the mapping cannot close while a view of it exists
         finally:
@@ -476,7 +481,7 @@ def test_booted_guest_under_a_memory_limit(guest: Guest, tmp_path: Path,  # noqa
         seed = secrets.randbits(48)
         args = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(group.procs),
                 *qemu_args(guest, file_form(vm0, share=True, prealloc=False), seed)]
-        read_before, written_before = daemon_bytes(port)
+        before = daemon_bytes(port)
         started = time.monotonic()
         with qemu(args) as vm:
             _, runs = pattern_runs(vm)
@@ -486,8 +491,7 @@ def test_booted_guest_under_a_memory_limit(guest: Guest, tmp_path: Path,  # noqa
             shmem = group.stat()["shmem"]  # while the guest's RAM is mapped
             power_off(vm)
         elapsed = time.monotonic() - started
-        read, written = (after - before for after, before in
-                         zip(daemon_bytes(port), (read_before, written_before), strict=True))
+        read, written = daemon_bytes_since(port, before)
         peak, hits, kills = group.peak(), group.limit_hits(), group.oom_kills()
         print(f"\n{data_path}, cgroup v{group.version}: {elapsed:.1f} s, QEMU peak "
               f"{peak / M:.1f} MiB (shmem {shmem / M:.1f} MiB), limit {GUEST_LIMIT_MIB} MiB "

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from dmemfs_fuse.alloc.poolset import PoolSet
 from dmemfs_fuse.files.extents import FileExtents
 from dmemfs_fuse.files.store import FileStore
-from dmemfs_fuse.host.daemon import build_pools
 from dmemfs_fuse.memory import numa
 from dmemfs_fuse.memory.region import PoolSpec, Region, RegionPlan
 
@@ -24,7 +24,7 @@ def store() -> Iterator[FileStore]:
     region = Region.open(plan)
     try:
         assert region.locked
-        yield FileStore(region, build_pools(plan, 0))
+        yield FileStore(region, PoolSet.from_plan(plan, 0))
     finally:
         region.close()
 

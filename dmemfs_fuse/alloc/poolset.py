@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from ..errors import AllocatorError, NoSpaceError
 from ..memory import numa
+from ..memory.region import RegionPlan
 from .policy import LOCAL, Policy
 from .pool import Extent, Pool, PoolStats
 
@@ -52,6 +53,23 @@ class PoolSet:
         self.ids: dict[int, Pool] = dict(ids) if ids else {p.index: p for p in self.pools}
         self.enospc = 0
         self._starts = [p.first_dpage for p in self.pools]
+
+    @classmethod
+    def from_plan(cls, plan: RegionPlan, max_alloc_try_dpages: int = 0,
+                  explicit: bool = True) -> PoolSet:
+        """Carve the planned pools out of the region's dpages, in region order.
+
+        Policies name pools by node number in the default layout (one pool per
+        node) and by position when the pools were listed explicitly (*explicit*).
+        """
+        pools = []
+        first = 0
+        for index, spec in enumerate(plan.pools):
+            count = spec.size // plan.dpage_size
+            pools.append(Pool(index, spec.node, first, count, plan.dpage_size))
+            first += count
+        ids = {p.index: p for p in pools} if explicit else {p.node: p for p in pools}
+        return cls(pools, plan.dpage_size, max_alloc_try_dpages, ids)
 
     @property
     def total_dpages(self) -> int:

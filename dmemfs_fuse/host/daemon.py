@@ -38,7 +38,6 @@ from ..adapter import connection
 from ..adapter.datapath import DataPath
 from ..adapter.fs import DmemOperations
 from ..alloc.policy import Policy, parse_policy
-from ..alloc.pool import Pool
 from ..alloc.poolset import PoolSet
 from ..files import poison
 from ..files.changes import ChangeLog
@@ -77,22 +76,6 @@ class DaemonConfig:
     foreground: bool
 
 
-def build_pools(plan: RegionPlan, max_alloc_try_dpages: int, explicit: bool = True) -> PoolSet:
-    """Carve the planned pools out of the region's dpages, in region order.
-
-    Policies name pools by node number in the default layout (one pool per
-    node) and by position when the pools were listed explicitly (*explicit*).
-    """
-    pools = []
-    first = 0
-    for index, spec in enumerate(plan.pools):
-        count = spec.size // plan.dpage_size
-        pools.append(Pool(index, spec.node, first, count, plan.dpage_size))
-        first += count
-    ids = {p.index: p for p in pools} if explicit else {p.node: p for p in pools}
-    return PoolSet(pools, plan.dpage_size, max_alloc_try_dpages, ids)
-
-
 def fuse_options(opts: MountOptions, euid: int | None = None) -> set[str]:
     """The options handed to libfuse for the mount.
 
@@ -120,7 +103,7 @@ def run(config: DaemonConfig) -> int:
     path = choose_data_path(opts, connection.probe)
     plan = (plan_shmem(opts, pool_memory_dir(config.mountpoint)) if path.passthrough
             else plan_region(opts))
-    pools = build_pools(plan, opts.max_alloc_try_dpages, explicit=bool(opts.nodes))
+    pools = PoolSet.from_plan(plan, opts.max_alloc_try_dpages, explicit=bool(opts.nodes))
 
     def parse(text: str) -> Policy:
         return parse_policy(text, pools.ids)
@@ -193,8 +176,7 @@ def _run(config: DaemonConfig, plan: RegionPlan, pools: PoolSet, *,
                 memory = ShmemMemory.adopt(plan, pool_memory_dir(config.mountpoint),
                                            config.options.nr_inodes)
             except OSError as exc:
-                raise MetadataError(f"{exc}. Nothing was changed. To start with an empty "
-                                    "filesystem instead, mount with -o start_empty") from None
+                raise persistence.refusal(exc) from None
         elif path.passthrough:
             memory = ShmemMemory.open(plan, pool_memory_dir(config.mountpoint),
                                       config.options.nr_inodes, progress)
@@ -299,14 +281,8 @@ def _open_journal(meta: persistence.MetaPlan, plan: RegionPlan, inodes: InodeTab
                 if removed:
                     log.info("removed %d backing file(s) that no recovered inode names",
                              removed)
-        except OSError as exc:
-            raise MetadataError(f"{exc}. Nothing was changed. To start with an empty "
-                                "filesystem instead, mount with -o start_empty (the old "
-                                "metadata is kept beside it)") from None
-        except MetadataError as exc:
-            raise MetadataError(f"{exc}. Nothing was changed. To start with an empty "
-                                "filesystem instead, mount with -o start_empty (the old "
-                                "metadata is kept beside it)") from None
+        except (OSError, MetadataError) as exc:
+            raise persistence.refusal(exc) from None
         log.info("recovered from %s: %d files (%s), %d directories, %d inodes; %d batches "
                  "replayed%s, %d unlinked-but-open files freed, %d bad dpages, in %.2f s",
                  meta.path, report.files, human(report.bytes),

@@ -52,6 +52,14 @@ def default_meta_path(region: str) -> str:
     return str(directory / f"{name}.meta")
 
 
+def refusal(why: BaseException) -> MetadataError:
+    """The one line a start that cannot trust what it found stops with: what is wrong,
+    that nothing was changed, and the way out."""
+    return MetadataError(f"{why}. Nothing was changed. To start with an empty filesystem "
+                         "instead, mount with -o start_empty (the old metadata is kept "
+                         "beside it)")
+
+
 class MetaLock:
     """An exclusive lock on ``PATH.lock`` for the daemon's life: one daemon per metadata file."""
 
@@ -118,6 +126,4 @@ def find(meta: MetaPlan, plan: RegionPlan,
                 f"{human(st.st_size)}")
         return load(meta.path, layout_for(plan, plan.path), parse_policy)
     except MetadataError as exc:
-        raise MetadataError(f"{exc}. Nothing was changed. To start with an empty filesystem "
-                            "instead, mount with -o start_empty (the old metadata is kept "
-                            "beside it)") from None
+        raise refusal(exc) from None

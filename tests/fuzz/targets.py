@@ -94,10 +94,10 @@ def build_control() -> Check:
 
     from dmemfs_fuse.adapter.fs import DmemOperations
     from dmemfs_fuse.alloc.policy import parse_policy
+    from dmemfs_fuse.alloc.poolset import PoolSet
     from dmemfs_fuse.files.inodes import ROOT_INO, InodeTable
     from dmemfs_fuse.files.poison import block_sigbus
     from dmemfs_fuse.files.store import FileStore
-    from dmemfs_fuse.host.daemon import build_pools
     from dmemfs_fuse.insight.control import answer
     from dmemfs_fuse.insight.report import Reporter
     from dmemfs_fuse.memory.region import PoolSpec, Region, RegionPlan
@@ -113,7 +113,7 @@ def build_control() -> Check:
     def fresh_reporter() -> Reporter:
         """A new filesystem on the region for each input (poison and policy requests
         change it), so that an input's result does not depend on the inputs before it."""
-        pools = build_pools(plan, 0)
+        pools = PoolSet.from_plan(plan, 0)
         store = FileStore(region, pools)
         inodes = InodeTable(64, 0o1777, 0, 0, release_data=store.release,
                             parse_policy=partial(parse_policy, known=pools.ids))
@@ -180,9 +180,9 @@ def build_metadata() -> Check:
     from functools import partial
 
     from dmemfs_fuse.alloc.policy import parse_policy
+    from dmemfs_fuse.alloc.poolset import PoolSet
     from dmemfs_fuse.files.inodes import InodeTable
     from dmemfs_fuse.files.store import FileStore
-    from dmemfs_fuse.host.daemon import build_pools
     from dmemfs_fuse.metadata.metalog import MetadataError
     from dmemfs_fuse.metadata.recovery import install, load
 
@@ -196,7 +196,7 @@ def build_metadata() -> Check:
             return
         with open(path, "wb") as f:
             f.write(_fix_checksums(data[1:]) if data[0] % 2 else data[1:])
-        pools = build_pools(plan, 0)
+        pools = PoolSet.from_plan(plan, 0)
         store = FileStore(region, pools)
         parse = partial(parse_policy, known=pools.ids)
         table = InodeTable(1000, release_data=store.release, parse_policy=parse)
@@ -229,11 +229,11 @@ def make_metadata_seeds(directory: str) -> list[str]:
     import tempfile
 
     from dmemfs_fuse.alloc.policy import parse_policy
+    from dmemfs_fuse.alloc.poolset import PoolSet
     from dmemfs_fuse.files.changes import ChangeLog
     from dmemfs_fuse.files.inodes import ROOT_INO, InodeTable
     from dmemfs_fuse.files.poison import MemoryErrors
     from dmemfs_fuse.files.store import FileStore
-    from dmemfs_fuse.host.daemon import build_pools
     from dmemfs_fuse.metadata.journal import Journal
     from dmemfs_fuse.metadata.metalog import frame
 
@@ -242,7 +242,7 @@ def make_metadata_seeds(directory: str) -> list[str]:
     written: list[str] = []
     try:
         meta = f"{work}/region.meta"
-        pools = build_pools(plan, 0)
+        pools = PoolSet.from_plan(plan, 0)
         store = FileStore(region, pools)
         table = InodeTable(1000, release_data=store.release,
                            parse_policy=lambda text: parse_policy(text, pools.ids),
