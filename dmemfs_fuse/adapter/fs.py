@@ -48,8 +48,8 @@ log = logging.getLogger(__name__)
 
 # The daemon is the only writer, and every change passes through the kernel,
 # which updates or drops its cached entries and attributes itself (unlink, link,
-# rename, write, setattr), so they stay true for long.  A 1 s timeout made the
-# kernel send 60% more LOOKUPs in the metadata benchmark (docs/performance.md).
+# rename, write, setattr), so they stay true for long (docs/performance.md measures
+# what a short timeout costs in LOOKUPs).
 CACHE_TIMEOUT = 60.0
 FORGET_GRACE = 0.1
 # Handlers whose reply gives the kernel a reference (a lookup count) to the entry.

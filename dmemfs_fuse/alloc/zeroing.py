@@ -42,7 +42,8 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import trio
@@ -68,9 +69,26 @@ def _idle_waiter() -> Callable[[], Awaitable[None]]:
 
 _wait_idle = _idle_waiter()
 
-# Bytes zeroed per step: 0.2-0.5 ms of memset here (10-20 GiB/s), the most
-# a request that arrives during a step waits for it.
+# Bytes zeroed per step: what a request that arrives during a step waits for at most
+# (docs/performance.md has the step's time, "Background zeroer").
 DEFAULT_CHUNK_BYTES = 4 << 20
+
+
+@dataclass(frozen=True)
+class ZeroerStats:
+    """The zeroer's backlog and counters.
+
+    Fields:
+        dirty_dpages: dpages that may still hold old bytes.
+        dirty_runs: separate runs of them.
+        background_zeroed_dpages: dpages the background task zeroed.
+        foreground_zeroed_dpages: dpages zeroed inside requests (the task had not caught up).
+    """
+
+    dirty_dpages: int
+    dirty_runs: int
+    background_zeroed_dpages: int
+    foreground_zeroed_dpages: int
 
 
 class DirtyRuns:
@@ -279,11 +297,10 @@ class Zeroer:
             await _wait_idle()
             self.step()
 
-    def statistics(self) -> dict[str, Any]:
-        """The backlog and the counters, JSON-ready."""
-        return {"dirty_dpages": self.dirty.dpages, "dirty_runs": len(self.dirty),
-                "background_zeroed_dpages": self.background_dpages,
-                "foreground_zeroed_dpages": self.foreground_dpages}
+    def statistics(self) -> ZeroerStats:
+        """The backlog and the counters, as they are now."""
+        return ZeroerStats(self.dirty.dpages, len(self.dirty), self.background_dpages,
+                           self.foreground_dpages)
 
     def _continue_partial(self) -> int:
         """Zero the next chunk of the partly zeroed dpage, which is still dirty."""

@@ -85,7 +85,7 @@ class Reporter:
             # shmem zeroes a page at its first use in a file: no backlog, no zeroer.
             dirty, zeroing = 0, None
         else:
-            dirty, zeroing = store.dirty.dpages, store.zeroer.statistics()
+            dirty, zeroing = store.dirty.dpages, asdict(store.zeroer.statistics())
         return {
             "region": self.region_description,
             "data_path": {"name": self.data_path.name, "reason": self.data_path.reason},

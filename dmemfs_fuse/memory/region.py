@@ -212,10 +212,10 @@ class Region:
         return fd
 
     def _populate(self, progress: Callable[[int, int], None] | None) -> None:
-        # First touch is the cost of start-up (on this project's 2-core VM one thread
-        # zeroes 0.2-0.5 GB/s of 4 KiB pages, two threads 0.5-1 GB/s: the time goes to
-        # faults, not to memory bandwidth), so chunks are faulted in from one thread per
-        # CPU.  mbind() above decides the node of every page, whichever CPU faults it.
+        # First touch is the cost of start-up, and it goes to faults, not to memory
+        # bandwidth (docs/performance.md, "Populate from one thread per CPU"), so chunks
+        # are faulted in from one thread per CPU.  mbind() above decides the node of
+        # every page, whichever CPU faults it.
         started = time.monotonic()
         chunk = max(POPULATE_CHUNK, self.dpage_size)
         offsets = range(0, self.size, chunk)
