@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mounting import Mount, dmemfs, path_options, unescape
+from mounting import Mount, dmemfs, path_options, require_mounts, unescape
 
 HUGEPAGE_ROOT = Path("/sys/kernel/mm/hugepages")
 DATA_PATHS = ("passthrough", "region")
@@ -22,6 +22,13 @@ DATA_PATHS = ("passthrough", "region")
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "region_only(reason): the test means something only on "
                             "the region data path (the reason says why)")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test marked ``mount`` is skipped (or failed, see require_mounts) before its
+    fixtures run where it cannot mount."""
+    if item.get_closest_marker("mount") is not None:
+        require_mounts()
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -72,8 +79,6 @@ def no_leftovers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 @pytest.fixture
 def mnt(tmp_path: Path, data_path: str) -> Iterator[Mount]:
     """A fresh 64 MiB dmemfs with 2M dpages on *data_path*."""
-    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
-        pytest.fail("end-to-end tests need root and /dev/fuse")
     with dmemfs(tmp_path, f"size=64M,pagesize=2M,{path_options(data_path)}") as mount:
         yield mount
     assert mount.exit_code == 0, f"daemon exit code {mount.exit_code}:\n{mount.log()}"

@@ -40,7 +40,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mounting import Mount, dmemfs, free_port, kernel_fs, metrics, path_options, unescape
+from mounting import (
+    Mount,
+    dmemfs,
+    free_port,
+    kernel_fs,
+    metrics,
+    path_options,
+    require_mounts,
+    unescape,
+)
 
 from dmemfs_fuse.insight import dmemctl
 from dmemfs_fuse.insight.control import socket_path
@@ -209,8 +218,7 @@ def python_for(uid: int, gid: int) -> str:
 @pytest.fixture(scope="module")
 def other() -> Iterator[User]:
     """The unprivileged user: created for the module if missing, removed if we created it."""
-    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
-        pytest.fail("access tests need root and /dev/fuse")
+    require_mounts()
     for tool in ("setpriv", "useradd", "userdel", "getent"):
         if shutil.which(tool) is None:
             pytest.fail(f"access tests need {tool} (util-linux, passwd, libc-bin)")

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from mounting import require_mounts
 
 from dmemfs_fuse.errors import ConfigError
 from dmemfs_fuse.host import bootreserve, cli, manpage
@@ -56,8 +57,7 @@ NAMESPACING = {
 
 
 def require_root() -> None:
-    if os.geteuid() != 0:
-        pytest.fail("host tests need root (unshare, sysfs nr_hugepages)")
+    require_mounts()
 
 
 def install(destdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
