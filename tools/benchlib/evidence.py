@@ -45,7 +45,7 @@ from pathlib import Path
 from . import ktrace, mounts, tracesum
 from .machine import GIB, MIB, drop_caches
 from .mounts import MountInfo
-from .workloads import PAGE, Params, Variant, _fill, _meta_run, _read_all, map_and_touch
+from .workloads import PAGE, Params, Variant, fill, map_and_touch, meta_run, read_all
 
 HERE = Path(__file__).resolve().parent
 PYSPY = mounts.VENV_BIN / "py-spy"
@@ -98,24 +98,24 @@ def s_seqwrite(ctx: Ctx) -> str:
     _set_readahead(ctx)
     block = os.urandom(MIB)
     with ctx.timed() as t:
-        _fill(ctx.target, ctx.size, block)
+        fill(ctx.target, ctx.size, block)
     return f"{ctx.size / MIB / t[0]:.0f} MiB/s ({t[0]:.2f} s)"
 
 
 def s_coldread(ctx: Ctx) -> str:
     """Sequential 1 MiB reads after drop_caches."""
     if not ctx.kind.startswith("nullfs"):
-        _fill(ctx.target, ctx.size, os.urandom(MIB))
+        fill(ctx.target, ctx.size, os.urandom(MIB))
     _set_readahead(ctx)
     drop_caches()
     with ctx.timed() as t:
-        _, got = _read_all(ctx.target)
+        _, got = read_all(ctx.target)
     return f"{got / MIB / t[0]:.0f} MiB/s ({t[0]:.2f} s, read_ahead_kb={ctx.mount.read_ahead_kb()})"
 
 
 def _rand(ctx: Ctx, write: bool) -> str:
     if not ctx.kind.startswith("nullfs"):
-        _fill(ctx.target, ctx.size, os.urandom(MIB))
+        fill(ctx.target, ctx.size, os.urandom(MIB))
     rng = random.Random(6)
     offsets = [rng.randrange(ctx.size // PAGE) * PAGE for _ in range(ctx.ops)]
     buf = mmap.mmap(-1, PAGE)
@@ -227,7 +227,7 @@ def s_meta(ctx: Ctx) -> str:
     """The benchmark's whole metadata workload (create, stat, rename, ls -l, unlink)."""
     params = Params(meta_files=ctx.files)
     with ctx.timed() as t:
-        out = _meta_run(Variant("x", ctx.kind), ctx.mount, params)
+        out = meta_run(Variant("x", ctx.kind), ctx.mount, params)
     return f"{t[0]:.2f} s: " + ", ".join(f"{k}={v:.0f}" for k, v in out.items())
 
 

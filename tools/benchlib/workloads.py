@@ -156,7 +156,8 @@ def _write_all(fd: int, buf: memoryview) -> None:
         done += os.write(fd, buf[done:])
 
 
-def _fill(path: str, size: int, block: bytes) -> None:
+def fill(path: str, size: int, block: bytes) -> None:
+    """Write *path* to *size* bytes in writes of *block*, then fsync it."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         view = memoryview(block)
@@ -167,7 +168,8 @@ def _fill(path: str, size: int, block: bytes) -> None:
         os.close(fd)
 
 
-def _read_all(path: str, block: int = MIB) -> tuple[float, int]:
+def read_all(path: str, block: int = MIB) -> tuple[float, int]:
+    """Read all of *path* in reads of *block* bytes: (seconds, bytes read)."""
     buf = bytearray(block)
     total = 0
     started = time.perf_counter()
@@ -186,7 +188,9 @@ def _mibps(nbytes: int, seconds: float) -> float:
 
 # -- 1. sequential ---------------------------------------------------------------------
 
-def _seq_variants(p: Params) -> list[Variant]:
+def data_variants(p: Params) -> list[Variant]:
+    """The mounts of the data workloads (sequential and random): dmemfs on both paths,
+    tmpfs with and without huge pages, and plainfs."""
     room = p.data_size + 64 * MIB
     return [
         *_dmemfs_pair(p, room),
@@ -200,13 +204,13 @@ def _seq_run(v: Variant, m: MountInfo, p: Params) -> dict[str, float]:
     path = str(m.path / "seq")
     block = os.urandom(MIB)
     started = time.perf_counter()
-    _fill(path, p.data_size, block)  # 1 MiB writes, then fsync, then close
+    fill(path, p.data_size, block)  # 1 MiB writes, then fsync, then close
     write_s = time.perf_counter() - started
     drop_caches()
-    cold_s, got = _read_all(path)
+    cold_s, got = read_all(path)
     if got != p.data_size:
         raise RuntimeError(f"cold read returned {got} bytes, wrote {p.data_size}")
-    warm_s, _ = _read_all(path)
+    warm_s, _ = read_all(path)
     return {
         "write_MiBps": _mibps(p.data_size, write_s),
         "cold_read_MiBps": _mibps(p.data_size, cold_s),
@@ -221,7 +225,7 @@ SEQ = Workload(
      Metric("warm_read_MiBps", "read, warm cache", "MiB/s")),
     (Target("write_MiBps", "tmpfs", 0.8, "sequential write >= 0.8x tmpfs"),
      Target("cold_read_MiBps", "tmpfs", 1.0, "cold sequential read >= tmpfs")),
-    _seq_variants, _seq_run,
+    data_variants, _seq_run,
     note="tmpfs has no backing store, so drop_caches cannot make its read cold: "
          "its 'cold' read is a page-cache read.",
 )
@@ -245,19 +249,9 @@ def _direct_ok(path: str) -> bool:
         os.close(fd)
 
 
-def _rand_variants(p: Params) -> list[Variant]:
-    room = p.data_size + 64 * MIB
-    return [
-        *_dmemfs_pair(p, room),
-        Variant("tmpfs", "tmpfs", f"size={_size(room)}", memory=room),
-        Variant("tmpfs-huge", "tmpfs", f"size={_size(room)},huge=always", memory=room),
-        Variant("plainfs", "plainfs", memory=3 * room),
-    ]
-
-
 def _rand_run(v: Variant, m: MountInfo, p: Params) -> dict[str, float]:
     path = str(m.path / "rand")
-    _fill(path, p.data_size, os.urandom(MIB))
+    fill(path, p.data_size, os.urandom(MIB))
     blocks = p.data_size // PAGE
     rng = random.Random(p.seed)
     reads = [rng.randrange(blocks) * PAGE for _ in range(p.rand_ops)]
@@ -301,7 +295,7 @@ RAND = Workload(
      Target("write_iops", "tmpfs", 0.5, "4 KiB random write >= 0.5x tmpfs"),
      Target("read_iops", "plainfs", 3.0, "4 KiB random read >= 3x plain pyfuse3"),
      Target("write_iops", "plainfs", 3.0, "4 KiB random write >= 3x plain pyfuse3")),
-    _rand_variants, _rand_run,
+    data_variants, _rand_run,
 )
 
 
@@ -479,7 +473,8 @@ def _meta_variants(p: Params) -> list[Variant]:
     ]
 
 
-def _meta_run(v: Variant, m: MountInfo, p: Params) -> dict[str, float]:
+def meta_run(v: Variant, m: MountInfo, p: Params) -> dict[str, float]:
+    """The metadata workload (create, stat, rename, unlink of many small files) on *m*."""
     n = p.meta_files
     top = m.path / "meta"
     top.mkdir()
@@ -552,7 +547,7 @@ META = Workload(
      Target("ls_l_entries_per_s", "plainfs", 2.0, "ls -l >= 2x plain pyfuse3"),
      Target("unlink_ops", "plainfs", 2.0, "metadata unlink >= 2x plain pyfuse3"),
      Target("all_ops", "plainfs", 2.0, "metadata, all phases >= 2x plain pyfuse3")),
-    _meta_variants, _meta_run,
+    _meta_variants, meta_run,
     note="dmemfs runs this with 4K dpages: every non-empty file holds at least one dpage, "
          "and 10,000 files of 2 MiB dpages would need 20 GiB.",
 )
