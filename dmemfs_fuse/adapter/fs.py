@@ -544,59 +544,59 @@ class DmemOperations(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo,
                                                            pyfuse3.EntryAttributes]:
         mode = stat.S_IFREG | stat.S_IMODE(mode)
-        node = self.inodes.make(parent_inode, name, mode, ctx.uid, ctx.gid)
+        entry = self.inodes.make(parent_inode, name, mode, ctx.uid, ctx.gid)
         try:
-            info = self._open_handle(node, ctx)
+            info = self._open_handle(entry, ctx)
         except BaseException:  # no backing file for it: as if it had never been created
             self.inodes.unlink(parent_inode, name)
-            self.inodes.forget(node.ino, 1)
+            self.inodes.forget(entry.ino, 1)
             raise
-        return info, self._attrs(node)
+        return info, self._attrs(entry)
 
     @_boundary
     async def read(  # type: ignore[override]  # any buffer will do: a view avoids a copy
             self, fh: int, off: int, size: int) -> memoryview | bytes:
-        node = self._inode_of(fh)
-        assert node.data is not None
-        data = self.store.read(node.data, node.size, off, size)
+        entry = self._inode_of(fh)
+        assert entry.data is not None
+        data = self.store.read(entry.data, entry.size, off, size)
         if self.metrics is not None:
             self.metrics.read(len(data))
         return data
 
     @_boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        node = self._inode_of(fh)
-        assert node.data is not None
-        node.size, written = self.store.write(node.data, node.size, off, buf,
-                                              node=self._handles[fh].node,
-                                              policy=node.policy or LOCAL)
-        node.touch(data=True)
+        entry = self._inode_of(fh)
+        assert entry.data is not None
+        entry.size, written = self.store.write(entry.data, entry.size, off, buf,
+                                               node=self._handles[fh].node,
+                                               policy=entry.policy or LOCAL)
+        entry.touch(data=True)
         if self.metrics is not None:
             self.metrics.wrote(written)
         return written
 
     @_boundary
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
-        node = self._inode_of(fh)
-        assert node.data is not None
-        self.store.sync(node)  # the size the kernel may have grown it to
+        entry = self._inode_of(fh)
+        assert entry.data is not None
+        self.store.sync(entry)  # the size the kernel may have grown it to
         for last in (False, True):
             try:
-                node.size = self.store.fallocate(node.data, node.size, mode, offset, length,
-                                                 node=self._handles[fh].node,
-                                                 policy=node.policy or LOCAL)
+                entry.size = self.store.fallocate(entry.data, entry.size, mode, offset,
+                                                  length, node=self._handles[fh].node,
+                                                  policy=entry.policy or LOCAL)
                 break
             except NoSpaceError:  # nothing changed: once more if a removal lands
                 if last or not await self._forgets_landed():
                     raise
-        node.touch(data=True)  # as on tmpfs, every mode changes mtime and ctime
+        entry.touch(data=True)  # as on tmpfs, every mode changes mtime and ctime
 
     @_boundary
     async def lseek(self, fh: int, offset: int, whence: int) -> int:
-        node = self._inode_of(fh)
-        assert node.data is not None
-        self.store.sync(node)
-        return self.store.seek(node.data, node.size, offset, whence)
+        entry = self._inode_of(fh)
+        assert entry.data is not None
+        self.store.sync(entry)
+        return self.store.seek(entry.data, entry.size, offset, whence)
 
     # No flush handler: pyfuse3 answers ENOSYS and the kernel stops sending FLUSH
     # on every close(); there is nothing to flush, the region is the store of record.
@@ -622,11 +622,11 @@ class DmemOperations(pyfuse3.Operations):
 
     @_boundary
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        node, entries = self.inodes.directory(fh)
-        if start_id < 1 and not pyfuse3.readdir_reply(token, b".", self._attrs(node), 1):
+        directory, entries = self.inodes.directory(fh)
+        if start_id < 1 and not pyfuse3.readdir_reply(token, b".", self._attrs(directory), 1):
             return
         if start_id < 2:
-            parent = self.inodes.get(node.parent)
+            parent = self.inodes.get(directory.parent)
             if not pyfuse3.readdir_reply(token, b"..", self._attrs(parent), 2):
                 return
         for cookie, name, ino in entries.after(max(start_id, 2)):
