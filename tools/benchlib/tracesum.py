@@ -16,9 +16,11 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-OK = re.compile(r"dmemfs_fuse\.fs: (?P<op>\w+)\((?P<args>.*)\) -> ok in (?P<us>[\d.]+) us$")
-ERR = re.compile(r"dmemfs_fuse\.fs: (?P<op>\w+)\((?P<args>.*)\): (?P<err>\[Errno \d+\] [^:]*)")
-FORGET = re.compile(r"dmemfs_fuse\.fs: forget\((?P<args>.*)\)$")
+# The handlers log as dmemfs_fuse.adapter.fs (dmemfs_fuse.fs before the layout change).
+HANDLERS = r"dmemfs_fuse(?:\.adapter)?\.fs: "
+OK = re.compile(HANDLERS + r"(?P<op>\w+)\((?P<args>.*)\) -> ok in (?P<us>[\d.]+) us$")
+ERR = re.compile(HANDLERS + r"(?P<op>\w+)\((?P<args>.*)\): (?P<err>\[Errno \d+\] [^:]*)")
+FORGET = re.compile(HANDLERS + r"forget\((?P<args>.*)\)$")
 BIG = re.compile(r"<(\d+) bytes>")
 
 
