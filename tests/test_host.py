@@ -57,7 +57,7 @@ NAMESPACING = {
 
 
 def require_root() -> None:
-    require_mounts()
+    require_mounts(fuse=False)  # unshare, sysfs nr_hugepages, tmpfs
 
 
 def install(destdir: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -16,7 +16,10 @@ FOUNDATIONS = {"errors", "libc", "rundir", "sizes", "tasks", "__init__"}
 
 
 def rank(module: tuple[str, ...]) -> int:
-    """The layer of *module* (its path inside the package), -1 for a foundation."""
+    """The layer of *module* (its path inside the package), -1 for a foundation (and for
+    the package itself)."""
+    if not module:
+        return -1
     if module[0] in LAYERS:
         return LAYERS.index(module[0])
     assert module[0] in FOUNDATIONS, f"dmemfs_fuse.{'.'.join(module)} is in no layer"
@@ -28,6 +31,13 @@ def imports(path: Path, package: Path) -> list[tuple[int, tuple[str, ...]]]:
     here = path.relative_to(package).with_suffix("").parts
     found: list[tuple[int, tuple[str, ...]]] = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if (isinstance(node, ast.Call) and node.args
+                and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
+                and node.args[0].value.split(".")[0] == package.name
+                and ast.unparse(node.func) in {"importlib.import_module", "import_module",
+                                               "__import__"}):
+            found.append((node.lineno, tuple(node.args[0].value.split(".")[1:])))
+            continue
         if isinstance(node, ast.Import):
             found += [(node.lineno, tuple(alias.name.split(".")[1:])) for alias in node.names
                       if alias.name.split(".")[0] == package.name]
@@ -56,8 +66,8 @@ def upward(package: Path) -> list[str]:
     for path in sorted(package.rglob("*.py")):
         mine = rank(path.relative_to(package).with_suffix("").parts)
         for line, target in imports(path, package):
-            if target == ("__version__",):
-                continue  # the package's version, from its own __init__
+            if target in {(), ("__version__",)}:
+                continue  # the package itself, or its version from its own __init__
             if rank(target) > mine or (mine == -1 and target[0] != "errors"):
                 wrong.append(f"{path.relative_to(package.parent)}:{line} imports "
                              f"{package.name}.{'.'.join(target)}")
@@ -80,8 +90,14 @@ def test_the_check_finds_each_form_of_an_upward_import(tmp_path: Path) -> None:
     (package / "memory" / "numa.py").write_text("from ..errors import ConfigError\n")
     (package / "memory" / "region.py").write_text(
         "from ..host.options import X\nfrom ..host import options\n"
-        "import dmemfs_fuse.host.cli\nfrom dmemfs_fuse.host.plan import Y\nfrom . import numa\n")
+        "import dmemfs_fuse.host.cli as cli\nfrom dmemfs_fuse.host.plan import Y\n"
+        "from . import numa\nimport dmemfs_fuse\n"
+        "if TYPE_CHECKING:\n    from ..host.daemon import Z\n"
+        "def f():\n    from ..host import notify\n"
+        "    return importlib.import_module('dmemfs_fuse.host.manpage')\n")
     (package / "memory" / "bdi.py").write_text("from ..errors import E\n")
-    assert upward(package) == [
+    found = sorted(upward(package), key=lambda text: int(text.split(":")[1].split()[0]))
+    assert found == [
         f"dmemfs_fuse/memory/region.py:{line} imports dmemfs_fuse.host.{name}"
-        for line, name in ((1, "options"), (2, "options"), (3, "cli"), (4, "plan"))]
+        for line, name in ((1, "options"), (2, "options"), (3, "cli"), (4, "plan"),
+                           (8, "daemon"), (10, "notify"), (11, "manpage"))]

@@ -23,3 +23,13 @@ def test_as_root_with_dev_fuse_nothing_is_in_the_way(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     monkeypatch.setattr(os.path, "exists", lambda path: path == "/dev/fuse")
     require_mounts()
+
+
+def test_a_test_that_needs_only_root_runs_without_dev_fuse(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(os.path, "exists", lambda path: False)
+    require_mounts(fuse=False)
+    monkeypatch.setenv("DMEMFS_REQUIRE_MOUNTS", "0")  # 0 is off: a skip
+    with pytest.raises(pytest.skip.Exception, match="needs /dev/fuse"):
+        require_mounts()

@@ -29,7 +29,7 @@ DPAGES = 16
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[PassthroughStore]:
-    require_mounts()
+    require_mounts(fuse=False)  # the pool's tmpfs instances
     plan = RegionPlan(pools=(PoolSpec(0, DPAGES * DPS),), dpage_size=DPS, backend="shmem",
                       path=str(tmp_path / "pools"))
     memory = ShmemMemory.open(plan, tmp_path / "pools", 100)
