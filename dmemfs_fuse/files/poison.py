@@ -254,7 +254,7 @@ def send_mce_notice(addr: int) -> None:
     struct.pack_into("<iii", info, 0, signal.SIGBUS, 0, BUS_MCEERR_AO)
     struct.pack_into("<Qh", info, 16, addr, PAGE_SIZE.bit_length() - 1)  # si_addr, si_addr_lsb
     if libc.syscall(SYS_RT_TGSIGQUEUEINFO, os.getpid(), libc.gettid(), signal.SIGBUS,
-                     info) != 0:
+                    info) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"rt_tgsigqueueinfo: {os.strerror(err)}")
 

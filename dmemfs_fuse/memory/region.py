@@ -137,7 +137,7 @@ class Region:
             self._reservation.reserve(node, count)
         self.fd = self._open_fd()
         addr = libc.mmap(None, self.size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED,
-                          self.fd, 0)
+                         self.fd, 0)
         if addr in (None, MAP_FAILED):
             err = ctypes.get_errno()
             raise OSError(err, f"mmap of {human(self.size)} ({plan.backend}): {os.strerror(err)}")
@@ -254,7 +254,7 @@ class Region:
     def _populate_around_poison(self, start: int, length: int) -> None:
         for offset in range(start, start + length, self.dpage_size):
             if libc.madvise(ctypes.c_void_p(self.addr + offset), self.dpage_size,
-                             MADV_POPULATE_WRITE) == 0:
+                            MADV_POPULATE_WRITE) == 0:
                 continue
             err = ctypes.get_errno()
             if err != EHWPOISON:

@@ -79,7 +79,7 @@ def mount_tmpfs(target: Path, size: int, dpage_size: int, node: int, nr_inodes: 
     data = (f"size={size},nr_inodes={nr_inodes},huge={huge},mpol=bind:{node},noswap,"
             "mode=0700")
     if libc.mount(b"dmemfs-pool", os.fsencode(target), b"tmpfs",
-                   MS_NOSUID | MS_NODEV | MS_NOEXEC, data.encode()) != 0:
+                  MS_NOSUID | MS_NODEV | MS_NOEXEC, data.encode()) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"mounting tmpfs ({data}) at {target}: {os.strerror(err)}")
 
@@ -189,7 +189,7 @@ class PoolMemory:
         """Write-fault one chunk of the reserve (the host backs it now, not at a guest's start)."""
         offset, length = chunk
         addr = libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED,
-                          self._reserve_fd, offset)
+                         self._reserve_fd, offset)
         if addr in (None, MAP_FAILED):
             err = ctypes.get_errno()
             raise OSError(err, f"mapping the reserve of pool {self.index}: {os.strerror(err)}")
@@ -460,7 +460,7 @@ def cached_pages(fd: int, offset: int, length: int) -> int | None:
     # struct cachestat_range and struct cachestat: include/uapi/linux/mman.h
     where, stats = _CachestatRange(offset, length), _Cachestat()
     if libc.syscall(ctypes.c_long(SYS_CACHESTAT), ctypes.c_int(fd), ctypes.byref(where),
-                     ctypes.byref(stats), ctypes.c_uint(0)) != 0:
+                    ctypes.byref(stats), ctypes.c_uint(0)) != 0:
         _cachestat_unusable(ctypes.get_errno())
         return None
     return int(stats.nr_cache)
