@@ -199,7 +199,7 @@ class PassthroughStore:
         dps = self.dpage_size
         fd = os.open(home.path_of(extents.ino), os.O_RDONLY | os.O_CLOEXEC)
         try:
-            runs = _dpage_runs(_data_ranges(fd), dps)
+            runs = _dpage_runs(data_ranges(fd), dps)
             st = os.fstat(fd)
             held = ceil_div(st.st_blocks * 512, dps)
             if st.st_size and held > sum(e - f for f, e in runs):
@@ -547,7 +547,7 @@ class PassthroughStore:
 
 def _punch_unwritten(fd: int, ranges: list[tuple[int, int]]) -> None:
     """Punch byte *ranges* of *fd*, leaving alone every part SEEK_DATA shows holds data."""
-    data = _data_ranges(fd)
+    data = data_ranges(fd)
     for lo, hi in ranges:
         pos = lo
         for dlo, dhi in data:
@@ -585,27 +585,42 @@ def _probe(fd: int, dpage: int, dps: int) -> bool:
     return length > 0 and holds_pages(fd, dpage * dps, length)
 
 
-def _unheld(fd: int, first: int, count: int, dps: int) -> list[int] | None:
-    """The dpages of ``[first, first+count)`` of which *fd* holds no page, halving ranges
-    that are neither full nor empty; None where cachestat cannot be called."""
+def _held(fd: int, first: int, count: int, dps: int) -> list[int] | None:
+    """The dpages of ``[first, first+count)`` of which *fd* holds any page, fallocated ones
+    not written yet included: one cachestat for a range that is full or empty, halving
+    the others; None where cachestat cannot be called."""
     cached = cached_pages(fd, first * dps, count * dps)
     if cached is None:
         return None
     if cached == 0:
-        return list(range(first, first + count))
-    if count == 1 or cached == count * dps // mmap.PAGESIZE:
         return []
+    if count == 1 or cached == count * dps // mmap.PAGESIZE:
+        return list(range(first, first + count))
     half = count // 2
-    low, high = _unheld(fd, first, half, dps), _unheld(fd, first + half, count - half, dps)
+    low, high = _held(fd, first, half, dps), _held(fd, first + half, count - half, dps)
     return None if low is None or high is None else low + high
 
 
+def _unheld(fd: int, first: int, count: int, dps: int) -> list[int] | None:
+    """The dpages of ``[first, first+count)`` of which *fd* holds no page; None where
+    cachestat cannot be called."""
+    held = _held(fd, first, count, dps)
+    if held is None:
+        return None
+    kept = set(held)
+    return [d for d in range(first, first + count) if d not in kept]
+
+
 def _probe_run(fd: int, first: int, count: int, dps: int) -> list[int]:
-    """The dpages of ``[first, first+count)`` that *fd* holds a page of."""
-    return [d for d in range(first, first + count) if _probe(fd, d, dps)]
+    """The dpages of ``[first, first+count)`` that *fd* holds a page of (_held; one probe
+    per dpage where cachestat cannot be called)."""
+    held = _held(fd, first, count, dps)
+    if held is None:
+        return [d for d in range(first, first + count) if _probe(fd, d, dps)]
+    return held
 
 
-def _data_ranges(fd: int) -> list[tuple[int, int]]:
+def data_ranges(fd: int) -> list[tuple[int, int]]:
     """``[start, end)`` byte ranges of *fd* that hold data (SEEK_DATA/SEEK_HOLE)."""
     out: list[tuple[int, int]] = []
     pos = 0
