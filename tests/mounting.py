@@ -178,6 +178,34 @@ def start_over(mountpoint: Path, options: str, log_path: Path) -> subprocess.Pop
     return proc
 
 
+def wait_statfs(path: Path, bfree: int, ffree: int | None = None,
+                timeout: float = 10.0) -> os.statvfs_result:
+    """statfs of the mount at *path* once its free dpages (and free inodes, if *ffree* is
+    given) are as expected, or when *timeout* has passed.
+
+    The kernel forgets removed inodes a moment after unlink returns, and only then does
+    the daemon give their dpages back; this gives it the time, the caller asserts.
+    """
+    deadline = time.monotonic() + timeout
+    vfs = os.statvfs(path)
+    while ((vfs.f_bfree, vfs.f_ffree if ffree is not None else None) != (bfree, ffree)
+           and time.monotonic() < deadline):
+        time.sleep(0.05)
+        vfs = os.statvfs(path)
+    return vfs
+
+
+def held_dpages(root: Path) -> int:
+    """The dpages the files under *root* hold (st_blocks), each inode counted once."""
+    dpage = os.statvfs(root).f_bsize
+    held: dict[int, int] = {}
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            held[st.st_ino] = st.st_blocks * 512 // dpage
+    return sum(held.values())
+
+
 def run_daemon(tmp: Path, options: str, timeout: float = 60,
                name: str = "mnt-fail") -> subprocess.CompletedProcess[str]:
     """Run a daemon that is expected to fail before mounting; return its result."""

@@ -47,7 +47,6 @@ from mounting import (
     kernel_fs,
     metrics,
     path_options,
-    require_mounts,
     unescape,
 )
 
@@ -218,7 +217,6 @@ def python_for(uid: int, gid: int) -> str:
 @pytest.fixture(scope="module")
 def other() -> Iterator[User]:
     """The unprivileged user: created for the module if missing, removed if we created it."""
-    require_mounts()
     for tool in ("setpriv", "useradd", "userdel", "getent"):
         if shutil.which(tool) is None:
             pytest.fail(f"access tests need {tool} (util-linux, passwd, libc-bin)")

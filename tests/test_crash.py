@@ -24,14 +24,17 @@ import pytest
 from mounting import (
     MOUNT_TIMEOUT,
     daemon_command,
+    held_dpages,
     is_mounted,
     kernel_fs,
     path_options,
     unmount,
     wait_mounted,
+    wait_statfs,
 )
 
 from dmemfs_fuse.alloc.policy import parse_policy
+from dmemfs_fuse.files.passthrough import data_ranges
 from dmemfs_fuse.host.daemon import pool_memory_dir
 from dmemfs_fuse.memory import shmem
 from dmemfs_fuse.metadata import metalog, persistence, recovery
@@ -592,12 +595,7 @@ def _all_traced_by(pid: int, tracer: int) -> bool:
 def _accounting(root: Path) -> None:
     """The pools' used dpages are exactly what the files hold (no leak, no double count)."""
     st = os.statvfs(root)
-    held: dict[int, int] = {}
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            s = os.lstat(os.path.join(dirpath, name))
-            held[s.st_ino] = s.st_blocks * 512 // st.f_bsize
-    assert st.f_blocks - st.f_bfree == sum(held.values()), "dpages leaked or counted twice"
+    assert st.f_blocks - st.f_bfree == held_dpages(root), "dpages leaked or counted twice"
 
 
 @pytest.fixture
@@ -692,16 +690,7 @@ def _written_bytes(path: Path) -> int:
     """Bytes of *path* that SEEK_DATA finds (on tmpfs: pages written, not only allocated)."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        total, pos = 0, 0
-        while True:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:
-                    return total
-                raise
-            pos = os.lseek(fd, start, os.SEEK_HOLE)
-            total += pos - start
+        return sum(end - start for start, end in data_ranges(fd))
     finally:
         os.close(fd)
 
@@ -877,7 +866,9 @@ def test_sigkill_in_the_middle_of_a_huge_truncate(tmp_path: Path, region: Path, 
         with daemon(tmp_path, options) as proc:
             if (root / "big").exists():
                 os.unlink(root / "big")
-                _wait_all_free(root)  # its dpages come back at its FORGET, a moment later
+                # Its dpages come back at its FORGET, a moment later.
+                vfs = wait_statfs(root, os.statvfs(root).f_blocks)
+                assert vfs.f_bfree == vfs.f_blocks, f"{vfs.f_blocks - vfs.f_bfree} still used"
             fd = os.open(root / "big", os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 os.posix_fallocate(fd, 0, length)
@@ -916,11 +907,3 @@ def test_sigkill_in_the_middle_of_a_huge_truncate(tmp_path: Path, region: Path, 
             assert outcome == want, f"a kill at {syscall}: the truncate {outcome}"
             outcomes.append(f"{syscall}: {outcome}")
     print(", ".join(outcomes))
-
-
-def _wait_all_free(root: Path, timeout: float = 10.0) -> None:
-    """Wait until every dpage of the mount at *root* is free; fail after *timeout*."""
-    deadline = time.monotonic() + timeout
-    while (st := os.statvfs(root)).f_bfree != st.f_blocks:
-        assert time.monotonic() < deadline, f"{st.f_blocks - st.f_bfree} dpages still used"
-        time.sleep(0.05)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from mounting import Mount, dmemfs, free_port, metrics, path_options
+from mounting import dmemfs, free_port, metrics, path_options, wait_statfs
 
 pytestmark = pytest.mark.mount
 
@@ -258,20 +258,6 @@ def direct_read(path: Path) -> bytes:
         os.close(fd)
 
 
-def wait_statfs(mount: Mount, bfree: int, ffree: int, timeout: float = 10.0) -> os.statvfs_result:
-    """statfs once free dpages and inodes are as expected, or when *timeout* has passed.
-
-    The kernel forgets removed inodes a moment after unlink returns, and only then does
-    the daemon give their dpages back; this gives it the time, the caller asserts.
-    """
-    deadline = time.monotonic() + timeout
-    vfs = mount.statvfs()
-    while (vfs.f_bfree, vfs.f_ffree) != (bfree, ffree) and time.monotonic() < deadline:
-        time.sleep(0.05)
-        vfs = mount.statvfs()
-    return vfs
-
-
 SAMPLE = re.compile(r'(?P<name>\w+)\{(?P<labels>[^}]*)\}')
 
 
@@ -375,7 +361,7 @@ def test_concurrent_workers_keep_their_bytes_and_the_accounting(tmp_path: Path,
             assert dpages <= -(-st.st_size // DPAGE), f"{name} holds dpages past its end"
             held += dpages
         # Removed files' dpages come back with their FORGET, a moment after the run.
-        vfs = wait_statfs(mount, start.f_blocks - held,
+        vfs = wait_statfs(mount.path, start.f_blocks - held,
                           start.f_ffree - len(expected) - WORKERS * (1 + len(SUBDIRS)))
         assert vfs.f_blocks - vfs.f_bfree == held, (vfs, held)
         assert vfs.f_ffree == start.f_ffree - len(expected) - WORKERS * (1 + len(SUBDIRS))
@@ -399,7 +385,7 @@ def test_concurrent_workers_keep_their_bytes_and_the_accounting(tmp_path: Path,
             for sub in SUBDIRS:
                 os.rmdir(mount.path / f"w{worker}" / sub)
             os.rmdir(mount.path / f"w{worker}")
-        vfs = wait_statfs(mount, start.f_bfree, start.f_ffree)
+        vfs = wait_statfs(mount.path, start.f_bfree, start.f_ffree)
         assert (vfs.f_bfree, vfs.f_bavail) == (vfs.f_blocks, vfs.f_blocks)
         assert vfs.f_ffree == start.f_ffree
     assert mount.exit_code == 0, mount.log()
@@ -453,12 +439,12 @@ def test_create_unlink_churn_returns_memory(tmp_path: Path) -> None:
             assert b"dmemfs_fuse.host.cli" in cmdline.read(), "not the daemon's pid"
         start = mount.statvfs()
         churn(mount.path, WARMUP_CYCLES)
-        wait_statfs(mount, start.f_bfree, start.f_ffree)
+        wait_statfs(mount.path, start.f_bfree, start.f_ffree)
         base = rss_anon(pid)
         began = time.monotonic()
         churn(mount.path, CYCLES)
         elapsed = time.monotonic() - began
-        vfs = wait_statfs(mount, start.f_bfree, start.f_ffree)
+        vfs = wait_statfs(mount.path, start.f_bfree, start.f_ffree)
         after = rss_anon(pid)
         print(f"\n{CYCLES} cycles in {elapsed:.1f} s ({elapsed / CYCLES * 1e6:.0f} us each); "
               f"RssAnon {base / M:.2f} MiB -> {after / M:.2f} MiB")

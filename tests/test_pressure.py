@@ -47,7 +47,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mounting import Mount, dmemfs, free_port, metrics, path_options, status
+from mounting import (
+    Mount,
+    dmemfs,
+    free_port,
+    held_dpages,
+    metrics,
+    path_options,
+    status,
+    wait_statfs,
+)
 from test_qemu import (
     GUEST_MIB,
     Guest,
@@ -284,29 +293,18 @@ def daemon_bytes_since(port: int, before: tuple[int, int]) -> tuple[int, int]:
     return read - before[0], written - before[1]
 
 
-def make_file(path: Path, size: int) -> None:
-    """Create *path* and size it with ftruncate, as QEMU sizes a RAM file."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        os.ftruncate(fd, size)
-    finally:
-        os.close(fd)
-
-
-def assert_accounting(mount: Mount, *files: Path) -> None:
-    """Used dpages are exactly what *files* hold, and the daemon answers status."""
+def assert_accounting(mount: Mount) -> None:
+    """Used dpages are exactly what the mount's files hold, and the daemon answers status."""
     vfs = mount.statvfs()
-    held = sum(os.stat(path).st_blocks * 512 // vfs.f_bsize for path in files)
+    held = held_dpages(mount.path)
     assert vfs.f_blocks - vfs.f_bfree == held, (vfs, held)
     state = status(mount)
     assert state["used_dpages"] == held, state
 
 
-def assert_all_free(mount: Mount, timeout: float = 10.0) -> None:
+def assert_all_free(mount: Mount) -> None:
     """Every dpage is free again (the dpages of a removed file come back at its FORGET)."""
-    deadline = time.monotonic() + timeout
-    while (vfs := mount.statvfs()).f_bfree != vfs.f_blocks and time.monotonic() < deadline:
-        time.sleep(0.05)
+    vfs = wait_statfs(mount.path, mount.statvfs().f_blocks)
     assert vfs.f_bfree == vfs.f_blocks, vfs
 
 
@@ -327,7 +325,7 @@ def test_mapped_pattern_survives_a_memory_limit(tmp_path: Path, data_path: str) 
     with dmemfs(tmp_path, f"{MOUNT_OPTIONS},metrics={port},{path_options(data_path)}") \
             as mount, memory_cgroup(LIMIT_MIB * M, HIGH_MIB * M) as group:
         target = mount.path / "mapped"
-        make_file(target, size)
+        presize(target, size)
         before = daemon_bytes(port)
         result = run_workload(group, "map", str(target), str(seed), str(size))
         assert result.returncode == 0, result.stderr
@@ -353,7 +351,7 @@ def test_mapped_pattern_survives_a_memory_limit(tmp_path: Path, data_path: str) 
             assert report["resident_after_write"] == report["pages"]
             assert (read, written) == (0, 0), "passthrough I/O reached the daemon"
         check_file(target, seed, size)
-        assert_accounting(mount, target)
+        assert_accounting(mount)
         target.unlink()
         assert_all_free(mount)
     assert mount.exit_code == 0, mount.log()
@@ -367,7 +365,7 @@ def test_writes_past_the_end_under_a_memory_limit(tmp_path: Path, data_path: str
     with dmemfs(tmp_path, f"{MOUNT_OPTIONS},{path_options(data_path)}") as mount, \
             memory_cgroup(LIMIT_MIB * M, HIGH_MIB * M) as group:
         target = mount.path / "written"
-        make_file(target, 0)
+        presize(target, 0)
         result = run_workload(group, "write", str(target), str(seed), str(size))
         confirmed = max((int(line.split()[1]) for line in result.stdout.splitlines()
                          if line.startswith("written ")), default=0)
@@ -391,14 +389,14 @@ def test_writes_past_the_end_under_a_memory_limit(tmp_path: Path, data_path: str
             assert confirmed < size
             assert confirmed <= target.stat().st_size <= confirmed + CHUNK
         check_file(target, seed, confirmed)
-        assert_accounting(mount, target)
+        assert_accounting(mount)
         if data_path == "passthrough":  # the pool gives the rest to a writer with room
             with open(target, "r+b") as rest:
                 for offset in range(confirmed, size, CHUNK):
                     assert os.pwrite(rest.fileno(), pattern(seed, offset, CHUNK).tobytes(),
                                      offset) == CHUNK
             check_file(target, seed, size)
-            assert_accounting(mount, target)
+            assert_accounting(mount)
         target.unlink()
         assert_all_free(mount)
     assert mount.exit_code == 0, mount.log()
@@ -419,7 +417,7 @@ def test_madv_pageout_of_a_mapping(tmp_path: Path, data_path: str) -> None:
     with dmemfs(tmp_path, f"size=64M,pagesize=2M,metrics={port},{path_options(data_path)}") \
             as mount:
         target = mount.path / "paged"
-        make_file(target, size)
+        presize(target, size)
         fd = os.open(target, os.O_RDWR)
         try:
             with mmap.mmap(fd, size, mmap.MAP_SHARED) as area:
@@ -452,7 +450,7 @@ def test_madv_pageout_of_a_mapping(tmp_path: Path, data_path: str) -> None:
         else:
             assert clean == pages and read_clean == 0
         check_file(target, seed, size)
-        assert_accounting(mount, target)
+        assert_accounting(mount)
     assert mount.exit_code == 0, mount.log()
 
 # QEMU's own anonymous memory (TCG, its heap) is about 80 MiB; 160 MiB leaves a
@@ -507,7 +505,7 @@ def test_booted_guest_under_a_memory_limit(guest: Guest, tmp_path: Path,  # noqa
             assert shmem == 0, "QEMU was charged for the guest's RAM"
             assert (read, written) == (0, 0), "passthrough I/O reached the daemon"
         assert_pattern_in_file(vm0, seed, runs)
-        assert_accounting(mount, vm0)
+        assert_accounting(mount)
         vm0.unlink()
         assert_all_free(mount)
     assert mount.exit_code == 0, mount.log()
