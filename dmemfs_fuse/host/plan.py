@@ -91,10 +91,7 @@ def plan_region(opts: MountOptions) -> RegionPlan:
                                 f"(dpages stay {human(pagesize)}); add reserve_hugepages or "
                                 "raise /proc/sys/vm/nr_hugepages for huge pages")
     if backend == "memfd" or (backend == "path" and not on_hugetlbfs(path or "")):
-        avail = meminfo_available()
-        if total > avail:
-            raise ConfigError(f"size: {human(total)} wanted but only {human(avail)} of memory "
-                              "is available")
+        _check_available(total)
     return RegionPlan(pools=tuple(pools), dpage_size=pagesize, backend=backend, path=path,
                       reserve=reserve, allow_unlocked=opts.allow_unlocked,
                       warnings=tuple(warnings))
@@ -148,6 +145,14 @@ def _hugetlbfs_dir(opts: MountOptions, pagesize: int) -> str | None:
     return str(mounts[0]) if mounts else None
 
 
+def _check_available(total: int) -> None:
+    """ConfigError unless *total* bytes of ordinary memory are available (MemAvailable)."""
+    avail = meminfo_available()
+    if total > avail:
+        raise ConfigError(f"size: {human(total)} wanted but only {human(avail)} of memory "
+                          "is available")
+
+
 def check_region_path(path: str, size: int) -> None:
     """ConfigError unless region=*path* can be a region: a file or a device, or a new file in
     a directory that exists."""
@@ -169,11 +174,7 @@ def plan_shmem(opts: MountOptions, base: Path) -> RegionPlan:
     pagesize = opts.pagesize or (DPAGE_SIZES["2M"] if shmem_huge_possible()
                                  else DPAGE_SIZES["4K"])
     pools = plan_pools(opts, nodes, pagesize)
-    total = sum(p.size for p in pools)
-    avail = meminfo_available()
-    if total > avail:
-        raise ConfigError(f"size: {human(total)} wanted but only {human(avail)} of memory "
-                          "is available")
+    _check_available(sum(p.size for p in pools))
     return RegionPlan(pools=pools, dpage_size=pagesize, backend="shmem", path=str(base))
 
 
