@@ -696,8 +696,8 @@ def _written_bytes(path: Path) -> int:
 
 
 def test_sigkill_during_replay_changes_nothing(tmp_path: Path, region: Path) -> None:
-    """A kill while recovery replays a long log (setxattr batches and no checkpoint:
-    about 0.3 s of replay, 40,000 batches here) leaves the metadata as it was, and the
+    """A kill while recovery replays a long log (setxattr batches and no checkpoint, until
+    replay takes 0.3 s: 20,000 batches took 0.17-0.3 s here) leaves the metadata as it was, and the
     next start replays all of it.  Replay makes no system call (the file is read in one
     go first), so this kill is timed, not injected: at half the time recovery takes on
     this very file (the faster of two measurements here), after the daemon took the
