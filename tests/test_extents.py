@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dmemfs_fuse.alloc.pool import Extent
+from dmemfs_fuse.alloc.runs import Extent
 from dmemfs_fuse.files.extents import FileExtents, Piece
 
 

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from dmemfs_fuse.alloc.pool import Extent
+from dmemfs_fuse.alloc.runs import Extent
 from dmemfs_fuse.files.extents import FileExtents
 from dmemfs_fuse.files.inodes import (
     RENAME_EXCHANGE,

@@ -18,8 +18,8 @@ import trio
 
 from dmemfs_fuse.adapter.fs import DmemOperations
 from dmemfs_fuse.alloc.policy import parse_policy
-from dmemfs_fuse.alloc.pool import Extent
 from dmemfs_fuse.alloc.poolset import PoolSet
+from dmemfs_fuse.alloc.runs import Extent
 from dmemfs_fuse.files.changes import ChangeLog
 from dmemfs_fuse.files.inodes import RENAME_EXCHANGE, ROOT_INO, Inode, InodeTable
 from dmemfs_fuse.files.poison import MemoryErrors

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from mounting import require_mounts
 
-from dmemfs_fuse.alloc.pool import Extent
 from dmemfs_fuse.alloc.poolset import PoolSet
+from dmemfs_fuse.alloc.runs import Extent
 from dmemfs_fuse.files.extents import FileExtents
 from dmemfs_fuse.files.inodes import Inode
 from dmemfs_fuse.files.passthrough import PassthroughStore

@@ -7,8 +7,9 @@ import errno
 import pytest
 
 from dmemfs_fuse.alloc.policy import LOCAL, Policy, parse_policy
-from dmemfs_fuse.alloc.pool import Extent, Pool
+from dmemfs_fuse.alloc.pool import Pool
 from dmemfs_fuse.alloc.poolset import PoolSet
+from dmemfs_fuse.alloc.runs import Extent
 from dmemfs_fuse.errors import NoSpaceError
 
 DPS = 2 << 20

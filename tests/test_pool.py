@@ -7,8 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dmemfs_fuse.alloc.bitmap import Bitmap
-from dmemfs_fuse.alloc.pool import Extent, Pool
+from dmemfs_fuse.alloc.pool import Pool
 from dmemfs_fuse.alloc.poolset import PoolSet
+from dmemfs_fuse.alloc.runs import Extent
 from dmemfs_fuse.errors import AllocatorError, NoSpaceError
 
 DPS = 2 << 20

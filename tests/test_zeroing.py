@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from types import SimpleNamespace
 from typing import Any
 
@@ -13,8 +12,9 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dmemfs_fuse.alloc.pool import Extent, Pool
+from dmemfs_fuse.alloc.pool import Pool
 from dmemfs_fuse.alloc.poolset import PoolSet
+from dmemfs_fuse.alloc.runs import Extent
 from dmemfs_fuse.alloc.zeroing import DirtyRuns, Zeroer
 from dmemfs_fuse.files.extents import FileExtents
 from dmemfs_fuse.files.store import FileStore
@@ -47,55 +47,22 @@ def drain(zeroer: Zeroer) -> int:
     return steps
 
 
-# -- DirtyRuns -------------------------------------------------------------------------
+# -- DirtyRuns (a RunSet: tests/test_runs.py has its set operations) -------------------
 
-def test_dirty_runs_merge_and_split() -> None:
+def test_a_watched_dpage_leaves_only_when_taken() -> None:
     dirty = DirtyRuns()
-    dirty.add(10, 5)
-    dirty.add(20, 5)
-    dirty.add(15, 5)  # fills the gap: one run
-    assert list(dirty) == [Extent(10, 15)] and dirty.dpages == 15
-    dirty.add(12, 20)  # overlaps and extends
-    assert list(dirty) == [Extent(10, 22)] and dirty.dpages == 22
-    assert dirty.take(14, 4) == [Extent(14, 4)]
-    assert list(dirty) == [Extent(10, 4), Extent(18, 14)] and dirty.dpages == 18
-    assert dirty.take(0, 100) == [Extent(10, 4), Extent(18, 14)]
-    assert not dirty and dirty.dpages == 0
-    assert dirty.take(0, 5) == [] and dirty.first() is None
-
-
-dirty_ops = st.lists(
-    st.tuples(st.sampled_from(["add", "take", "overlaps", "contains"]), st.integers(0, 199),
-              st.integers(0, 60)),
-    max_size=60,
-)
-
-
-@settings(max_examples=300, deadline=None)
-@given(ops=dirty_ops)
-def test_dirty_runs_agree_with_a_set(ops: list[tuple[str, int, int]]) -> None:
-    dirty = DirtyRuns()
-    model: set[int] = set()
-    for op, start, count in ops:
-        span = set(range(start, start + count))
-        if op == "add":
-            dirty.add(start, count)
-            model |= span
-        elif op == "take":
-            got = dirty.take(start, count)
-            assert {d for ext in got for d in range(ext.start, ext.end)} == model & span
-            assert got == sorted(got)
-            model -= span
-        elif op == "overlaps":
-            assert dirty.overlaps(start, count) == bool(model & span)
-        else:
-            assert (start in dirty) == (start in model)
-        runs = list(dirty)
-        assert {d for ext in runs for d in range(ext.start, ext.end)} == model
-        assert dirty.dpages == len(model) and len(dirty) == len(runs)
-        # maximal runs: sorted, never touching or overlapping
-        assert all(a.end < b.start for a, b in itertools.pairwise(runs))
-        assert all(ext.length > 0 for ext in runs)
+    dirty.add(0, 10)
+    dirty.watch(5)
+    dirty.add(8, 10)  # joins the run that holds the watched dpage: it does not leave
+    dirty.take(0, 5)  # splits that run around it
+    dirty.take(6, 20)
+    assert not dirty.watched_left and 5 in dirty
+    dirty.take(5, 1)
+    dirty.add(0, 10)  # back in the set: it left all the same
+    assert dirty.watched_left
+    dirty.watch(3)
+    dirty.clear()
+    assert dirty.watched_left and not dirty and dirty.dpages == 0
 
 
 # -- the zeroer's step -----------------------------------------------------------------

@@ -12,27 +12,37 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
-from sortedcontainers import SortedDict, SortedList
+from sortedcontainers import SortedList
 
 from ..errors import AllocatorError, NoSpaceError
 from .bitmap import Bitmap
+from .runs import Extent, RunSet
 
 log = logging.getLogger(__name__)
 
 
-class Extent(NamedTuple):
-    """A run of contiguous dpages, in region dpage numbers."""
+class FreeRuns(RunSet):
+    """A pool's free runs, with an index by length beside them: (length, start) pairs,
+    so that a best fit is one bisection."""
 
-    start: int
-    length: int
+    def __init__(self, start: int, size: int) -> None:
+        self.by_size: SortedList = SortedList()
+        super().__init__([Extent(start, size)])
 
-    @property
-    def end(self) -> int:
-        """First dpage after the run."""
-        return self.start + self.length
+    def largest(self) -> int:
+        """Length of the longest run, 0 when there is none."""
+        return int(self.by_size[-1][0]) if self.by_size else 0
+
+    def _put(self, start: int, length: int, to: int) -> None:
+        super()._put(start, length, to)
+        self.by_size.add((length, start))
+
+    def _drop(self, start: int) -> tuple[int, int]:
+        length, to = super()._drop(start)
+        self.by_size.remove((length, start))
+        return length, to
 
 
 @dataclass(frozen=True)
@@ -93,8 +103,7 @@ class Pool:
         self.fallback_dpages = 0
         # Set = allocated (or bad).  One bit per dpage: 32 KiB per GiB at 4K dpages.
         self.bitmap = Bitmap(size)
-        self._runs_by_start: SortedDict = SortedDict({first_dpage: size})
-        self._runs_by_size: SortedList = SortedList([(size, first_dpage)])
+        self._free = FreeRuns(first_dpage, size)
         # Dpages with memory errors: kept out of the free runs for good.
         self.bad: SortedList = SortedList()
 
@@ -108,7 +117,7 @@ class Pool:
 
     def largest_free_run(self) -> int:
         """Length of the longest free run, 0 when the pool is full."""
-        return int(self._runs_by_size[-1][0]) if self._runs_by_size else 0
+        return self._free.largest()
 
     def alloc(self, count: int, goal: int | None = None) -> list[Extent]:
         """Take exactly *count* dpages and return them as extents, or raise NoSpaceError.
@@ -124,21 +133,21 @@ class Pool:
             raise NoSpaceError(f"pool {self.index}: {count} dpages wanted, {self.avail} free")
         extents: list[Extent] = []
         remaining = count
+        by_size = self._free.by_size
         if goal is not None and goal in self:
-            run_start, run_len = self._run_containing(goal)
-            if run_len:
-                take = min(remaining, run_start + run_len - goal)
-                extents.append(self._carve(run_start, run_len, goal, take))
+            run = self._free.run_at(goal)
+            if run is not None:
+                take = min(remaining, run.start + run.length - goal)
+                extents.append(self._carve(goal, take))
                 remaining -= take
         while remaining:
-            pos = self._runs_by_size.bisect_left((remaining, -1))
-            if pos < len(self._runs_by_size):
-                run_len, run_start = self._runs_by_size[pos]  # best fit
+            pos = by_size.bisect_left((remaining, -1))
+            if pos < len(by_size):
+                run_start = by_size[pos][1]  # best fit
                 take = remaining
             else:
-                run_len, run_start = self._runs_by_size[-1]  # largest first
-                take = run_len
-            extents.append(self._carve(run_start, run_len, run_start, take))
+                take, run_start = by_size[-1]  # largest first
+            extents.append(self._carve(run_start, take))
             remaining -= take
         self.allocs += 1
         return extents
@@ -173,11 +182,11 @@ class Pool:
         if count <= 0 or start < self.first_dpage or start + count > self.end_dpage:
             raise AllocatorError(f"pool {self.index}: dpages [{start}, {start + count}) are "
                                  f"outside [{self.first_dpage}, {self.end_dpage})")
-        run_start, run_len = self._run_containing(start)
-        if not run_len or start + count > run_start + run_len:
+        run = self._free.run_at(start)
+        if run is None or start + count > run.start + run.length:
             raise AllocatorError(f"pool {self.index}: dpages [{start}, {start + count}) are "
                                  "not all free (claimed twice?)")
-        self._carve(run_start, run_len, start, count)
+        self._carve(start, count)
 
     def mark_bad(self, dpage: int) -> bool:
         """Take *dpage* out of service for good; return whether it was free.
@@ -190,9 +199,8 @@ class Pool:
         if dpage in self.bad:
             return False
         self.bad.add(dpage)
-        run_start, run_len = self._run_containing(dpage)
-        if run_len:
-            self._carve(run_start, run_len, dpage, 1)
+        if dpage in self._free:
+            self._carve(dpage, 1)
             return True
         return False
 
@@ -200,22 +208,15 @@ class Pool:
         """Put allocated dpages ``[start, start+count)`` back in the free runs."""
         self.bitmap.clear(start - self.first_dpage, count)
         self.avail += count
-        new_start, new_len = start, count
-        pos = self._runs_by_start.bisect_right(start) - 1
-        if pos >= 0:
-            left_start, left_len = self._runs_by_start.peekitem(pos)
-            if left_start + left_len == start:
-                self._remove_run(left_start, left_len)
-                new_start, new_len = left_start, left_len + count
-        right_len = self._runs_by_start.get(start + count)
-        if right_len is not None:
-            self._remove_run(start + count, right_len)
-            new_len += right_len
-        self._add_run(new_start, new_len)
+        self._free.insert(start, count, start)
 
     def free_runs(self) -> list[Extent]:
         """All free runs in address order."""
-        return [Extent(s, n) for s, n in self._runs_by_start.items()]
+        return list(self._free)
+
+    def taken_runs(self) -> list[Extent]:
+        """All runs of taken dpages (allocated or bad) in address order."""
+        return self._free.gaps(self.first_dpage, self.end_dpage)
 
     def statistics(self) -> PoolStats:
         """Return a frozen snapshot of the pool's counters."""
@@ -229,7 +230,7 @@ class Pool:
             free_dpages=self.avail,
             used_dpages=self.size - self.avail,
             largest_free_run=largest,
-            free_runs=len(self._runs_by_start),
+            free_runs=len(self._free),
             fragmentation=(1.0 - largest / self.avail) if self.avail else 0.0,
             allocs=self.allocs,
             frees=self.frees,
@@ -248,31 +249,20 @@ class Pool:
         starts, ends = edges[0::2], edges[1::2]
         from_bitmap = {int(s) + self.first_dpage: int(e - s)
                        for s, e in zip(starts, ends, strict=True)}
-        if from_bitmap != dict(self._runs_by_start):
+        if from_bitmap != {run.start: run.length for run in self._free}:
             raise AllocatorError(f"pool {self.index}: free-run index disagrees with the bitmap")
-        if sorted((n, s) for s, n in from_bitmap.items()) != list(self._runs_by_size):
+        if sorted((n, s) for s, n in from_bitmap.items()) != list(self._free.by_size):
             raise AllocatorError(f"pool {self.index}: size index disagrees with the bitmap")
         if self.size - self.bitmap.count() != self.avail:
             raise AllocatorError(f"pool {self.index}: avail {self.avail} disagrees with the bitmap")
         if not all(taken[d - self.first_dpage] for d in self.bad):
             raise AllocatorError(f"pool {self.index}: a bad dpage is clear in the bitmap")
 
-    def _run_containing(self, dpage: int) -> tuple[int, int]:
-        pos = self._runs_by_start.bisect_right(dpage) - 1
-        if pos >= 0:
-            run_start, run_len = self._runs_by_start.peekitem(pos)
-            if dpage < run_start + run_len:
-                return run_start, run_len
-        return dpage, 0
-
-    def _carve(self, run_start: int, run_len: int, start: int, count: int) -> Extent:
-        """Take ``[start, start+count)`` out of the free run at *run_start*."""
-        self._remove_run(run_start, run_len)
-        if start > run_start:
-            self._add_run(run_start, start - run_start)
-        run_end = run_start + run_len
-        if start + count < run_end:
-            self._add_run(start + count, run_end - start - count)
+    def _carve(self, start: int, count: int) -> Extent:
+        """Take free dpages ``[start, start+count)`` out of the free runs and set them."""
+        if sum(run.length for run in self._free.take(start, count)) != count:
+            raise AllocatorError(f"pool {self.index}: dpages [{start}, {start + count}) carved "
+                                 "from the free runs were not all free")
         lo = start - self.first_dpage
         # O(count / 64) word tests: cheap enough to keep on the allocation path.
         if self.bitmap.any(lo, count):
@@ -280,11 +270,3 @@ class Pool:
         self.bitmap.set(lo, count)
         self.avail -= count
         return Extent(start, count)
-
-    def _add_run(self, start: int, length: int) -> None:
-        self._runs_by_start[start] = length
-        self._runs_by_size.add((length, start))
-
-    def _remove_run(self, start: int, length: int) -> None:
-        del self._runs_by_start[start]
-        self._runs_by_size.remove((length, start))

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import bisect
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from ..errors import AllocatorError, NoSpaceError
 from ..memory import numa
 from ..memory.region import RegionPlan
 from .policy import LOCAL, Policy
-from .pool import Extent, Pool, PoolStats
+from .pool import Pool, PoolStats
+from .runs import Extent, coalesce
 
 log = logging.getLogger(__name__)
 
@@ -134,35 +135,37 @@ class PoolSet:
         return [ext for _, ext in self.allocate(count, node=node, goal=goal)]
 
     def free(self, extents: Iterable[Extent],
-             freed: Callable[[int, int], None] | None = None) -> None:
+             freed: Callable[[int, int], object] | None = None) -> None:
         """Give *extents* back to their pools; an extent may span adjacent pools.
 
         *freed(start, count)* is called for each part a pool took back, right
         after it did (a pool refuses a part whole or takes it whole).
         """
         for ext in extents:
-            start, end = ext.start, ext.end
-            while start < end:
-                pool = self.pool_of(start)
-                stop = min(end, pool.end_dpage)
-                pool.free(start, stop - start)
+            for pool, part in self.split(ext):
+                pool.free(part.start, part.length)
                 if freed is not None:
-                    freed(start, stop - start)
-                start = stop
+                    freed(part.start, part.length)
 
     def claim(self, extents: Iterable[Extent]) -> None:
         """Take exactly *extents* (rebuilding from recovered extent maps); AllocatorError if any
         dpage is outside every pool or already taken."""
         for ext in extents:
-            start, end = ext.start, ext.end
-            while start < end:
-                try:
-                    pool = self.pool_of(start)
-                except ValueError:
-                    raise AllocatorError(f"dpage {start} is outside every pool") from None
-                stop = min(end, pool.end_dpage)
-                pool.claim(start, stop - start)
-                start = stop
+            for pool, part in self.split(ext):
+                pool.claim(part.start, part.length)
+
+    def split(self, extent: Extent) -> Iterator[tuple[Pool, Extent]]:
+        """*extent* cut at pool boundaries: each pool it crosses, with the part in it, in
+        order; AllocatorError at a dpage outside every pool."""
+        start, end = extent.start, extent.end
+        while start < end:
+            try:
+                pool = self.pool_of(start)
+            except ValueError:
+                raise AllocatorError(f"dpage {start} is outside every pool") from None
+            stop = min(end, pool.end_dpage)
+            yield pool, Extent(start, stop - start)
+            start = stop
 
     def mark_bad(self, dpage: int) -> bool:
         """Take region dpage *dpage* out of service for good; return whether it was free."""
@@ -221,7 +224,7 @@ class PoolSet:
         except BaseException:
             self.free(taken)
             raise
-        return _merge(taken)
+        return coalesce(taken)
 
     def _interleave(self, count: int, pools: list[Pool],
                     file_dpage: int) -> list[tuple[int, Extent]]:
@@ -264,13 +267,3 @@ class PoolSet:
         out.sort()
         return out
 
-
-def _merge(extents: list[Extent]) -> list[Extent]:
-    """Join extents that continue one another (steps of one allocation)."""
-    out: list[Extent] = []
-    for ext in extents:
-        if out and out[-1].end == ext.start:
-            out[-1] = Extent(out[-1].start, out[-1].length + ext.length)
-        else:
-            out.append(ext)
-    return out

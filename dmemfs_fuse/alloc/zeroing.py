@@ -41,15 +41,14 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import cast
 
 import numpy as np
 import trio
-from sortedcontainers import SortedDict
 
-from .pool import Extent
+from .runs import Extent, RunSet
 
 log = logging.getLogger(__name__)
 
@@ -91,86 +90,14 @@ class ZeroerStats:
     foreground_zeroed_dpages: int
 
 
-class DirtyRuns:
-    """A set of dpages kept as maximal runs ``start -> length`` in a SortedDict.
-
-    Adding and taking a range cost O(log runs + runs it touches); nothing is
-    per dpage.  ``dpages`` is the number of dpages in the set.
-    """
+class DirtyRuns(RunSet):
+    """The dirty dpages, as a :class:`RunSet`, and one dpage whose leaving the set is noticed
+    even if it comes back (the zeroer's partly zeroed one): see :meth:`watch`."""
 
     def __init__(self) -> None:
-        self._runs: SortedDict = SortedDict()
-        self.dpages = 0
-        # One dpage whose leaving the set must be noticed even if it comes back
-        # (the zeroer's partly zeroed one): see watch().
+        super().__init__()
         self._watched: int | None = None
         self.watched_left = False
-
-    def __bool__(self) -> bool:
-        return bool(self._runs)
-
-    def __len__(self) -> int:
-        """Number of runs."""
-        return len(self._runs)
-
-    def __iter__(self) -> Iterator[Extent]:
-        return (Extent(s, n) for s, n in self._runs.items())
-
-    def __contains__(self, dpage: object) -> bool:
-        if not isinstance(dpage, int):
-            return False
-        pos = self._runs.bisect_right(dpage) - 1
-        if pos < 0:
-            return False
-        start, length = self._runs.peekitem(pos)
-        return bool(dpage < start + length)
-
-    def add(self, start: int, count: int) -> None:
-        """Put dpages ``[start, start+count)`` in the set (some may be there already)."""
-        if count <= 0:
-            return
-        end = start + count
-        pos = self._runs.bisect_right(start) - 1
-        if pos >= 0:
-            left_start, left_len = self._runs.peekitem(pos)
-            if left_start + left_len >= start:  # overlaps or touches: grow it
-                start = left_start
-                end = max(end, left_start + left_len)
-                del self._runs[left_start]
-                self.dpages -= left_len
-        for key in list(self._runs.irange(minimum=start, maximum=end)):
-            length = self._runs.pop(key)
-            end = max(end, key + length)
-            self.dpages -= length
-        self._runs[start] = end - start
-        self.dpages += end - start
-
-    def take(self, start: int, count: int) -> list[Extent]:
-        """Remove dpages ``[start, start+count)`` from the set; return those that were in it."""
-        if count <= 0 or not self._runs:
-            return []
-        end = start + count
-        out: list[Extent] = []
-        keys = list(self._runs.irange(minimum=start, maximum=end - 1))
-        pos = self._runs.bisect_left(start) - 1
-        if pos >= 0:  # a run that starts before the range may reach into it
-            keys.insert(0, self._runs.peekitem(pos)[0])
-        for key in keys:
-            length = self._runs[key]
-            run_end = key + length
-            if run_end <= start:
-                continue
-            del self._runs[key]
-            self.dpages -= length
-            if key < start:
-                self._put(key, start - key)
-            if run_end > end:
-                self._put(end, run_end - end)
-            lo, hi = max(key, start), min(run_end, end)
-            out.append(Extent(lo, hi - lo))
-            if self._watched is not None and lo <= self._watched < hi:
-                self.watched_left = True
-        return out
 
     def watch(self, dpage: int | None) -> None:
         """Note in ``watched_left`` whether *dpage* is ever taken out from now on (None:
@@ -179,33 +106,19 @@ class DirtyRuns:
         self._watched = dpage
         self.watched_left = False
 
-    def overlaps(self, start: int, count: int) -> bool:
-        """Whether any dpage of ``[start, start+count)`` is in the set."""
-        if count <= 0 or not self._runs:
-            return False
-        pos = self._runs.bisect_left(start + count) - 1
-        if pos < 0:
-            return False
-        key, length = self._runs.peekitem(pos)
-        return bool(key + length > start)
-
-    def first(self) -> Extent | None:
-        """The lowest run, or None when the set is empty."""
-        if not self._runs:
-            return None
-        start, length = self._runs.peekitem(0)
-        return Extent(start, length)
+    def take(self, start: int, count: int) -> list[Extent]:
+        """Remove ``[start, start+count)`` from the set; return the parts that were in it."""
+        out = super().take(start, count)
+        if self._watched is not None and any(run.start <= self._watched < run.end
+                                             for run in out):
+            self.watched_left = True
+        return out
 
     def clear(self) -> None:
         """Forget every dirty dpage."""
-        self._runs.clear()
-        self.dpages = 0
+        super().clear()
         if self._watched is not None:
             self.watched_left = True
-
-    def _put(self, start: int, length: int) -> None:
-        self._runs[start] = length
-        self.dpages += length
 
 
 class Zeroer:

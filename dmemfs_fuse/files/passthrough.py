@@ -43,8 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..alloc.policy import LOCAL, Policy
-from ..alloc.pool import Extent, Pool
+from ..alloc.pool import Pool
 from ..alloc.poolset import PoolSet
+from ..alloc.runs import Extent
 from ..errors import NoSpaceError, fs_error
 from ..memory import numa
 from ..memory.shmem import (

@@ -35,8 +35,8 @@ import logging
 import os
 
 from ..alloc.policy import LOCAL, Policy
-from ..alloc.pool import Extent
 from ..alloc.poolset import PoolSet
+from ..alloc.runs import Extent
 from ..alloc.zeroing import DEFAULT_CHUNK_BYTES, DirtyRuns, Zeroer
 from ..errors import fs_error
 from ..memory.region import Region

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from ..adapter.connection import Negotiated
 from ..adapter.datapath import REGION, DataPath
+from ..alloc.runs import Extent
 from ..errors import fs_error
 from ..files.inodes import ROOT_INO, Inode, InodeTable
 from ..files.passthrough import PassthroughStore
@@ -125,12 +126,9 @@ class Reporter:
         out = []
         for run_file, run_region, run_length in inode.data.runs():
             # A run may cross from one pool into the next: report each part.
-            done = 0
-            while done < run_length:
-                region = run_region + done
-                pool = self.pools.pool_of(region)
-                part = min(run_length - done, pool.end_dpage - region)
-                file_offset = (run_file + done) * dps
+            for pool, piece in self.pools.split(Extent(run_region, run_length)):
+                region, part = piece.start, piece.length
+                file_offset = (run_file + region - run_region) * dps
                 if isinstance(self.store, PassthroughStore):  # the backing file's pages
                     nodes = self.store.page_nodes(ino, file_offset, part * dps)
                 else:
@@ -140,7 +138,6 @@ class Reporter:
                             "pool": self.pools.pool_id(pool), "node": pool.node,
                             "region_offset": region * dps, "length": part * dps,
                             "kernel_nodes": nodes})
-                done += part
         return {"ino": ino, "size": inode.size, "allocated": inode.data.mapped * dps,
                 "policy": str(inode.policy or "local"), "extents": out}
 
@@ -242,15 +239,12 @@ class Reporter:
                               for _, region, length in inode.data.runs())
         owners.sort()
         paths = self._paths({ino for _, _, ino in owners})
-        pools = []
-        for pool in self.pools.pools:
-            used = []
-            for start, length, ino in owners:
-                lo, hi = max(start, pool.first_dpage), min(start + length, pool.end_dpage)
-                if lo < hi:
-                    used.append([lo - pool.first_dpage, hi - lo, ino])
-            pools.append({"pool": self.pools.pool_id(pool), "node": pool.node,
-                          "total_dpages": pool.size, "used": used})
+        used: dict[int, list[list[int]]] = {pool.index: [] for pool in self.pools.pools}
+        for start, length, ino in owners:
+            for pool, part in self.pools.split(Extent(start, length)):
+                used[pool.index].append([part.start - pool.first_dpage, part.length, ino])
+        pools = [{"pool": self.pools.pool_id(pool), "node": pool.node,
+                  "total_dpages": pool.size, "used": used[pool.index]} for pool in self.pools.pools]
         return {"dpage_size": self.store.dpage_size, "pools": pools,
                 "names": {str(ino): paths.get(ino, f"(deleted, inode {ino})")
                           for _, _, ino in owners}}

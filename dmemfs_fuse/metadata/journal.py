@@ -30,8 +30,8 @@ import uuid as uuidlib
 from dataclasses import dataclass
 from typing import Any
 
-from ..alloc.pool import Extent
 from ..alloc.poolset import PoolSet
+from ..alloc.runs import Extent, coalesce
 from ..files.changes import ChangeLog
 from ..files.inodes import InodeTable
 from . import metalog
@@ -240,17 +240,7 @@ class Journal:
 
 def allocated_runs(pools: PoolSet) -> list[Extent]:
     """The pools' taken dpages (allocated or bad) as maximal runs, in region order."""
-    out: list[Extent] = []
-    for pool in pools.pools:
-        cursor = pool.first_dpage
-        for run in [*pool.free_runs(), Extent(pool.end_dpage, 0)]:
-            if run.start > cursor:
-                if out and out[-1].end == cursor:
-                    out[-1] = Extent(out[-1].start, out[-1].length + run.start - cursor)
-                else:
-                    out.append(Extent(cursor, run.start - cursor))
-            cursor = run.end
-    return out
+    return coalesce(run for pool in pools.pools for run in pool.taken_runs())
 
 
 def _fsync_dir(path: str) -> None:

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..alloc.policy import Policy
-from ..alloc.pool import Extent
 from ..alloc.poolset import PoolSet
+from ..alloc.runs import Extent, RunSet
 from ..errors import AllocatorError
 from ..files.changes import BAD, ENTRY_ADD, ENTRY_REMOVE, MAP, TRUNCATE, UNMAP
 from ..files.extents import FileExtents
@@ -180,40 +180,23 @@ def _file(inodes: dict[int, Inode], ino: int) -> FileExtents:
 
 
 def _allocated(inodes: dict[int, Inode], bad: set[int]) -> list[Extent]:
-    """Every file run and bad dpage as maximal runs; MetadataError if any two overlap.
+    """Every file run and bad dpage as maximal runs; MetadataError if two files' runs overlap.
 
     A bad dpage may still belong to a file (it answers EIO), so bad dpages
     inside file runs are not overlaps.
     """
-    runs: list[tuple[int, int, int]] = []  # (start, length, owner ino)
+    taken = RunSet()
     for inode in inodes.values():
-        if inode.data is not None:
-            runs.extend((region, count, inode.ino) for _, region, count in inode.data.runs())
-    owned = sorted(runs)
-    merged: list[Extent] = []
-    for start, count, ino in owned:
-        if merged and start < merged[-1].end:
-            raise MetadataError(f"dpage {start} is claimed twice (inode {ino} and another)")
-        if merged and merged[-1].end == start:
-            merged[-1] = Extent(merged[-1].start, merged[-1].length + count)
-        else:
-            merged.append(Extent(start, count))
-    for dpage in sorted(bad):
-        merged.append(Extent(dpage, 1))
-    # Longest first among equal starts: a bad dpage that begins a file's run must sort
-    # after that run, where it is recognised as owned, not as an overlap.
-    merged.sort(key=lambda ext: (ext.start, -ext.length))
-    out: list[Extent] = []
-    for ext in merged:
-        if out and ext.start < out[-1].end:
-            if ext.length == 1 and ext.start in bad:
-                continue  # a bad dpage its file still owns
-            raise MetadataError(f"dpage {ext.start} is claimed twice")
-        if out and out[-1].end == ext.start:
-            out[-1] = Extent(out[-1].start, out[-1].length + ext.length)
-        else:
-            out.append(ext)
-    return out
+        if inode.data is None:
+            continue
+        for _, region, count in inode.data.runs():
+            if taken.overlaps(region, count):
+                raise MetadataError(f"dpages [{region}, {region + count}) of inode {inode.ino} "
+                                    "are claimed twice (by another inode too)")
+            taken.add(region, count)
+    for dpage in bad:
+        taken.add(dpage, 1)
+    return list(taken)
 
 
 @dataclass(frozen=True)
