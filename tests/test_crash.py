@@ -37,7 +37,7 @@ from dmemfs_fuse.alloc.policy import parse_policy
 from dmemfs_fuse.files.passthrough import data_ranges
 from dmemfs_fuse.host.daemon import pool_memory_dir
 from dmemfs_fuse.memory import shmem
-from dmemfs_fuse.metadata import metalog, persistence, recovery
+from dmemfs_fuse.metadata import persistence, records, recovery
 from dmemfs_fuse.rundir import RUN_DIR
 
 M = 1 << 20
@@ -709,9 +709,9 @@ def test_sigkill_during_replay_changes_nothing(tmp_path: Path, region: Path) -> 
     batches = 0
 
     def replay_seconds() -> tuple[float, recovery.Recovered]:
-        header = metalog.read_log(str(meta), meta.read_bytes()).header
+        header = records.read_file(str(meta), meta.read_bytes()).header
         started = time.monotonic()
-        state = recovery.load(str(meta), metalog.layout_of(header),
+        state = recovery.load(str(meta), records.layout_of(header),
                               lambda text: parse_policy(text, {}))
         return time.monotonic() - started, state
 
@@ -795,7 +795,7 @@ def test_sigkill_at_checkpoint_rename(tmp_path: Path, region: Path, point: str) 
         assert meta.read_bytes() == before, "the killed rename happened"
     else:
         # rename: fsync 1 and 2 are the start's checkpoint (its file, its directory); 3 and
-        # 4 the first one the log's growth triggers.
+        # 4 the first one the journal's growth triggers.
         killer = (_strace("rename", 2, trace) if point == "rename"
                   else _strace("fsync", 4, trace))
         mnt_log = tmp_path / "killed.log"

@@ -1,4 +1,4 @@
-"""The metadata log and recovery, without a mount: what is written comes back, exactly,
+"""The journal and recovery, without a mount: what is written comes back, exactly,
 and a file that cannot be trusted is refused with a reason."""
 
 from __future__ import annotations
@@ -20,14 +20,15 @@ from dmemfs_fuse.adapter.fs import DmemOperations
 from dmemfs_fuse.alloc.policy import parse_policy
 from dmemfs_fuse.alloc.poolset import PoolSet
 from dmemfs_fuse.alloc.runs import Extent
-from dmemfs_fuse.files.changes import ChangeLog
+from dmemfs_fuse.files.changes import Changes
+from dmemfs_fuse.files.data import FileData
 from dmemfs_fuse.files.inodes import RENAME_EXCHANGE, ROOT_INO, Inode, InodeTable
 from dmemfs_fuse.files.poison import MemoryErrors
 from dmemfs_fuse.files.store import FileStore
 from dmemfs_fuse.memory.region import PoolSpec, Region, RegionPlan
-from dmemfs_fuse.metadata import metalog, persistence
+from dmemfs_fuse.metadata import persistence, records
 from dmemfs_fuse.metadata.journal import Journal
-from dmemfs_fuse.metadata.metalog import MetadataError
+from dmemfs_fuse.metadata.records import MetadataError
 from dmemfs_fuse.metadata.recovery import install, load
 
 DPS = 4096
@@ -48,7 +49,8 @@ class Fs:
         self.pools = PoolSet.from_plan(self.plan, 0)
         self.store = FileStore(self.region, self.pools)
         self.table = InodeTable(1000, release_data=self.store.release,
-                                parse_policy=self.parse, changes=ChangeLog())
+                                parse_policy=self.parse, changes=Changes())
+        self.data = FileData(self.table, self.store)
         layout = persistence.layout_for(self.plan, self.plan.path or "")
         self.journal = Journal(self.meta, layout, self.table, self.pools,
                                checkpoint_bytes=checkpoint_bytes)
@@ -70,18 +72,11 @@ class Fs:
         self.journal.commit()
 
     def write(self, ino: int, off: int, data: bytes) -> None:
-        node = self.table.get(ino)
-        assert node.data is not None
-        node.size, _ = self.store.write(node.data, node.size, off, data)
-        node.touch(data=True)
+        self.data.write(ino, off, data, 0)
         self.commit()
 
     def resize(self, ino: int, size: int) -> None:
-        node = self.table.get(ino)
-        assert node.data is not None
-        self.store.resize(node.data, node.size, size)
-        node.size = size
-        node.touch(data=True)
+        self.data.truncate(ino, size, 0)
         self.commit()
 
     def read(self, ino: int) -> bytes:
@@ -247,7 +242,7 @@ def test_torn_tail_is_reported(tmp_path: Path, fs: Fs) -> None:
     populate(fs)
     fs.commit()
     with open(fs.meta, "ab") as f:
-        f.write(metalog.frame({"t": "batch", "seq": 999})[:-4])
+        f.write(records.frame({"t": "batch", "seq": 999})[:-4])
     fs.close()
     new = Fs(tmp_path)
     try:
@@ -272,7 +267,7 @@ def test_foreign_file_is_refused(tmp_path: Path, fs: Fs) -> None:
     try:
         with pytest.raises(MetadataError):
             new.recover()
-        Path(fs.meta).write_bytes(metalog.frame({"t": "header", "magic": "other"}))
+        Path(fs.meta).write_bytes(records.frame({"t": "header", "magic": "other"}))
         with pytest.raises(MetadataError, match="not a dmemfs metadata file"):
             new.recover()
     finally:
@@ -444,9 +439,9 @@ def test_second_daemon_is_locked_out(tmp_path: Path) -> None:
 def test_inode_encoding_roundtrip() -> None:
     inode = Inode(ino=9, mode=FILE, uid=1, gid=2, size=77, atime_ns=1, mtime_ns=2, ctime_ns=3,
                   btime_ns=4, link_count=2, xattrs={b"user.a": b"\0\1"})
-    fields = metalog.encode_inode(inode, xattrs=True, contents=False)
-    back = metalog.decode_inode(fields, None, lambda t: parse_policy(t, [0]))
-    assert metalog.encode_inode(back, xattrs=True, contents=False) == fields
+    fields = records.encode_inode(inode, xattrs=True, contents=False)
+    back = records.decode_inode(fields, None, lambda t: parse_policy(t, [0]))
+    assert records.encode_inode(back, xattrs=True, contents=False) == fields
 
 
 def test_bad_dpage_at_the_start_of_a_run_survives_two_restarts(tmp_path: Path, fs: Fs) -> None:
@@ -473,9 +468,9 @@ def test_bad_dpage_at_the_start_of_a_run_survives_two_restarts(tmp_path: Path, f
 def _rewrite(meta: str, change: Any) -> None:
     """Apply *change* to the metadata file's parsed records and write them back, framed
     with good checksums: damage that only the consistency checks can see."""
-    contents = metalog.read_log(meta, Path(meta).read_bytes())
+    contents = records.read_file(meta, Path(meta).read_bytes())
     change(contents)
-    data = b"".join(metalog.frame(r) for r in
+    data = b"".join(records.frame(r) for r in
                     [contents.header, contents.snapshot, *contents.batches])
     Path(meta).write_bytes(data)
 
@@ -486,7 +481,7 @@ def test_extent_outside_the_pools_is_refused_by_the_pools(tmp_path: Path, fs: Fs
     fs.close()
     beyond = 2 * POOL_DPAGES + 5
 
-    def add_extent(contents: metalog.LogContents) -> None:
+    def add_extent(contents: records.FileContents) -> None:
         for fields in contents.snapshot["inodes"]:
             if fields[0] == ids["b"]:
                 fields[5] = 10_001 * DPS  # size
@@ -501,7 +496,7 @@ def test_next_inode_number_in_use_is_refused(tmp_path: Path, fs: Fs) -> None:
     fs.journal.checkpoint()
     fs.close()
 
-    def rewind(contents: metalog.LogContents) -> None:
+    def rewind(contents: records.FileContents) -> None:
         contents.snapshot["next_ino"] = 2
     _rewrite(fs.meta, rewind)
     assert_refused(tmp_path, "next inode number 2 is already in use")
@@ -515,7 +510,7 @@ def test_a_failed_checkpoint_does_not_fail_the_request(tmp_path: Path) -> None:
     Path(fs.meta + ".new").mkdir()
     ino = fs.table.make(ROOT_INO, b"kept", FILE, 0, 0).ino
     fs.commit()
-    for n in range(40):  # the log passes the snapshot's size: checkpoints are due
+    for n in range(40):  # the journal passes the snapshot's size: checkpoints are due
         fs.write(ino, n * 100, b"x" * 100)
     assert fs.journal.healthy and fs.journal.failures >= 1
     before = fs.dump()
@@ -531,7 +526,7 @@ def test_a_batch_too_long_for_a_torn_tail_goes_in_as_a_checkpoint(
         tmp_path: Path, fs: Fs, monkeypatch: pytest.MonkeyPatch) -> None:
     """Recovery takes a torn tail longer than MAX_TORN_TAIL for damage, so the journal
     must never append a batch that long: it checkpoints instead."""
-    monkeypatch.setattr(metalog, "MAX_TORN_TAIL", 600)
+    monkeypatch.setattr(records, "MAX_TORN_TAIL", 600)
     ino = fs.table.make(ROOT_INO, b"small", FILE, 0, 0).ino
     fs.commit()
     assert fs.journal.seq == 1 and fs.journal.checkpoints == 1  # a short batch: appended
@@ -549,7 +544,7 @@ def test_a_record_over_the_frame_limit_fails_the_request(
     """A record the reader would refuse (longer than MAX_FRAME) is never written: the
     request answers EIO, and the file keeps the last state that fits."""
     before = fs.dump()
-    monkeypatch.setattr(metalog, "MAX_FRAME", 300)
+    monkeypatch.setattr(records, "MAX_FRAME", 300)
     for n in range(40):
         fs.table.make(ROOT_INO, b"f%02d" % n, FILE, 0, 0)
     with pytest.raises(OSError) as exc:
@@ -584,7 +579,7 @@ def _recovered_matches(fs: Fs) -> list[str]:
     try:
         shadow.store = FileStore(shadow.region, shadow.pools)
         shadow.table = InodeTable(1000, release_data=shadow.store.release,
-                                  parse_policy=shadow.parse, changes=ChangeLog())
+                                  parse_policy=shadow.parse, changes=Changes())
         layout = persistence.layout_for(fs.plan, fs.plan.path or "")
         install(load(fs.meta, layout, shadow.parse), shadow.table, shadow.pools, shadow.store,
                 fs.meta)
@@ -641,15 +636,10 @@ def test_recovery_equals_the_live_state_after_every_request(tmp_path: Path, seed
                     node = table.inodes[ino]
                     assert node.data is not None
                     if op == "write":
-                        node.size, _ = fs.store.write(node.data, node.size,
-                                                      rng.randrange(12 * DPS),
-                                                      os.urandom(rng.randrange(1, 3 * DPS)))
-                        node.touch(data=True)
+                        fs.data.write(ino, rng.randrange(12 * DPS),
+                                      os.urandom(rng.randrange(1, 3 * DPS)), 0)
                     elif op == "resize":
-                        size = rng.randrange(12 * DPS)
-                        fs.store.resize(node.data, node.size, size)
-                        node.size = size
-                        node.touch(data=True)
+                        fs.data.truncate(ino, rng.randrange(12 * DPS), 0)
                     elif op == "poison":
                         runs = node.data.runs()
                         if runs:

@@ -26,7 +26,9 @@ from dmemfs_fuse.alloc.pool import Pool
 from dmemfs_fuse.alloc.poolset import PoolSet
 from dmemfs_fuse.errors import AllocatorError
 from dmemfs_fuse.files.extents import FileExtents
-from dmemfs_fuse.files.poison import (
+from dmemfs_fuse.files.store import FileStore
+from dmemfs_fuse.memory import numa
+from dmemfs_fuse.memory.hwpoison import (
     BUS_MCEERR_AO,
     KPF_HWPOISON,
     PAGE_SIZE,
@@ -35,8 +37,6 @@ from dmemfs_fuse.files.poison import (
     parse_sigbus,
     send_mce_notice,
 )
-from dmemfs_fuse.files.store import FileStore
-from dmemfs_fuse.memory import numa
 from dmemfs_fuse.memory.region import PoolSpec, Region, RegionPlan
 
 DPS = 4096

@@ -160,7 +160,7 @@ class TwoTrees(RuleBasedStateMachine):
 @pytest.mark.parametrize("persistent", [False, True], ids=["memfd", "persistent"])
 @pytest.mark.parametrize("path", ["passthrough", "region"])
 def test_random_operations_match_tmpfs(tmp_path: Path, persistent: bool, path: str) -> None:
-    """The persistent variant runs the same machine with the metadata log written on every
+    """The persistent variant runs the same machine with the journal written on every
     request (restarts are tested in test_crash.py and, on the passthrough path, whose
     journal is for the daemon that replaces a dead one, in test_passthrough.py)."""
     region = Path("/dev/shm") / f"dmemfs-oracle-{os.getpid()}"

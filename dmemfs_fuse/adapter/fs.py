@@ -34,8 +34,8 @@ from typing import Any, Protocol, TypeVar
 import pyfuse3
 import trio
 
-from ..alloc.policy import LOCAL
 from ..errors import NoSpaceError
+from ..files.data import FileData
 from ..files.inodes import Inode, InodeTable
 from ..files.passthrough import PassthroughStore
 from ..files.store import FileStore
@@ -172,6 +172,7 @@ class DmemOperations(pyfuse3.Operations):
         super().__init__()
         self.inodes = inodes
         self.store = store
+        self.data = FileData(inodes, store)
         self.journal = journal
         self.trace = trace
         self.metrics = metrics
@@ -346,13 +347,12 @@ class DmemOperations(pyfuse3.Operations):
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         entry = self.inodes.get(inode)
         if fields.update_size:
-            self.store.sync(entry)  # the size the kernel may have grown it to
             try:
-                self._resize(entry, attr.st_size, self._node_of(fh, ctx))
+                self.data.truncate(inode, attr.st_size, self._node_of(fh, ctx))
             except NoSpaceError:  # nothing changed; `rm a; truncate -s N b` must work
                 if not await self._forgets_landed():
                     raise
-                self._resize(entry, attr.st_size, self._node_of(fh, ctx))
+                self.data.truncate(inode, attr.st_size, self._node_of(fh, ctx))
         # Under killpriv v2 the kernel leaves clearing suid/sgid to us, and says when:
         # FATTR_KILL_SUIDGID on a truncate or chown, and an otherwise empty SETATTR from
         # file_remove_privs() before a write (or fallocate) by a caller without
@@ -372,15 +372,6 @@ class DmemOperations(pyfuse3.Operations):
                 now if fields.update_size else None),
         )
         return self._attrs(entry)
-
-    def _resize(self, entry: Inode, size: int, numa_node: int) -> None:
-        if entry.data is None:
-            raise OSError(errno.EISDIR if entry.dir is not None else errno.EINVAL,
-                          "truncate of a non-regular file")
-        self.store.resize(entry.data, entry.size, size, node=numa_node,
-                          policy=entry.policy or LOCAL)
-        entry.size = size
-        entry.touch(data=True)
 
     async def _forgets_landed(self) -> bool:
         """Give FORGETs in flight a short, bounded time to land; whether dpages came back.
@@ -520,7 +511,7 @@ class DmemOperations(pyfuse3.Operations):
         if entry.data is None:
             raise OSError(errno.EISDIR if entry.dir is not None else errno.ENXIO, "open")
         if flags & os.O_TRUNC:  # times change even if the file is already empty
-            self._resize(entry, 0, numa.process_node(ctx.pid))
+            self.data.truncate(inode, 0, numa.process_node(ctx.pid))
             self._kill_privileges_on_open(entry, ctx.pid)
         return self._open_handle(entry, ctx)
 
@@ -566,11 +557,7 @@ class DmemOperations(pyfuse3.Operations):
     @_boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         entry = self._inode_of(fh)
-        assert entry.data is not None
-        entry.size, written = self.store.write(entry.data, entry.size, off, buf,
-                                               node=self._handles[fh].node,
-                                               policy=entry.policy or LOCAL)
-        entry.touch(data=True)
+        written = self.data.write(entry.ino, off, buf, self._handles[fh].node)
         if self.metrics is not None:
             self.metrics.wrote(written)
         return written
@@ -578,18 +565,13 @@ class DmemOperations(pyfuse3.Operations):
     @_boundary
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
         entry = self._inode_of(fh)
-        assert entry.data is not None
-        self.store.sync(entry)  # the size the kernel may have grown it to
         for last in (False, True):
             try:
-                entry.size = self.store.fallocate(entry.data, entry.size, mode, offset,
-                                                  length, node=self._handles[fh].node,
-                                                  policy=entry.policy or LOCAL)
+                self.data.fallocate(entry.ino, mode, offset, length, self._handles[fh].node)
                 break
             except NoSpaceError:  # nothing changed: once more if a removal lands
                 if last or not await self._forgets_landed():
                     raise
-        entry.touch(data=True)  # as on tmpfs, every mode changes mtime and ctime
 
     @_boundary
     async def lseek(self, fh: int, offset: int, whence: int) -> int:

@@ -1,16 +1,17 @@
-"""What changed in the metadata since the last commit, for the metadata log.
+"""What changed in the metadata since the last commit, for the journal.
 
 The inode table, directories and extent maps report each change here as it
-happens; the journal turns the pending changes into one log record at the end
-of every FUSE request (``Journal.commit``).  Two kinds of change are kept:
+happens (an inode's persisted attributes when they are assigned); the journal
+turns the pending changes into one batch at the end of every FUSE request
+(``Journal.commit``).  Two kinds of change are kept:
 
 * *touched* inodes, written out whole (their attributes at commit time), so a
   request that changes an inode five times costs one entry;
 * ordered *deltas* for what is too large to rewrite whole: directory entries
   added or removed, runs of a file mapped or unmapped, dpages marked bad.
 
-Nothing here does I/O; with persistence off there is no ChangeLog at all and
-the reporters skip it (``log`` is None).
+Nothing here does I/O; with persistence off there are no Changes at all and
+the reporters skip them (``changes`` is None).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ Delta = tuple[object, ...]
 
 
 @dataclass
-class ChangeLog:
+class Changes:
     """Pending changes since the last commit.
 
     Fields:

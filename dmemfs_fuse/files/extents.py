@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 from ..alloc.runs import Extent, RunMap
-from .changes import ChangeLog
+from .changes import Changes
 
 
 class Piece(NamedTuple):
@@ -27,18 +27,22 @@ class FileExtents:
     """Mapping of file dpages to region dpages, with holes: a :class:`RunMap` from file
     dpages to region dpages.
 
-    With a *log*, every change is reported to it under the owning inode *ino*
-    (for the metadata log); without one, nothing is recorded.
+    With *changes*, every change is reported there under the owning inode *ino*
+    (for the journal); without, nothing is recorded.
     """
 
-    def __init__(self, ino: int = 0, log: ChangeLog | None = None) -> None:
+    def __init__(self, ino: int = 0, changes: Changes | None = None) -> None:
         self._map = RunMap()
         self.ino = ino
-        self.log = log
+        self.changes = changes
 
     def __len__(self) -> int:
         """Number of mapped runs (extents)."""
         return len(self._map)
+
+    def end_dpage(self) -> int:
+        """First file dpage after the last mapped run (0 when nothing is mapped)."""
+        return self._map.last_end()
 
     @property
     def mapped(self) -> int:
@@ -75,22 +79,22 @@ class FileExtents:
             except ValueError:
                 raise ValueError(f"file dpages [{file_dpage}, {file_dpage + ext.length}) "
                                  "are already mapped") from None
-            if self.log is not None:
-                self.log.mapped(self.ino, file_dpage, ext.start, ext.length)
+            if self.changes is not None:
+                self.changes.mapped(self.ino, file_dpage, ext.start, ext.length)
             file_dpage += ext.length
 
     def punch(self, first: int, count: int) -> list[Extent]:
         """Unmap file dpages ``[first, first+count)``; return the region extents released."""
         released = self._release(first, count)
-        if released and self.log is not None:
-            self.log.unmapped(self.ino, first, count)
+        if released and self.changes is not None:
+            self.changes.unmapped(self.ino, first, count)
         return released
 
     def truncate(self, dpages: int) -> list[Extent]:
         """Unmap every file dpage at or past *dpages*; return the region extents released."""
-        released = self._release(dpages, self._map.last_end() - dpages)
-        if released and self.log is not None:
-            self.log.truncated(self.ino, dpages)
+        released = self._release(dpages, self.end_dpage() - dpages)
+        if released and self.changes is not None:
+            self.changes.truncated(self.ino, dpages)
         return released
 
     def _release(self, first: int, count: int) -> list[Extent]:

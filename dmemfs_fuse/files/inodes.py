@@ -23,7 +23,7 @@ from sortedcontainers import SortedDict
 
 from ..alloc.policy import POLICY_XATTR, Policy
 from ..errors import fs_error
-from .changes import ChangeLog
+from .changes import Changes
 from .extents import FileExtents
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,12 @@ RENAME_EXCHANGE = 2
 XATTR_NAMESPACES = (b"user.",)
 # Cookies 1 and 2 are "." and ".." in readdir.
 FIRST_COOKIE = 3
+# The attributes the journal keeps, which report the inode when assigned (records.py writes
+# them).  The kernel's references and the open handles end with the daemon and are not kept;
+# xattrs change in place and are reported by InodeTable._xattrs_changed.
+PERSISTED_FIELDS = frozenset({"mode", "uid", "gid", "rdev", "size", "atime_ns", "mtime_ns",
+                              "ctime_ns", "btime_ns", "link_count", "parent", "target",
+                              "policy"})
 
 
 class Directory:
@@ -47,14 +53,14 @@ class Directory:
     repeats entries that were there all along, whatever was added or removed.
     """
 
-    def __init__(self, ino: int = 0, log: ChangeLog | None = None) -> None:
+    def __init__(self, ino: int = 0, changes: Changes | None = None) -> None:
         self.entries: dict[bytes, tuple[int, int]] = {}
         self.by_cookie: SortedDict = SortedDict()
         self.next_cookie = FIRST_COOKIE
         self.subdirs = 0
-        # The directory's own inode number, under which changes are reported to *log*.
+        # The directory's own inode number, under which changes are reported to *changes*.
         self.ino = ino
-        self.log = log
+        self.changes = changes
 
     def get(self, name: bytes) -> int | None:
         """The inode number under *name*, or None."""
@@ -68,16 +74,16 @@ class Directory:
         self.next_cookie += 1
         self.entries[name] = (ino, cookie)
         self.by_cookie[cookie] = name
-        if self.log is not None:
-            self.log.entry_added(self.ino, name, ino)
+        if self.changes is not None:
+            self.changes.entry_added(self.ino, name, ino)
 
     def remove(self, name: bytes) -> None:
         """Drop *name* if present."""
         entry = self.entries.pop(name, None)
         if entry:
             del self.by_cookie[entry[1]]
-            if self.log is not None:
-                self.log.entry_removed(self.ino, name)
+            if self.changes is not None:
+                self.changes.entry_removed(self.ino, name)
 
     def after(self, cookie: int) -> Iterator[tuple[int, bytes, int]]:
         """Entries with a cookie greater than *cookie*: ``(cookie, name, ino)``."""
@@ -111,8 +117,17 @@ class Inode:
     data: FileExtents | None = None
     # None: the default (local); set through the user.dmem.policy xattr.
     policy: Policy | None = None
-    # Where changes are reported for the metadata log (None: not persistent).
-    log: ChangeLog | None = field(default=None, repr=False)
+    # Where changes are reported for the journal (None: not persistent).
+    changes: Changes | None = field(default=None, repr=False)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # A persisted field reports the inode as changed when it is assigned, so that no
+        # caller has to remember to (s3ql's _Inode.__setattr__ does the same).
+        object.__setattr__(self, name, value)
+        if name in PERSISTED_FIELDS:
+            changes = self.__dict__.get("changes")
+            if changes is not None:
+                changes.touched.add(self.ino)
 
     @property
     def nlink(self) -> int:
@@ -122,17 +137,12 @@ class Inode:
         return self.link_count
 
     def touch(self, *, data: bool = False, now: int | None = None) -> None:
-        """Set ctime (and mtime when *data* changed) to now.
-
-        Every change to an inode sets its ctime, so this is also where the
-        inode is reported as changed to the metadata log.
-        """
+        """Set ctime (and mtime when *data* changed) to now (which reports the inode to the
+        journal, as any assignment of a persisted field does)."""
         now = now or time.time_ns()
         self.ctime_ns = now
         if data:
             self.mtime_ns = now
-        if self.log is not None:
-            self.log.touched.add(self.ino)
 
     def kill_suidgid(self, *, also_sgid: bool = False) -> bool:
         """Clear set-user-ID, and set-group-ID if group-executable (or *also_sgid*), as the
@@ -156,9 +166,9 @@ class InodeTable:
                  root_gid: int = 0, *,
                  release_data: Callable[[FileExtents], None] | None = None,
                  parse_policy: Callable[[str], Policy] | None = None,
-                 changes: ChangeLog | None = None) -> None:
+                 changes: Changes | None = None) -> None:
         self.nr_inodes = nr_inodes
-        # Where every change is reported for the metadata log; None = not persistent.
+        # Where every change is reported for the journal; None = not persistent.
         self.changes = changes
         self._release_data = release_data or (lambda extents: None)
         self._parse_policy = parse_policy
@@ -183,11 +193,11 @@ class InodeTable:
         self._unlinked = set()
         self._next_ino = next_ino
         for inode in inodes.values():
-            inode.log = self.changes
+            inode.changes = self.changes
             if inode.dir is not None:
-                inode.dir.log = self.changes
+                inode.dir.changes = self.changes
             if inode.data is not None:
-                inode.data.log = self.changes
+                inode.data.changes = self.changes
 
     @property
     def next_ino(self) -> int:
@@ -498,7 +508,7 @@ class InodeTable:
         ino = self._next_ino
         self._next_ino += 1
         inode = Inode(ino=ino, mode=mode, uid=uid, gid=gid, rdev=rdev, atime_ns=now,
-                      mtime_ns=now, ctime_ns=now, btime_ns=now, log=self.changes)
+                      mtime_ns=now, ctime_ns=now, btime_ns=now, changes=self.changes)
         self.inodes[ino] = inode
         if self.changes is not None:
             self.changes.touched.add(ino)

@@ -175,17 +175,31 @@ class FileStore:
         if new_size > old_size:
             self._allocate(extents, old_size // dps, ceil_div(new_size, dps), node, policy)
             return
-        released = extents.truncate(ceil_div(new_size, dps))
-        self.free(released)
-        if new_size % dps:
-            last = next(extents.pieces(new_size // dps, new_size // dps + 1))
-            # Never write into a bad dpage: on real poison that is a SIGBUS.  A dpage
-            # still dirty was never touched by this file: all of it reads as zeros
-            # already, and whoever touches it first zeroes it whole.
-            if (last.region is not None and not self.pools.bad_in(last.region, 1)
-                    and not self.dirty.overlaps(last.region, 1)):
-                start = last.region * dps + new_size % dps
-                self.region.array[start : (last.region + 1) * dps] = 0
+        self.free(extents.truncate(ceil_div(new_size, dps)))
+        self.zero_past_eof(extents, new_size)
+
+    def zero_past_eof(self, extents: FileExtents, size: int) -> None:
+        """Zero every mapped byte at or past *size*, the file's EOF: the tail of its last
+        dpage, and dpages mapped wholly past it (fallocate with KEEP_SIZE).
+
+        The one rule for bytes past EOF, which must read as zeros once the file grows
+        over them.  A shrink applies it; so does recovery, to every file, because a kill
+        between a shrink's batch and its zeroing, or between a write's bytes and its
+        batch, can leave bytes there.  A bad dpage is never written (on real poison that
+        is a SIGBUS), and a dirty one was never touched by this file: it reads as zeros
+        already, and whoever touches it first zeroes it whole.
+        """
+        dps = self.dpage_size
+        array = self.region.array
+        for piece in extents.pieces(size // dps, max(extents.end_dpage(), size // dps)):
+            if piece.region is None:
+                continue
+            for i in range(piece.length):
+                dpage = piece.region + i
+                if self.pools.bad_in(dpage, 1) or self.dirty.overlaps(dpage, 1):
+                    continue
+                before_eof = max(0, size - (piece.file_dpage + i) * dps)
+                array[dpage * dps + before_eof : (dpage + 1) * dps] = 0
 
     def fallocate(self, extents: FileExtents, file_size: int, mode: int, off: int,
                   length: int, *, node: int = 0, policy: Policy = LOCAL) -> int:
@@ -259,7 +273,7 @@ class FileStore:
             self.zeroer.notify()
 
     def claim(self, extents: list[Extent]) -> None:
-        """Take exactly *extents* for files recovered from the metadata log (PoolSet.claim).
+        """Take exactly *extents* for files recovered from the journal (PoolSet.claim).
 
         They hold those files' bytes, so they are no longer dirty.
         """

@@ -39,20 +39,20 @@ from ..adapter.datapath import DataPath
 from ..adapter.fs import DmemOperations
 from ..alloc.policy import Policy, parse_policy
 from ..alloc.poolset import PoolSet
-from ..files import poison
-from ..files.changes import ChangeLog
+from ..files.changes import Changes
 from ..files.inodes import InodeTable
 from ..files.passthrough import PassthroughStore
+from ..files.poison import MemoryErrors
 from ..files.store import FileStore
 from ..insight import control, metrics
-from ..insight.metrics import build_registry
+from ..insight.control import Controller
+from ..insight.metrics import RequestMetrics
 from ..insight.report import Reporter
-from ..memory import bdi
+from ..memory import bdi, hwpoison
 from ..memory.region import Region, RegionPlan
 from ..memory.shmem import ShmemMemory
 from ..metadata import persistence, recovery
 from ..metadata.journal import Journal
-from ..metadata.metalog import MetadataError
 from ..sizes import human
 from ..tasks import supervise
 from .notify import Notifier
@@ -160,7 +160,7 @@ def _run(config: DaemonConfig, plan: RegionPlan, pools: PoolSet, *,
     # Before the threads we start (trio's workers, tqdm's monitor), which inherit the
     # mask: the signalfd must be the only taker of SIGBUS.  numpy's OpenBLAS threads
     # are older; the kernel's notice goes to this (the early-kill) thread anyway.
-    if not poison.block_sigbus():
+    if not hwpoison.block_sigbus():
         log.info("the kernel refused early memory-error notices (PR_MCE_KILL_EARLY)")
     # Until trio takes over the signals, a SIGTERM must still unwind through
     # the finally blocks below (to give back huge pages).
@@ -199,23 +199,23 @@ def _run(config: DaemonConfig, plan: RegionPlan, pools: PoolSet, *,
         inodes = InodeTable(opts.nr_inodes, opts.mode, opts.uid, opts.gid,
                             release_data=store.release,
                             parse_policy=lambda text: parse_policy(text, pools.ids),
-                            changes=ChangeLog() if meta else None)
+                            changes=Changes() if meta else None)
         if meta is not None:
             assert plan.path is not None
-            journal, recovered = _open_journal(meta, plan, inodes, store, found)
+            journal, recovered = persistence.open_journal(meta, plan, inodes, store, found)
         else:
             recovered = None
-        ops = DmemOperations(inodes, store, trace=opts.debug, journal=journal)
-        reporter = Reporter(inodes, store, memory.describe(), ops, journal=journal,
-                            data_path=path)
-        reporter.recovery = recovered
+        requests = RequestMetrics() if opts.metrics else None
+        ops = DmemOperations(inodes, store, trace=opts.debug, metrics=requests, journal=journal)
+        errors = MemoryErrors(inodes, store) if isinstance(store, FileStore) else None
+        reporter = Reporter(inodes, store, memory.describe(), ops, errors=errors,
+                            journal=journal, data_path=path, recovered=recovered)
+        controller = Controller(reporter, inodes, store, ops, errors)
         if isinstance(store, FileStore):
-            _scan_for_poison(reporter, store)
-        registry = None
-        if opts.metrics:
-            registry, ops.metrics = build_registry(reporter)
-        mount = _Mount(config, ops, ready_fd, notifier, reporter)
-        trio.run(_serve, mount, reporter, registry)
+            _scan_for_poison(controller, store)
+        registry = metrics.registry_for(reporter, requests) if requests is not None else None
+        mount = _Mount(config, ops, ready_fd, notifier, reporter, controller)
+        trio.run(_serve, mount, registry)
         served_to_the_end = True
     finally:
         notifier.stopping()
@@ -223,7 +223,7 @@ def _run(config: DaemonConfig, plan: RegionPlan, pools: PoolSet, *,
             pyfuse3.close(unmount=True)
         if journal is not None:
             # Only a clean stop checkpoints: after an error or a second signal the
-            # memory may hold half a request, while the log holds whole ones.
+            # memory may hold half a request, while the journal holds whole ones.
             journal.close(checkpoint=served_to_the_end)
         # Passthrough: an orderly stop ends the files with the memory, as on tmpfs.  Any
         # other exit after files may exist (adopted, or once mounted) keeps both the pool
@@ -246,55 +246,19 @@ def _run(config: DaemonConfig, plan: RegionPlan, pools: PoolSet, *,
     return 0
 
 
-def _scan_for_poison(reporter: Reporter, store: FileStore) -> None:
+def _scan_for_poison(controller: Controller, store: FileStore) -> None:
     """Mark dpages on frames the kernel already flagged HWPOISON, before anyone uses them."""
     region = store.region
     for dpage in region.poisoned_dpages:
         # The full scan below follows: no rescan per dpage.
-        reporter.kernel_error(dpage * region.dpage_size, region.dpage_size, rescan=False)
+        controller.kernel_error(dpage * region.dpage_size, region.dpage_size, rescan=False)
     try:
-        found = reporter.scan()
+        found = controller.scan()
     except Exception as exc:  # the scan is a safeguard: never a reason not to start
         log.warning("cannot scan the region for HWPOISON frames: %s", exc)
         return
     log.info("HWPOISON scan: %d frames checked, %d bad dpages found", found["frames_checked"],
              len(found["bad"]))
-
-
-def _open_journal(meta: persistence.MetaPlan, plan: RegionPlan, inodes: InodeTable,
-                  store: FileStore | PassthroughStore, found: recovery.Recovered | None
-                  ) -> tuple[Journal, recovery.RecoveryReport | None]:
-    """Install what was found (verifying it against the pools) and start the log on it."""
-    assert plan.path is not None
-    layout = persistence.layout_for(plan, plan.path)
-    if found is None:
-        journal = Journal(meta.path, layout, inodes, store.pools,
-                          checkpoint_bytes=meta.checkpoint_bytes)
-        report = None
-    else:
-        try:
-            if isinstance(store, PassthroughStore):
-                store.discover()
-            report = recovery.install(found, inodes, store.pools, store, meta.path)
-            if isinstance(store, PassthroughStore):
-                removed = store.adopt(inodes.inodes)
-                if removed:
-                    log.info("removed %d backing file(s) that no recovered inode names",
-                             removed)
-        except (OSError, MetadataError) as exc:
-            raise persistence.refusal(exc) from None
-        log.info("recovered from %s: %d files (%s), %d directories, %d inodes; %d batches "
-                 "replayed%s, %d unlinked-but-open files freed, %d bad dpages, in %.2f s",
-                 meta.path, report.files, human(report.bytes),
-                 report.directories, report.inodes, report.batches,
-                 f", a torn last append of {report.torn_bytes} bytes dropped"
-                 if report.torn_bytes else "", report.orphans_freed, report.bad_dpages,
-                 report.seconds)
-        journal = Journal(meta.path, layout, inodes, store.pools,
-                          checkpoint_bytes=meta.checkpoint_bytes, uuid=found.uuid,
-                          generation=found.generation)
-    journal.checkpoint()  # the recovered state becomes one snapshot: replay is done once
-    return journal, report
 
 
 @dataclass
@@ -306,6 +270,7 @@ class _Mount:
     ready_fd: int
     notifier: Notifier
     reporter: Reporter
+    controller: Controller
     mounted: bool = False
 
     def mount(self) -> None:
@@ -323,13 +288,14 @@ class _Mount:
 
     def status_line(self) -> str:
         """The one-line state systemctl status shows."""
-        st = self.reporter.status()
-        return (f"{human(st['free_bytes'])} free of "
-                f"{human(st['total_bytes'])} in {len(st['pools'])} pool(s), "
-                f"{st['inodes_used'] - 1} file(s) on {self.config.mountpoint}")
+        st = self.reporter.statistics()
+        dps = st.pools.dpage_size
+        return (f"{human(st.pools.free_dpages * dps)} free of "
+                f"{human(st.pools.total_dpages * dps)} in {len(st.pools.pools)} pool(s), "
+                f"{st.inodes_used - 1} file(s) on {self.config.mountpoint}")
 
 
-async def _serve(mount: _Mount, reporter: Reporter, registry: CollectorRegistry | None) -> None:
+async def _serve(mount: _Mount, registry: CollectorRegistry | None) -> None:
     """Start the control socket (and metrics) first, so a taken port fails before mounting.
 
     Every task but the FUSE main loop is a side task, run by tasks.supervise:
@@ -338,7 +304,7 @@ async def _serve(mount: _Mount, reporter: Reporter, registry: CollectorRegistry 
     """
     async with trio.open_nursery() as nursery:
         await nursery.start(supervise, "control socket", control.serve,
-                            control.socket_path(mount.config.mountpoint), reporter)
+                            control.socket_path(mount.config.mountpoint), mount.controller)
         if registry is not None and mount.config.options.metrics:
             host, port = mount.config.options.metrics
             await nursery.start(supervise, "metrics endpoint", metrics.serve, host, port,
@@ -372,17 +338,17 @@ async def _reconcile(mount: _Mount) -> None:
 
 
 async def _watch_memory_errors(mount: _Mount, store: FileStore) -> None:
-    """Take the kernel's SIGBUS memory-error notices for the region (poison.py)."""
+    """Take the kernel's SIGBUS memory-error notices for the region (hwpoison.py)."""
     region = store.region
 
     async def on_error(offset: int, length: int) -> None:
         try:
-            mount.reporter.kernel_error(offset, length)
+            mount.controller.kernel_error(offset, length)
         except Exception:  # a notice must never take the daemon down
             log.exception("handling the memory-error notice at region offset %d", offset)
         await mount.ops.flush_invalidations()
 
-    await poison.watch_sigbus(poison.open_sigbus_fd(), region.addr, region.size, on_error)
+    await hwpoison.watch_sigbus(hwpoison.open_sigbus_fd(), region.addr, region.size, on_error)
 
 
 async def _tune_bdi(mount: _Mount) -> None:

@@ -17,14 +17,21 @@ import logging
 import os
 import socket
 import struct
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import trio
 
+from ..errors import fs_error
+from ..files.inodes import InodeTable
+from ..files.passthrough import PassthroughStore
+from ..files.poison import MemoryErrors, Poisoned
+from ..files.store import FileStore
+from ..memory.hwpoison import hwpoisoned_dpages, send_mce_notice
 from ..rundir import RUN_DIR
 from ..tasks import supervise
-from .report import JSON, Reporter
+from .report import JSON, FuseView, Reporter
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +52,120 @@ def socket_path(mountpoint: str) -> Path:
     return RUN_DIR / f"{digest}.sock"
 
 
-def dispatch(reporter: Reporter, request: dict[str, Any]) -> JSON:
-    """Run one request against *reporter*; raise OSError (with errno) for bad ones."""
+class Frontend(FuseView, Protocol):
+    """What actions need from the FUSE side: the trace, the journal, the page cache."""
+
+    def set_trace(self, on: bool) -> None:
+        """Turn the trace on or off."""
+
+    def commit(self) -> None:
+        """Write pending metadata changes to the journal (no-op when not persistent)."""
+
+    def invalidate_later(self, ino: int) -> None:
+        """Drop the kernel's cached pages of *ino* soon (outside any request)."""
+
+    async def flush_invalidations(self) -> None:
+        """Carry out the invalidations asked for so far."""
+
+
+class Controller:
+    """The actions an operator (or the kernel's memory-error notices) may take on a mount.
+
+    Each one changes the objects it acts on (the inode table, the memory errors, the
+    FUSE side) and commits, so that what it did is in the journal before it answers.
+    *reporter* answers the questions, which change nothing.
+    """
+
+    def __init__(self, reporter: Reporter, inodes: InodeTable,
+                 store: FileStore | PassthroughStore, frontend: Frontend,
+                 errors: MemoryErrors | None) -> None:
+        self.reporter = reporter
+        self.inodes = inodes
+        self.store = store
+        self.frontend = frontend
+        self.errors = errors
+
+    def set_policy(self, ino: int, text: str) -> JSON:
+        """Set the policy of a file or directory; what it is now."""
+        self.inodes.set_policy(ino, text)
+        self.frontend.commit()
+        return self.reporter.policy(ino)
+
+    def set_trace(self, on: bool) -> JSON:
+        """Turn the per-request trace on or off."""
+        self.frontend.set_trace(on)
+        log.info("request trace %s", "on" if on else "off")
+        return {"trace": on}
+
+    def poison(self, offset: int, ino: int | None = None) -> JSON:
+        """Mark bad the dpage at region byte *offset*, or at byte *offset* of file *ino*."""
+        store, errors = self._region("poison")
+        dps = store.dpage_size
+        if ino is not None:
+            dpage = errors.locate(ino, offset)
+        elif 0 <= offset < store.region.size:
+            dpage = offset // dps
+        else:
+            raise fs_error(errno.EINVAL, f"region offset {offset} is outside the region "
+                           f"({store.region.size} bytes)")
+        return self._marked(errors.mark(dpage, "operator"))
+
+    def notify_kernel_error(self, offset: int) -> JSON:
+        """Have the daemon receive the SIGBUS BUS_MCEERR_AO the kernel sends for poison at
+        region byte *offset* (hwpoison.send_mce_notice): the kernel path, end to end."""
+        region = self._region("poison --kernel")[0].region
+        if not 0 <= offset < region.size:
+            raise fs_error(errno.EINVAL, f"region offset {offset} is outside the region")
+        send_mce_notice(region.addr + offset)
+        return {"sent": True, "region_offset": offset}
+
+    def kernel_error(self, offset: int, length: int, *, rescan: bool = True) -> JSON:
+        """The kernel reported a memory error in region bytes ``[offset, offset+length)``
+        (a page, or a whole huge page): mark every dpage there bad, then rescan, because
+        SIGBUS does not queue and a second notice may have been merged into this one."""
+        store, errors = self._region("memory errors")
+        dps = store.dpage_size
+        last = min(offset + max(length, 1), store.region.size) - 1
+        marked = [self._marked(errors.mark(d, "kernel"))
+                  for d in range(offset // dps, last // dps + 1)]
+        found: list[JSON] = []
+        if rescan:
+            try:
+                found = self.scan()["bad"]
+            except Exception as exc:  # the notice itself is handled; the rescan is extra
+                log.warning("rescan after a memory-error notice failed: %s", exc)
+        return {"marked": marked, "rescan": found}
+
+    def scan(self) -> JSON:
+        """Look for HWPOISON frames under the region and mark their dpages bad."""
+        store, errors = self._region("scan")
+        region = store.region
+        dpages, frames = hwpoisoned_dpages(region.addr, region.size, region.dpage_size)
+        marked = [self._marked(errors.mark(d, "scan")) for d in dpages]
+        return {"frames_checked": frames, "bad": marked}
+
+    def _region(self, what: str) -> tuple[FileStore, MemoryErrors]:
+        """The region store and its memory errors, or EOPNOTSUPP saying why *what* has no
+        meaning on passthrough."""
+        if isinstance(self.store, PassthroughStore) or self.errors is None:
+            raise fs_error(errno.EOPNOTSUPP, f"{what}: this mount uses the passthrough data "
+                           "path, whose pages are the kernel's shmem; a memory error there is "
+                           "the kernel's to handle (EIO on read, SIGBUS on a fault), and "
+                           "dpages are units of the pool, not places in memory to mark bad")
+        return self.store, self.errors
+
+    def _marked(self, result: Poisoned) -> JSON:
+        # Invalidate first: the page cache must go even if the journal write fails.
+        if result.owner is not None and result.newly:
+            self.frontend.invalidate_later(result.owner)
+        self.frontend.commit()
+        return asdict(result)
+
+
+def dispatch(controller: Controller, request: dict[str, Any]) -> JSON:
+    """Run one request: questions go to the reporter, actions to *controller*; raise
+    OSError (with errno) for bad ones."""
+    reporter = controller.reporter
     cmd = request.get("cmd")
     if cmd == "status":
         return reporter.status()
@@ -55,19 +174,19 @@ def dispatch(reporter: Reporter, request: dict[str, Any]) -> JSON:
     if cmd == "files":
         return reporter.files(_argument(request, "limit", int, 20))
     if cmd == "policy":
-        return reporter.policy(_argument(request, "ino", int),
-                               _argument(request, "policy", str, None))
+        ino, text = _argument(request, "ino", int), _argument(request, "policy", str, None)
+        return reporter.policy(ino) if text is None else controller.set_policy(ino, text)
     if cmd == "trace":
-        return reporter.set_trace(_argument(request, "on", bool))
+        return controller.set_trace(_argument(request, "on", bool))
     if cmd == "map":
         return reporter.map()
     if cmd == "poison":
-        return reporter.poison(_argument(request, "offset", int),
-                               _argument(request, "ino", int, None))
+        return controller.poison(_argument(request, "offset", int),
+                                 _argument(request, "ino", int, None))
     if cmd == "kernel_error":
-        return reporter.notify_kernel_error(_argument(request, "offset", int))
+        return controller.notify_kernel_error(_argument(request, "offset", int))
     if cmd == "scan":
-        return reporter.scan()
+        return controller.scan()
     raise OSError(errno.EINVAL, f"unknown command {cmd!r}")
 
 
@@ -92,13 +211,13 @@ def _argument(request: dict[str, Any], key: str, kind: type[T], default: Any = _
 _KIND_NAMES: dict[type, str] = {int: "an integer", str: "a string", bool: "true or false"}
 
 
-def answer(reporter: Reporter, line: bytes) -> bytes:
+def answer(controller: Controller, line: bytes) -> bytes:
     """The reply line to request *line*; never raises."""
     try:
         request = json.loads(line)
         if not isinstance(request, dict):
             raise ValueError("a request is a JSON object")
-        reply: JSON = {"ok": True, "result": dispatch(reporter, request)}
+        reply: JSON = {"ok": True, "result": dispatch(controller, request)}
     except OSError as exc:
         reply = {"ok": False, "errno": exc.errno, "error": exc.strerror or str(exc)}
     except ValueError as exc:  # not JSON, not an object, an argument missing or mistyped
@@ -109,7 +228,7 @@ def answer(reporter: Reporter, line: bytes) -> bytes:
     return json.dumps(reply).encode() + b"\n"
 
 
-async def serve(path: Path, reporter: Reporter,
+async def serve(path: Path, controller: Controller,
                 task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Listen on *path* until cancelled; the socket file is removed on the way out.
 
@@ -145,7 +264,7 @@ async def serve(path: Path, reporter: Reporter,
                 except BaseException:
                     slots.release()
                     raise
-                nursery.start_soon(_connection_task, conn, reporter, slots)
+                nursery.start_soon(_connection_task, conn, controller, slots)
     finally:
         listener.close()
         path.unlink(missing_ok=True)
@@ -166,26 +285,26 @@ async def _accept(listener: trio.socket.SocketType) -> trio.socket.SocketType:
             await trio.sleep(ACCEPT_RETRY)
 
 
-async def _connection_task(conn: trio.socket.SocketType, reporter: Reporter,
+async def _connection_task(conn: trio.socket.SocketType, controller: Controller,
                            slots: trio.Semaphore) -> None:
     """One connection inside its own boundary; its socket and its slot are given back
     whatever happens in it."""
     try:
         with conn:
-            await supervise("control connection", _connection, conn, reporter, restart=False)
+            await supervise("control connection", _connection, conn, controller, restart=False)
     finally:
         slots.release()
 
 
-async def _connection(conn: trio.socket.SocketType, reporter: Reporter) -> None:
+async def _connection(conn: trio.socket.SocketType, controller: Controller) -> None:
     """One connection, from request to reply; a peer that leaves ends only this."""
     try:
-        await _converse(conn, reporter)
+        await _converse(conn, controller)
     except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as exc:
         log.debug("control client went away: %s", exc.strerror)
 
 
-async def _converse(conn: trio.socket.SocketType, reporter: Reporter) -> None:
+async def _converse(conn: trio.socket.SocketType, controller: Controller) -> None:
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, _ = struct.unpack("3i", creds)
     # Read the request even from a peer that will be refused: closing with its
@@ -207,10 +326,10 @@ async def _converse(conn: trio.socket.SocketType, reporter: Reporter) -> None:
         log.warning("control request from pid %d uid %d refused", pid, uid)
         reply = _error(errno.EPERM, "only root may ask")
     else:
-        reply = answer(reporter, data.split(b"\n", 1)[0])
+        reply = answer(controller, data.split(b"\n", 1)[0])
         # Pages of a file hit by a memory error are dropped before the reply, so a
         # caller that sees the answer also sees EIO through its mappings.
-        await reporter.frontend.flush_invalidations()
+        await controller.frontend.flush_invalidations()
     with trio.move_on_after(SEND_TIMEOUT) as sending:
         await _send_all(conn, reply)
     if sending.cancelled_caught:

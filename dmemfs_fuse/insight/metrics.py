@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import trio
 from prometheus_client import (
@@ -24,6 +23,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ..alloc.pool import PoolStats
 from .report import Reporter
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,9 @@ LATENCY_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2, 0
 class RequestMetrics:
     """Counters and latency histograms of FUSE requests, by operation."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        registry = self.registry
         self.requests = Counter("dmemfs_fuse_requests", "FUSE requests handled",
                                 ["op", "result"], registry=registry)
         self.latency = Histogram("dmemfs_fuse_request_duration_seconds",
@@ -61,104 +63,101 @@ class RequestMetrics:
 
 
 class PoolCollector(Collector):
-    """Per-pool gauges and counters, read from the live pools at scrape time."""
+    """Per-pool gauges and counters, read from the reporter's snapshot at scrape time."""
 
     def __init__(self, reporter: Reporter) -> None:
         self.reporter = reporter
 
     def collect(self) -> Iterator[Metric]:
-        status = self.reporter.status()
-        dps = status["dpage_size"]
+        stats = self.reporter.statistics()
+        dps = stats.pools.dpage_size
         labels = ["pool", "node"]
-        gauges: dict[str, tuple[str, Callable[[dict[str, Any]], float]]] = {
-            "total_bytes": ("Bytes in the pool", lambda p: p["total_dpages"] * dps),
-            "free_bytes": ("Free bytes in the pool", lambda p: p["free_dpages"] * dps),
-            "used_bytes": ("Allocated bytes in the pool", lambda p: p["used_dpages"] * dps),
+        pools = [([str(pool_id), str(st.node)], st)
+                 for pool_id, st in zip(stats.pool_ids, stats.pools.pools, strict=True)]
+        gauges: dict[str, tuple[str, Callable[[PoolStats], float]]] = {
+            "total_bytes": ("Bytes in the pool", lambda p: p.total_dpages * dps),
+            "free_bytes": ("Free bytes in the pool", lambda p: p.free_dpages * dps),
+            "used_bytes": ("Allocated bytes in the pool", lambda p: p.used_dpages * dps),
             "largest_free_run_bytes": ("Longest run of free dpages, in bytes",
-                                       lambda p: p["largest_free_run"] * dps),
-            "free_runs": ("Separate runs of free dpages", lambda p: p["free_runs"]),
+                                       lambda p: p.largest_free_run * dps),
+            "free_runs": ("Separate runs of free dpages", lambda p: p.free_runs),
             "fragmentation_ratio": ("1 - largest free run / free space",
-                                    lambda p: p["fragmentation"]),
+                                    lambda p: round(p.fragmentation, 4)),
             "bad_dpages": ("Dpages marked bad (memory errors), never handed out again",
-                           lambda p: p["bad_dpages"]),
+                           lambda p: p.bad_dpages),
         }
         for name, (text, value) in gauges.items():
             family = GaugeMetricFamily(f"dmemfs_pool_{name}", text, labels=labels)
-            for pool in status["pools"]:
-                family.add_metric([str(pool["pool"]), str(pool["node"])], value(pool))
+            for pool_labels, st in pools:
+                family.add_metric(pool_labels, value(st))
             yield family
-        counters = {
-            "allocations": ("Allocation calls served by the pool", "allocs"),
-            "frees": ("Free calls served by the pool", "frees"),
+        counters: dict[str, tuple[str, Callable[[PoolStats], float]]] = {
+            "allocations": ("Allocation calls served by the pool", lambda p: p.allocs),
+            "frees": ("Free calls served by the pool", lambda p: p.frees),
             "preferred_fallback_dpages": ("Dpages a preferred policy took elsewhere",
-                                          "fallback_dpages"),
+                                          lambda p: p.fallback_dpages),
         }
-        for name, (text, key) in counters.items():
+        for name, (text, value) in counters.items():
             cfamily = CounterMetricFamily(f"dmemfs_pool_{name}", text, labels=labels)
-            for pool in status["pools"]:
-                cfamily.add_metric([str(pool["pool"]), str(pool["node"])], pool[key])
+            for pool_labels, st in pools:
+                cfamily.add_metric(pool_labels, value(st))
             yield cfamily
         yield CounterMetricFamily("dmemfs_enospc", "Allocations refused for lack of space",
-                                  value=status["enospc"])
+                                  value=stats.pools.enospc)
         yield GaugeMetricFamily("dmemfs_dirty_bytes",
                                 "Bytes of old data not zeroed yet (the zeroer's backlog)",
-                                value=status["dirty_dpages"] * dps)
-        zeroing = status["zeroing"]
-        if zeroing is not None:  # the region path's zeroer (shmem zeroes on passthrough)
+                                value=stats.dirty_dpages * dps)
+        if stats.zeroing is not None:  # the region path's zeroer (shmem zeroes on passthrough)
             yield CounterMetricFamily("dmemfs_background_zeroed_bytes",
                                       "Bytes zeroed by the background zeroer",
-                                      value=zeroing["background_zeroed_dpages"] * dps)
+                                      value=stats.zeroing.background_zeroed_dpages * dps)
             yield CounterMetricFamily("dmemfs_foreground_zeroed_bytes",
                                       "Bytes zeroed inside requests (the zeroer had not "
                                       "caught up)",
-                                      value=zeroing["foreground_zeroed_dpages"] * dps)
-        path = status["data_path"]
+                                      value=stats.zeroing.foreground_zeroed_dpages * dps)
         info = GaugeMetricFamily("dmemfs_data_path_info",
                                  "The mount's data path (passthrough or region) and why",
                                  labels=["path", "reason"])
-        info.add_metric([path["name"], path["reason"]], 1)
+        info.add_metric([stats.data_path.name, stats.data_path.reason], 1)
         yield info
-        if status["pool_memory"] is not None:
+        if stats.pool_memory is not None:
             reserve = GaugeMetricFamily("dmemfs_pool_reserve_bytes",
                                         "Passthrough: pool memory taken and not lent to files",
                                         labels=labels)
             lent = GaugeMetricFamily("dmemfs_pool_file_bytes",
                                      "Passthrough: pool memory the kernel counts in files",
                                      labels=labels)
-            for pool, memory in zip(status["pools"], status["pool_memory"], strict=True):
-                pool_labels = [str(pool["pool"]), str(pool["node"])]
-                reserve.add_metric(pool_labels, memory["reserve_bytes"])
-                lent.add_metric(pool_labels, memory["file_bytes"])
+            for (pool_labels, _), memory in zip(pools, stats.pool_memory, strict=True):
+                reserve.add_metric(pool_labels, memory.reserve_bytes)
+                lent.add_metric(pool_labels, memory.file_bytes)
             yield reserve
             yield lent
         yield GaugeMetricFamily("dmemfs_dpage_size_bytes", "Bytes per dpage", value=dps)
-        yield GaugeMetricFamily("dmemfs_inodes_used", "Inodes in use",
-                                value=status["inodes_used"])
+        yield GaugeMetricFamily("dmemfs_inodes_used", "Inodes in use", value=stats.inodes_used)
         yield GaugeMetricFamily("dmemfs_inodes_total", "Most inodes there may be",
-                                value=status["inodes_total"])
+                                value=stats.inodes_total)
         yield CounterMetricFamily("dmemfs_memory_errors", "Dpages newly marked bad since start",
-                                  value=status["memory_errors"])
-        journal = status["journal"]
+                                  value=stats.memory_errors)
+        journal = stats.journal
         if journal is not None:
             yield GaugeMetricFamily("dmemfs_journal_log_bytes",
-                                    "Metadata log bytes appended since the last checkpoint",
-                                    value=journal["log_bytes"])
+                                    "Journal bytes appended since the last checkpoint",
+                                    value=journal.log_bytes)
             yield CounterMetricFamily("dmemfs_journal_checkpoints",
                                       "Metadata checkpoints written since start",
-                                      value=journal["checkpoints"])
+                                      value=journal.checkpoints)
             yield CounterMetricFamily("dmemfs_journal_failures",
-                                      "Metadata log writes that failed since start",
-                                      value=journal["failures"])
+                                      "Journal writes that failed since start",
+                                      value=journal.failures)
             yield GaugeMetricFamily("dmemfs_journal_healthy",
-                                    "1 while the metadata log is written, 0 after a failure",
-                                    value=int(journal["healthy"]))
+                                    "1 while the journal is written, 0 after a failure",
+                                    value=int(journal.healthy))
 
 
-def build_registry(reporter: Reporter) -> tuple[CollectorRegistry, RequestMetrics]:
-    """A registry with the pool collector and the request metrics."""
-    registry = CollectorRegistry()
-    registry.register(PoolCollector(reporter))
-    return registry, RequestMetrics(registry)
+def registry_for(reporter: Reporter, requests: RequestMetrics) -> CollectorRegistry:
+    """*requests*' registry with the pool collector on *reporter* added to it."""
+    requests.registry.register(PoolCollector(reporter))
+    return requests.registry
 
 
 async def serve(host: str, port: int, registry: CollectorRegistry,

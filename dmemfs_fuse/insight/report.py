@@ -1,27 +1,34 @@
-"""What the control socket and the metrics endpoint report: plain data from the live objects.
+"""What the control socket and the metrics endpoint report: a read-only projection.
 
-Every method is synchronous and reads (or, for policy and trace, changes)
-state in one step, so under trio each answer is a consistent snapshot.  The
-results are JSON-ready dicts; sizes are in bytes unless a name says dpages.
+:meth:`Reporter.statistics` gathers the frozen statistics records of the pools,
+the zeroer, the pool memory, the journal and recovery into one
+:class:`MountStats`; ``status`` and the metrics are built from that record.  The
+other answers (extents, files, policy, map) read the live objects.  Nothing
+here changes anything: actions are control.py's.  Every method is synchronous,
+so under trio each answer is a consistent snapshot.  The results are JSON-ready
+dicts; sizes are in bytes unless a name says dpages.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from ..adapter.connection import Negotiated
 from ..adapter.datapath import REGION, DataPath
+from ..alloc.poolset import PoolSetStats
 from ..alloc.runs import Extent
+from ..alloc.zeroing import ZeroerStats
 from ..errors import fs_error
 from ..files.inodes import ROOT_INO, Inode, InodeTable
 from ..files.passthrough import PassthroughStore
-from ..files.poison import MemoryErrors, Poisoned, hwpoisoned_dpages, send_mce_notice
+from ..files.poison import MemoryErrors
 from ..files.store import FileStore
 from ..memory import numa
-from ..metadata.journal import Journal
+from ..memory.shmem import PoolMemoryStats
+from ..metadata.journal import Journal, JournalStats
 from ..metadata.recovery import RecoveryReport
 
 log = logging.getLogger(__name__)
@@ -29,94 +36,98 @@ log = logging.getLogger(__name__)
 JSON = dict[str, Any]
 
 
-class Frontend(Protocol):
-    """What the reporter needs from the FUSE side: the trace, the journal, the page cache."""
+class FuseView(Protocol):
+    """What the reporter reads of the FUSE side: whether requests are traced, and what INIT
+    negotiated."""
 
     trace: bool
     connection: Negotiated | None
 
-    def set_trace(self, on: bool) -> None:
-        """Turn the trace on or off."""
 
-    def commit(self) -> None:
-        """Write pending metadata changes to the journal (no-op when not persistent)."""
+@dataclass(frozen=True)
+class MountStats:
+    """One consistent snapshot of a mount's counters, from the frozen records of its parts.
 
-    def invalidate_later(self, ino: int) -> None:
-        """Drop the kernel's cached pages of *ino* soon (outside any request)."""
+    Fields:
+        region: what the memory is (the region or pool memory, described).
+        data_path: the mount's data path and why.
+        pools: the pools' totals and each pool's record.
+        pool_ids: the name policies use for each pool, in the order of ``pools.pools``.
+        pool_memory: passthrough: each pool's memory as the kernel counts it; else None.
+        unledgered_dpages: passthrough: dpages the kernel allocated that the ledger has
+            not entered yet.
+        dirty_dpages: dpages that may still hold old bytes (the zeroer's backlog).
+        zeroing: the region path's zeroer; None on passthrough (shmem zeroes).
+        memory_errors: dpages newly marked bad since start.
+        inodes_used: inodes in use.
+        inodes_total: the most there may be.
+        trace: whether requests are traced.
+        connection: what FUSE INIT negotiated; None before it.
+        journal: the journal's counters; None when the mount is not persistent.
+        recovered: what recovery found; None unless the mount was recovered.
+    """
 
-    async def flush_invalidations(self) -> None:
-        """Carry out the invalidations asked for so far."""
+    region: str
+    data_path: DataPath
+    pools: PoolSetStats
+    pool_ids: tuple[int, ...]
+    pool_memory: tuple[PoolMemoryStats, ...] | None
+    unledgered_dpages: int
+    dirty_dpages: int
+    zeroing: ZeroerStats | None
+    memory_errors: int
+    inodes_used: int
+    inodes_total: int
+    trace: bool
+    connection: Negotiated | None
+    journal: JournalStats | None
+    recovered: RecoveryReport | None
 
 
 class Reporter:
     """Answers the questions `dmemctl` and monitoring ask about a mounted dmemfs."""
 
     def __init__(self, inodes: InodeTable, store: FileStore | PassthroughStore,
-                 region_description: str, frontend: Frontend, *,
+                 region_description: str, fuse: FuseView, *,
                  errors: MemoryErrors | None = None, journal: Journal | None = None,
-                 data_path: DataPath | None = None) -> None:
+                 data_path: DataPath | None = None,
+                 recovered: RecoveryReport | None = None) -> None:
         self.inodes = inodes
         self.store = store
         self.data_path = data_path or DataPath(REGION, "passthrough=off")
         self.pools = store.pools
         self.region_description = region_description
-        self.frontend = frontend
-        self.errors = errors or MemoryErrors(inodes, store)  # type: ignore[arg-type]
+        self.fuse = fuse
+        self.errors = errors
         self.journal = journal
-        # Set by the daemon when the mount was recovered from its metadata file.
-        self.recovery: RecoveryReport | None = None
+        self.recovered = recovered
+
+    def statistics(self) -> MountStats:
+        """A frozen snapshot of every counter of the mount."""
+        store = self.store
+        return MountStats(
+            region=self.region_description,
+            data_path=self.data_path,
+            pools=self.pools.statistics(),
+            pool_ids=tuple(self.pools.pool_id(pool) for pool in self.pools.pools),
+            pool_memory=tuple(m.statistics() for m in store.memory.pools)
+            if isinstance(store, PassthroughStore) else None,
+            unledgered_dpages=store.unledgered_dpages
+            if isinstance(store, PassthroughStore) else 0,
+            dirty_dpages=0 if isinstance(store, PassthroughStore) else store.dirty.dpages,
+            zeroing=None if isinstance(store, PassthroughStore) else store.zeroer.statistics(),
+            memory_errors=self.errors.events if self.errors is not None else 0,
+            inodes_used=self.inodes.used,
+            inodes_total=self.inodes.nr_inodes,
+            trace=self.fuse.trace,
+            connection=self.fuse.connection,
+            journal=self.journal.statistics() if self.journal is not None else None,
+            recovered=self.recovered,
+        )
 
     def status(self) -> JSON:
         """Per pool and in total: dpages total/free/used, largest free run, fragmentation."""
-        stats = self.pools.statistics()
-        dps = stats.dpage_size
-        pools = []
-        for pool, st in zip(self.pools.pools, stats.pools, strict=True):
-            pools.append({
-                "pool": self.pools.pool_id(pool), "index": st.index, "node": st.node,
-                "dpage_size": dps, "total_dpages": st.total_dpages,
-                "free_dpages": st.free_dpages, "used_dpages": st.used_dpages,
-                "largest_free_run": st.largest_free_run, "free_runs": st.free_runs,
-                "fragmentation": round(st.fragmentation, 4), "allocs": st.allocs,
-                "frees": st.frees, "fallback_dpages": st.fallback_dpages,
-                "bad_dpages": st.bad_dpages,
-            })
-        store = self.store
-        if isinstance(store, PassthroughStore):
-            # shmem zeroes a page at its first use in a file: no backlog, no zeroer.
-            dirty, zeroing = 0, None
-        else:
-            dirty, zeroing = store.dirty.dpages, asdict(store.zeroer.statistics())
-        return {
-            "region": self.region_description,
-            "data_path": {"name": self.data_path.name, "reason": self.data_path.reason},
-            # Passthrough: the memory as the kernel counts it (reserve + files = pool).
-            "pool_memory": [asdict(m.statistics()) for m in store.memory.pools]
-            if isinstance(store, PassthroughStore) else None,
-            "unledgered_dpages": store.unledgered_dpages
-            if isinstance(store, PassthroughStore) else 0,
-            "dpage_size": dps,
-            "total_dpages": stats.total_dpages,
-            "free_dpages": stats.free_dpages,
-            "used_dpages": stats.total_dpages - stats.free_dpages,
-            "total_bytes": stats.total_dpages * dps,
-            "free_bytes": stats.free_dpages * dps,
-            "enospc": stats.enospc,
-            "bad_dpages": stats.bad_dpages,
-            # Dpages that may still hold old bytes: free ones, and (deferred zeroing)
-            # ones a file has not touched yet.  The background zeroer's backlog.
-            "dirty_dpages": dirty,
-            "zeroing": zeroing,
-            "memory_errors": self.errors.events,
-            "inodes_used": self.inodes.used,
-            "inodes_total": self.inodes.nr_inodes,
-            "trace": self.frontend.trace,
-            "fuse": conn.describe() if (conn := self.frontend.connection) else None,
-            "persistent": self.journal is not None,
-            "journal": asdict(self.journal.statistics()) if self.journal else None,
-            "recovered": asdict(self.recovery) if self.recovery else None,
-            "pools": pools,
-        }
+        return status_of(self.statistics())
 
     def extents(self, ino: int) -> JSON:
         """A file's extents: file offset, pool, node, region offset and length, in bytes."""
@@ -154,81 +165,11 @@ class Reporter:
             "open": n.open_count,
         } for n in holders]}
 
-    def policy(self, ino: int, text: str | None = None) -> JSON:
-        """Read, or set when *text* is given, the policy of a file or directory."""
-        if text is not None:
-            self.inodes.set_policy(ino, text)
-            self.frontend.commit()
+    def policy(self, ino: int) -> JSON:
+        """The policy of a file or directory, and whether it was set on it."""
         inode = self.inodes.get(ino)
         return {"ino": ino, "policy": str(inode.policy or "local"),
                 "explicit": inode.policy is not None}
-
-    def set_trace(self, on: bool) -> JSON:
-        """Turn the per-request trace on or off."""
-        self.frontend.set_trace(on)
-        log.info("request trace %s", "on" if on else "off")
-        return {"trace": on}
-
-    def _region(self, what: str) -> FileStore:
-        """The region store, or EOPNOTSUPP saying why *what* has no meaning on passthrough."""
-        if isinstance(self.store, PassthroughStore):
-            raise fs_error(errno.EOPNOTSUPP, f"{what}: this mount uses the passthrough data "
-                           "path, whose pages are the kernel's shmem; a memory error there is "
-                           "the kernel's to handle (EIO on read, SIGBUS on a fault), and "
-                           "dpages are units of the pool, not places in memory to mark bad")
-        return self.store
-
-    def poison(self, offset: int, ino: int | None = None) -> JSON:
-        """Mark bad the dpage at region byte *offset*, or at byte *offset* of file *ino*."""
-        region = self._region("poison").region
-        dps = self.store.dpage_size
-        if ino is not None:
-            dpage = self.errors.locate(ino, offset)
-        elif 0 <= offset < region.size:
-            dpage = offset // dps
-        else:
-            raise fs_error(errno.EINVAL, f"region offset {offset} is outside the region "
-                           f"({region.size} bytes)")
-        return self._marked(self.errors.mark(dpage, "operator"))
-
-    def notify_kernel_error(self, offset: int) -> JSON:
-        """Have the daemon receive the SIGBUS BUS_MCEERR_AO the kernel sends for poison at
-        region byte *offset* (poison.send_mce_notice): the kernel path, end to end."""
-        region = self._region("poison --kernel").region
-        if not 0 <= offset < region.size:
-            raise fs_error(errno.EINVAL, f"region offset {offset} is outside the region")
-        send_mce_notice(region.addr + offset)
-        return {"sent": True, "region_offset": offset}
-
-    def kernel_error(self, offset: int, length: int, *, rescan: bool = True) -> JSON:
-        """The kernel reported a memory error in region bytes ``[offset, offset+length)``
-        (a page, or a whole huge page): mark every dpage there bad, then rescan, because
-        SIGBUS does not queue and a second notice may have been merged into this one."""
-        dps = self.store.dpage_size
-        last = min(offset + max(length, 1), self._region("memory errors").region.size) - 1
-        marked = [self._marked(self.errors.mark(d, "kernel"))
-                  for d in range(offset // dps, last // dps + 1)]
-        found: list[JSON] = []
-        if rescan:
-            try:
-                found = self.scan()["bad"]
-            except Exception as exc:  # the notice itself is handled; the rescan is extra
-                log.warning("rescan after a memory-error notice failed: %s", exc)
-        return {"marked": marked, "rescan": found}
-
-    def scan(self) -> JSON:
-        """Look for HWPOISON frames under the region and mark their dpages bad."""
-        region = self._region("scan").region
-        dpages, frames = hwpoisoned_dpages(region.addr, region.size, region.dpage_size)
-        marked = [self._marked(self.errors.mark(d, "scan")) for d in dpages]
-        return {"frames_checked": frames, "bad": marked}
-
-    def _marked(self, result: Poisoned) -> JSON:
-        # Invalidate first: the page cache must go even if the journal write fails.
-        if result.owner is not None and result.newly:
-            self.frontend.invalidate_later(result.owner)
-        self.frontend.commit()
-        return asdict(result)
 
     def map(self) -> JSON:
         """Every pool's used runs with their owners, for drawing: ``[start, length, ino]``."""
@@ -251,7 +192,8 @@ class Reporter:
 
     def _kernel_nodes(self, offset: int, length: int) -> list[int]:
         """The nodes the kernel says hold the extent's first, middle and last page."""
-        base = self._region("kernel nodes").region.addr
+        assert isinstance(self.store, FileStore)
+        base = self.store.region.addr
         probes = numa.probe_offsets(offset, length)
         try:
             return sorted(set(numa.page_nodes([base + p for p in probes])))
@@ -280,3 +222,47 @@ class Reporter:
                 if self.inodes.inodes[child].dir is not None:
                     stack.append((child, path))
         return found
+
+
+def status_of(stats: MountStats) -> JSON:
+    """*stats* as ``dmemctl status`` shows it (JSON-ready)."""
+    dps = stats.pools.dpage_size
+    pools = [{
+        "pool": pool_id, "index": st.index, "node": st.node,
+        "dpage_size": dps, "total_dpages": st.total_dpages,
+        "free_dpages": st.free_dpages, "used_dpages": st.used_dpages,
+        "largest_free_run": st.largest_free_run, "free_runs": st.free_runs,
+        "fragmentation": round(st.fragmentation, 4), "allocs": st.allocs,
+        "frees": st.frees, "fallback_dpages": st.fallback_dpages,
+        "bad_dpages": st.bad_dpages,
+    } for pool_id, st in zip(stats.pool_ids, stats.pools.pools, strict=True)]
+    totals = stats.pools
+    return {
+        "region": stats.region,
+        "data_path": {"name": stats.data_path.name, "reason": stats.data_path.reason},
+        # Passthrough: the memory as the kernel counts it (reserve + files = pool).
+        "pool_memory": [asdict(m) for m in stats.pool_memory]
+        if stats.pool_memory is not None else None,
+        "unledgered_dpages": stats.unledgered_dpages,
+        "dpage_size": dps,
+        "total_dpages": totals.total_dpages,
+        "free_dpages": totals.free_dpages,
+        "used_dpages": totals.total_dpages - totals.free_dpages,
+        "total_bytes": totals.total_dpages * dps,
+        "free_bytes": totals.free_dpages * dps,
+        "enospc": totals.enospc,
+        "bad_dpages": totals.bad_dpages,
+        # Dpages that may still hold old bytes: free ones, and (deferred zeroing)
+        # ones a file has not touched yet.  The background zeroer's backlog.
+        "dirty_dpages": stats.dirty_dpages,
+        "zeroing": asdict(stats.zeroing) if stats.zeroing is not None else None,
+        "memory_errors": stats.memory_errors,
+        "inodes_used": stats.inodes_used,
+        "inodes_total": stats.inodes_total,
+        "trace": stats.trace,
+        "fuse": stats.connection.describe() if stats.connection else None,
+        "persistent": stats.journal is not None,
+        "journal": asdict(stats.journal) if stats.journal is not None else None,
+        "recovered": asdict(stats.recovered) if stats.recovered is not None else None,
+        "pools": pools,
+    }

@@ -1,21 +1,21 @@
-"""The metadata log of a persistent mount: one appended batch per request, checkpoints now and then.
+"""The journal of a persistent mount: one appended batch per request, checkpoints now and then.
 
 Crash-consistency rules (the README states them for users):
 
 * A request's metadata changes are appended as one framed, checksummed batch
-  (metalog.py) with one write(2) before the kernel gets the reply.  The
+  (records.py) with one write(2) before the kernel gets the reply.  The
   bytes of a WRITE are copied into the region (a shared mapping of a file
   that outlives the daemon) before that.  So whatever a syscall on the mount
   did is kept when it returns, if the daemon is then killed.
 * The daemon's own death cannot lose what was written to the metadata file's
   page cache; fsync is done only at checkpoints.  A host crash or power loss
-  loses the region anyway (it is RAM), so the log makes no promise there.
+  loses the region anyway (it is RAM), so the journal makes no promise there.
 * A batch is all of a request or none of it: a request cut short by the kill
   leaves a torn frame that recovery drops, and the state of the request
   before it.
 * A checkpoint writes header + snapshot to ``PATH.new``, fsyncs it and renames
   it over PATH: the file is always the old or the new one, whole.
-* A batch longer than ``metalog.MAX_TORN_TAIL`` is written as a checkpoint
+* A batch longer than ``records.MAX_TORN_TAIL`` is written as a checkpoint
   instead: recovery would take a torn tail that long for damage.
 """
 
@@ -32,10 +32,10 @@ from typing import Any
 
 from ..alloc.poolset import PoolSet
 from ..alloc.runs import Extent, coalesce
-from ..files.changes import ChangeLog
+from ..files.changes import Changes
 from ..files.inodes import InodeTable
-from . import metalog
-from .metalog import BATCH, SNAPSHOT, Layout, encode_inode, frame, header_record
+from . import records
+from .records import BATCH, SNAPSHOT, Layout, encode_inode, frame, header_record
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ DEFAULT_CHECKPOINT_BYTES = 64 << 20
 
 @dataclass(frozen=True)
 class JournalStats:
-    """The metadata log's counters.
+    """The journal's counters.
 
     Fields:
         path: the metadata file.
@@ -86,7 +86,7 @@ class Journal:
         self.layout = layout
         self.table = table
         self.pools = pools
-        self.changes: ChangeLog = table.changes
+        self.changes: Changes = table.changes
         self.checkpoint_bytes = checkpoint_bytes
         self.uuid = uuid or uuidlib.uuid4().hex
         self.generation = generation
@@ -117,7 +117,7 @@ class Journal:
             data: bytes | None = frame(self._batch())
         except OSError:  # over MAX_FRAME
             data = None
-        if data is None or len(data) > metalog.MAX_TORN_TAIL:
+        if data is None or len(data) > records.MAX_TORN_TAIL:
             # Recovery takes a torn tail this long for damage, so a batch this big (a
             # many-GiB allocation at 4K dpages) goes in as a checkpoint: whole or not at all.
             self.checkpoint()
@@ -128,19 +128,19 @@ class Journal:
             self._failed("appending to", exc)
             with contextlib.suppress(OSError):  # the next commit rewrites the whole file anyway
                 os.ftruncate(self.fd, self._good_offset)
-            raise OSError(errno.EIO, f"metadata log {self.path}: {exc.strerror}") from None
+            raise OSError(errno.EIO, f"journal {self.path}: {exc.strerror}") from None
         self.seq += 1
         self.log_bytes += len(data)
         self._good_offset += len(data)
         self.changes.clear()
         if self.log_bytes > max(self._checkpoint_due, self.snapshot_bytes):
-            # The batch is in the log: the request has succeeded whatever happens here.
+            # The batch is in the journal: the request has succeeded whatever happens here.
             self.checkpoint(required=False)
 
     def checkpoint(self, *, required: bool = True) -> None:
         """Rewrite the file as header + snapshot (atomically); OSError(EIO) if that fails.
 
-        A checkpoint that is not *required* (the log merely grew) only logs a
+        A checkpoint that is not *required* (the journal merely grew) only logs a
         failure and is tried again after another ``checkpoint_bytes`` of log:
         appends still work, so requests go on succeeding.
         """
@@ -164,7 +164,7 @@ class Journal:
             if not required:
                 self.failures += 1
                 self._checkpoint_due = self.log_bytes + self.checkpoint_bytes
-                log.warning("metadata %s: checkpoint failed (%s); the log keeps growing and "
+                log.warning("metadata %s: checkpoint failed (%s); the journal keeps growing and "
                             "it is tried again later", self.path, exc)
                 return
             self._failed("checkpointing", exc)
@@ -184,7 +184,7 @@ class Journal:
         self.checkpoints += 1
         self.changes.clear()
         if not self.healthy:
-            log.warning("metadata log %s: written again after a failure", self.path)
+            log.warning("journal %s: written again after a failure", self.path)
         self.healthy = True
         log.debug("checkpoint %d of %s: %d bytes, %d inodes in %.3f s", generation, self.path,
                   len(data), len(self.table.inodes), time.monotonic() - started)
@@ -193,7 +193,7 @@ class Journal:
         """A last checkpoint (a clean stop restarts from one record), then close the file.
 
         Without *checkpoint* (the daemon is going down on an error or a second
-        signal, possibly in the middle of a request) the log is left as it is:
+        signal, possibly in the middle of a request) the journal is left as it is:
         it holds exactly the requests that were answered.
         """
         if self.fd < 0:
@@ -207,14 +207,14 @@ class Journal:
         self.fd = -1
 
     def statistics(self) -> JournalStats:
-        """A frozen snapshot of the log's counters."""
+        """A frozen snapshot of the journal's counters."""
         return JournalStats(self.path, self.generation, self.seq, self.log_bytes,
                             self.snapshot_bytes, self.checkpoints, self.failures, self.healthy)
 
     def _failed(self, what: str, exc: OSError) -> None:
         self.failures += 1
         if self.healthy:
-            log.error("metadata log %s: %s it failed (%s); requests answer EIO until a "
+            log.error("journal %s: %s it failed (%s); requests answer EIO until a "
                       "checkpoint succeeds", self.path, what, exc)
         self.healthy = False
 

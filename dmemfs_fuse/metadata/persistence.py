@@ -1,4 +1,5 @@
-"""Where a mount's metadata lives, who may use it, and what a start finds there.
+"""Where a mount's metadata lives, who may use it, what a start finds there, and the journal
+opened on it.
 
 Everything here runs before the region is reserved, so a damaged or foreign
 metadata file stops the daemon with one line before it takes any memory.
@@ -16,11 +17,15 @@ from dataclasses import dataclass
 
 from ..alloc.policy import Policy
 from ..errors import ConfigError
+from ..files.inodes import InodeTable
+from ..files.passthrough import PassthroughStore
+from ..files.store import FileStore
 from ..memory.region import RegionPlan, on_hugetlbfs
 from ..rundir import RUN_DIR
 from ..sizes import human
-from .metalog import Layout, MetadataError, region_identity
-from .recovery import Recovered, load
+from .journal import Journal
+from .records import Layout, MetadataError, region_identity
+from .recovery import Recovered, RecoveryReport, install, load
 
 log = logging.getLogger(__name__)
 
@@ -127,3 +132,40 @@ def find(meta: MetaPlan, plan: RegionPlan,
         return load(meta.path, layout_for(plan, plan.path), parse_policy)
     except MetadataError as exc:
         raise refusal(exc) from None
+
+
+def open_journal(meta: MetaPlan, plan: RegionPlan, inodes: InodeTable,
+                 store: FileStore | PassthroughStore, found: Recovered | None
+                 ) -> tuple[Journal, RecoveryReport | None]:
+    """Install what *found* holds (verifying it against the pools) and open the journal on it;
+    a start that cannot trust it stops with :func:`refusal`."""
+    assert plan.path is not None
+    layout = layout_for(plan, plan.path)
+    if found is None:
+        journal = Journal(meta.path, layout, inodes, store.pools,
+                          checkpoint_bytes=meta.checkpoint_bytes)
+        report = None
+    else:
+        try:
+            if isinstance(store, PassthroughStore):
+                store.discover()
+            report = install(found, inodes, store.pools, store, meta.path)
+            if isinstance(store, PassthroughStore):
+                removed = store.adopt(inodes.inodes)
+                if removed:
+                    log.info("removed %d backing file(s) that no recovered inode names",
+                             removed)
+        except (OSError, MetadataError) as exc:
+            raise refusal(exc) from None
+        log.info("recovered from %s: %d files (%s), %d directories, %d inodes; %d batches "
+                 "replayed%s, %d unlinked-but-open files freed, %d bad dpages, in %.2f s",
+                 meta.path, report.files, human(report.bytes),
+                 report.directories, report.inodes, report.batches,
+                 f", a torn last append of {report.torn_bytes} bytes dropped"
+                 if report.torn_bytes else "", report.orphans_freed, report.bad_dpages,
+                 report.seconds)
+        journal = Journal(meta.path, layout, inodes, store.pools,
+                          checkpoint_bytes=meta.checkpoint_bytes, uuid=found.uuid,
+                          generation=found.generation)
+    journal.checkpoint()  # the recovered state becomes one snapshot: replay is done once
+    return journal, report

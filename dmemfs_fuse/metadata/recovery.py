@@ -36,7 +36,7 @@ from ..files.extents import FileExtents
 from ..files.inodes import ROOT_INO, Inode, InodeTable
 from ..files.passthrough import PassthroughStore
 from ..files.store import FileStore
-from .metalog import Layout, MetadataError, decode_inode, layout_of, read_log
+from .records import Layout, MetadataError, decode_inode, layout_of, read_file
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def load(path: str, layout: Layout, parse_policy: Callable[[str], Policy]) -> Re
     started = time.monotonic()
     with open(path, "rb") as f:
         data = f.read()
-    contents = read_log(path, data)
+    contents = read_file(path, data)
     try:
         stored = layout_of(contents.header)
     except MALFORMED as exc:
@@ -245,14 +245,16 @@ def install(state: Recovered, table: InodeTable, pools: PoolSet,
         raise MetadataError(f"metadata {path}: {exc}") from None
     if pools.free_dpages != state.free_dpages:
         raise MetadataError(f"metadata {path}: the extents leave {pools.free_dpages} dpages free, "
-                            f"the log recorded {state.free_dpages}")
+                            f"the journal recorded {state.free_dpages}")
     for ino in orphans:
         inode = inodes.pop(ino)
         if inode.data is not None:
             store.release(inode.data)
     table.restore(inodes, state.next_ino)
     if isinstance(store, FileStore):  # shmem zeroes a truncated tail itself
-        _zero_tails(inodes, store)
+        for inode in inodes.values():
+            if inode.data is not None:
+                store.zero_past_eof(inode.data, inode.size)
     files = [i for i in inodes.values() if i.data is not None]
     return RecoveryReport(
         files=len(files), directories=sum(1 for i in inodes.values() if i.dir is not None),
@@ -327,25 +329,3 @@ def _check_sizes(inodes: dict[int, Inode], dpage_size: int) -> None:
             if file_dpage < 0 or count <= 0:
                 raise MetadataError(f"file {inode.ino} has an extent of {count} dpages at "
                                     f"file dpage {file_dpage}")
-
-
-def _zero_tails(inodes: dict[int, Inode], store: FileStore) -> None:
-    """Zero every mapped byte past each file's EOF: a kill between a shrink's log record and
-    its zeroing, or between a write's bytes and its record, can leave bytes there (in the
-    last dpage, or in one that fallocate(KEEP_SIZE) took past EOF).  A bad dpage is left
-    alone: touching real poison is a SIGBUS."""
-    dps = store.dpage_size
-    for inode in inodes.values():
-        if inode.data is None:
-            continue
-        runs = inode.data.runs()
-        end = runs[-1][0] + runs[-1][2] if runs else 0
-        for piece in inode.data.pieces(inode.size // dps, max(end, inode.size // dps)):
-            if piece.region is None:
-                continue
-            for dpage in range(piece.region, piece.region + piece.length):
-                if store.pools.bad_in(dpage, 1):
-                    continue
-                file_dpage = piece.file_dpage + dpage - piece.region
-                skip = max(0, inode.size - file_dpage * dps)  # bytes before EOF
-                store.region.array[dpage * dps + skip : (dpage + 1) * dps] = 0

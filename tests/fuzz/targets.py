@@ -95,11 +95,13 @@ def build_control() -> Check:
     from dmemfs_fuse.adapter.fs import DmemOperations
     from dmemfs_fuse.alloc.policy import parse_policy
     from dmemfs_fuse.alloc.poolset import PoolSet
+    from dmemfs_fuse.files.data import FileData
     from dmemfs_fuse.files.inodes import ROOT_INO, InodeTable
-    from dmemfs_fuse.files.poison import block_sigbus
+    from dmemfs_fuse.files.poison import MemoryErrors
     from dmemfs_fuse.files.store import FileStore
-    from dmemfs_fuse.insight.control import answer
+    from dmemfs_fuse.insight.control import Controller, answer
     from dmemfs_fuse.insight.report import Reporter
+    from dmemfs_fuse.memory.hwpoison import block_sigbus
     from dmemfs_fuse.memory.region import PoolSpec, Region, RegionPlan
 
     # The control protocol's kernel_error asks for a real SIGBUS: taken, as in the daemon,
@@ -110,22 +112,22 @@ def build_control() -> Check:
                       dpage_size=dpage, backend="memfd")
     region = Region.open(plan)  # lives as long as the fuzzing process
 
-    def fresh_reporter() -> Reporter:
+    def fresh_controller() -> Controller:
         """A new filesystem on the region for each input (poison and policy requests
         change it), so that an input's result does not depend on the inputs before it."""
         pools = PoolSet.from_plan(plan, 0)
         store = FileStore(region, pools)
         inodes = InodeTable(64, 0o1777, 0, 0, release_data=store.release,
                             parse_policy=partial(parse_policy, known=pools.ids))
+        data = FileData(inodes, store)
         for name, size in ((b"a", 3 * dpage), (b"b", dpage + 1)):
-            node = inodes.make(ROOT_INO, name, 0o100644, 0, 0)
-            assert node.data is not None
-            store.resize(node.data, 0, size)
-            node.size = size
-        return Reporter(inodes, store, "memfd (fuzz)", DmemOperations(inodes, store))
+            data.truncate(inodes.make(ROOT_INO, name, 0o100644, 0, 0).ino, size, 0)
+        ops, errors = DmemOperations(inodes, store), MemoryErrors(inodes, store)
+        reporter = Reporter(inodes, store, "memfd (fuzz)", ops, errors=errors)
+        return Controller(reporter, inodes, store, ops, errors)
 
     def check(data: bytes) -> None:
-        reply = answer(fresh_reporter(), data)
+        reply = answer(fresh_controller(), data)
         assert reply.endswith(b"\n") and reply.count(b"\n") == 1, reply
         message = json.loads(reply)
         assert isinstance(message, dict) and isinstance(message.get("ok"), bool), message
@@ -146,7 +148,7 @@ META_REGION = "file:fuzz"
 def _meta_filesystem() -> tuple[Any, Any, Any]:
     """(plan, layout, region) of the metadata target."""
     from dmemfs_fuse.memory.region import PoolSpec, Region, RegionPlan
-    from dmemfs_fuse.metadata.metalog import Layout
+    from dmemfs_fuse.metadata.records import Layout
 
     plan = RegionPlan(pools=(PoolSpec(0, META_POOL_DPAGES * META_DPAGE),) * 2,
                       dpage_size=META_DPAGE, backend="memfd")
@@ -158,7 +160,7 @@ def _fix_checksums(data: bytes) -> bytes:
     """*data* with each whole frame's CRC recomputed (a torn last frame is left as it is)."""
     import zlib
 
-    from dmemfs_fuse.metadata.metalog import FRAME
+    from dmemfs_fuse.metadata.records import FRAME
 
     out = bytearray(data)
     pos = 0
@@ -183,7 +185,7 @@ def build_metadata() -> Check:
     from dmemfs_fuse.alloc.poolset import PoolSet
     from dmemfs_fuse.files.inodes import InodeTable
     from dmemfs_fuse.files.store import FileStore
-    from dmemfs_fuse.metadata.metalog import MetadataError
+    from dmemfs_fuse.metadata.records import MetadataError
     from dmemfs_fuse.metadata.recovery import install, load
 
     plan, layout, region = _meta_filesystem()
@@ -230,12 +232,13 @@ def make_metadata_seeds(directory: str) -> list[str]:
 
     from dmemfs_fuse.alloc.policy import parse_policy
     from dmemfs_fuse.alloc.poolset import PoolSet
-    from dmemfs_fuse.files.changes import ChangeLog
+    from dmemfs_fuse.files.changes import Changes
+    from dmemfs_fuse.files.data import FileData
     from dmemfs_fuse.files.inodes import ROOT_INO, InodeTable
     from dmemfs_fuse.files.poison import MemoryErrors
     from dmemfs_fuse.files.store import FileStore
     from dmemfs_fuse.metadata.journal import Journal
-    from dmemfs_fuse.metadata.metalog import frame
+    from dmemfs_fuse.metadata.records import frame
 
     plan, layout, region = _meta_filesystem()
     work = tempfile.mkdtemp(prefix="dmemfs-fuzz-seeds-")
@@ -246,7 +249,8 @@ def make_metadata_seeds(directory: str) -> list[str]:
         store = FileStore(region, pools)
         table = InodeTable(1000, release_data=store.release,
                            parse_policy=lambda text: parse_policy(text, pools.ids),
-                           changes=ChangeLog())
+                           changes=Changes())
+        data = FileData(table, store)
         journal = Journal(meta, layout, table, pools, checkpoint_bytes=1 << 30)
         journal.checkpoint()
 
@@ -259,11 +263,8 @@ def make_metadata_seeds(directory: str) -> list[str]:
                 f.write(b"\0" + data)
             written.append(target)
 
-        def write(ino: int, off: int, data: bytes) -> None:
-            node = table.get(ino)
-            assert node.data is not None
-            node.size, _ = store.write(node.data, node.size, off, data)
-            node.touch(data=True)
+        def write(ino: int, off: int, data_bytes: bytes) -> None:
+            data.write(ino, off, data_bytes, 0)
             journal.commit()
 
         keep("seed-empty")
@@ -274,11 +275,7 @@ def make_metadata_seeds(directory: str) -> list[str]:
         write(a, 5 * META_DPAGE + 7, b"tail")
         b = table.make(ROOT_INO, b"b", stat.S_IFREG | 0o644, 0, 0).ino
         journal.commit()
-        node = table.get(b)
-        assert node.data is not None
-        store.resize(node.data, 0, 3 * META_DPAGE + 5)
-        node.size = 3 * META_DPAGE + 5
-        node.touch(data=True)
+        data.truncate(b, 3 * META_DPAGE + 5, 0)
         table.setxattr(b, b"user.k", b"v" * 300)
         table.set_policy(b, "interleave:0-1")
         journal.commit()

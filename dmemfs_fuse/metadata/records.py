@@ -192,7 +192,7 @@ def decode_inode(fields: list[Any], existing: Inode | None,
 # -- reading -----------------------------------------------------------------------
 
 @dataclass
-class LogContents:
+class FileContents:
     """Everything read from a metadata file.
 
     Fields:
@@ -243,7 +243,7 @@ def _frames(data: bytes, path: str) -> Iterator[tuple[int, dict[str, Any] | None
         pos = body + length
 
 
-def read_log(path: str, data: bytes) -> LogContents:
+def read_file(path: str, data: bytes) -> FileContents:
     """Parse the metadata file's bytes *data*; raise MetadataError if it cannot be trusted."""
     header: dict[str, Any] | None = None
     snapshot: dict[str, Any] | None = None
@@ -283,7 +283,7 @@ def read_log(path: str, data: bytes) -> LogContents:
         good = pos + FRAME.size + FRAME.unpack_from(data, pos)[0]
     if header is None or snapshot is None:
         raise MetadataError(f"metadata {path}: empty or truncated before its snapshot")
-    return LogContents(header, snapshot, batches, good, len(data) - good)
+    return FileContents(header, snapshot, batches, good, len(data) - good)
 
 
 def layout_of(header: dict[str, Any]) -> Layout:
