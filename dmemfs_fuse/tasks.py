@@ -103,3 +103,52 @@ async def supervise(name: str, fn: Callable[..., Awaitable[Any]], *args: Any,
             return
         await trio.sleep(pause)
         pause = min(pause * 2, MAX_PAUSE)
+
+
+class IdleWaiter(trio.abc.Instrument):
+    """Waits until the trio scheduler has nothing else to run, for a task of idle priority.
+
+    trio.testing's ``wait_all_tasks_blocked`` does this from inside the run loop, but
+    importing trio.testing imports pytest where it is installed, and trio._core is
+    private.  This uses public parts: the scheduler waits for I/O with a timeout above
+    zero only when no task is runnable, and an instrument sees that wait coming
+    (``before_io_wait``).  It then makes a pipe readable, so the wait returns at once
+    and wakes the task in :meth:`wait`.  A task that the same wait made runnable (a
+    request that had just arrived) may run before or after it, so what the waiter does
+    next must be short: it delays such a request by that much at most.
+
+    One waiting task at a time; use as a context manager inside the trio run.
+    """
+
+    def __init__(self) -> None:
+        self._read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._waiting = False
+        self._signalled = False
+
+    def __enter__(self) -> IdleWaiter:
+        trio.lowlevel.add_instrument(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        trio.lowlevel.remove_instrument(self)
+        os.close(self._read_fd)
+        os.close(self._write_fd)
+
+    def before_io_wait(self, timeout: float) -> None:
+        """The scheduler is about to wait for I/O: with nothing runnable if *timeout* > 0."""
+        if self._waiting and timeout > 0 and not self._signalled:
+            self._signalled = True
+            os.write(self._write_fd, b"\0")
+
+    async def wait(self) -> None:
+        """Return once no other task was runnable (a checkpoint, even when idle already)."""
+        if self._signalled:  # left over from a wait that was cancelled
+            os.read(self._read_fd, 64)
+            self._signalled = False
+        self._waiting = True
+        try:
+            await trio.lowlevel.wait_readable(self._read_fd)
+        finally:
+            self._waiting = False
+        os.read(self._read_fd, 64)
+        self._signalled = False

@@ -1,4 +1,4 @@
-"""tasks.supervise, the side tasks' boundary, without a mount."""
+"""tasks.supervise, the side tasks' boundary, and tasks.IdleWaiter, without a mount."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import trio
 import trio.testing
 
 from dmemfs_fuse import tasks
-from dmemfs_fuse.tasks import FIRST_PAUSE, HEALTHY_RUN, MAX_PAUSE, supervise
+from dmemfs_fuse.tasks import FIRST_PAUSE, HEALTHY_RUN, MAX_PAUSE, IdleWaiter, supervise
 
 
 def run(fn: object) -> None:
@@ -184,3 +184,50 @@ def test_a_restart_that_fails_before_started_is_retried_not_raised(
     run(main)
     logged = failures(caplog, "listener")
     assert [type(r.exc_info[1]) for r in logged if r.exc_info] == [ConnectionError, OSError]
+
+
+# -- IdleWaiter ---------------------------------------------------------------------------
+
+def test_the_idle_waiter_waits_for_busy_tasks_and_not_for_blocked_ones() -> None:
+    order: list[str] = []
+
+    async def busy(steps: int) -> None:
+        for _ in range(steps):
+            await trio.sleep(0)
+        order.append("busy done")
+
+    async def blocked(gate: trio.Event) -> None:
+        await gate.wait()
+        order.append("blocked woke")
+
+    async def main() -> None:
+        gate = trio.Event()
+        with IdleWaiter() as idle:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(busy, 200)
+                nursery.start_soon(blocked, gate)
+                nursery.start_soon(trio.sleep, 3600)  # a far deadline is not work
+                await idle.wait()
+                order.append("idle")
+                gate.set()
+                await idle.wait()  # again: the pipe was drained
+                order.append("idle again")
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert order == ["busy done", "idle", "blocked woke", "idle again"]
+
+
+def test_a_cancelled_idle_wait_leaves_the_next_one_working() -> None:
+    async def main() -> None:
+        with IdleWaiter() as idle:
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await idle.wait()  # a checkpoint: cancelled at once
+            assert scope.cancelled_caught
+            with trio.move_on_after(0):  # cancelled after it was signalled, maybe
+                await idle.wait()
+            with trio.fail_after(5):
+                await idle.wait()
+
+    trio.run(main)

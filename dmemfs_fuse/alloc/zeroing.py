@@ -39,34 +39,18 @@ errors) are never written: they are dropped from the set untouched.
 
 from __future__ import annotations
 
-import importlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import cast
 
 import numpy as np
 import trio
 
+from ..tasks import IdleWaiter
 from .runs import Extent, RunSet
 
 log = logging.getLogger(__name__)
 
-
-def _idle_waiter() -> Callable[[], Awaitable[None]]:
-    """trio.testing.wait_all_tasks_blocked, taken from where trio.testing gets it.
-
-    Importing trio.testing imports pytest: 9 MiB of RSS and 0.2 s at start.  A
-    trio that moved it gets a plain checkpoint between steps instead.
-    """
-    wait = getattr(importlib.import_module("trio._core"), "wait_all_tasks_blocked", None)
-    if wait is None:
-        log.warning("trio has no wait_all_tasks_blocked: zeroing is not idle-only")
-        return trio.lowlevel.checkpoint
-    return cast(Callable[[], Awaitable[None]], wait)
-
-
-_wait_idle = _idle_waiter()
 
 # Bytes zeroed per step: what a request that arrives during a step waits for at most
 # (docs/performance.md has the step's time, "Background zeroer").
@@ -194,21 +178,23 @@ class Zeroer:
 
     async def run(self) -> None:
         """Zero dirty dpages a chunk at a time, only while the daemon has nothing else to do."""
-        while True:
-            if not self.dirty:
-                # No checkpoint between this test and the wait: a notify()
-                # cannot be missed.
-                self._wake = trio.Event()
-                await self._wake.wait()
-                log.debug("zeroing %d dirty dpages in the background", self.dirty.dpages)
-                continue
-            # Idle priority: step only when no other task can run.  A request
-            # then runs to its reply without steps between its own
-            # checkpoints, and waits at most for the one step under way when
-            # it arrived.  (With a plain checkpoint between steps, each await
-            # of a request's path let another step in: several per request.)
-            await _wait_idle()
-            self.step()
+        with IdleWaiter() as idle:
+            while True:
+                if not self.dirty:
+                    # No checkpoint between this test and the wait: a notify()
+                    # cannot be missed.
+                    self._wake = trio.Event()
+                    await self._wake.wait()
+                    log.debug("zeroing %d dirty dpages in the background", self.dirty.dpages)
+                    continue
+                # Idle priority: step only when no other task can run.  A request
+                # then runs to its reply without steps between its own
+                # checkpoints, and waits at most for the one step under way (or
+                # starting) when it arrived.  (With a plain checkpoint between steps,
+                # each await of a request's path let another step in: several per
+                # request.)
+                await idle.wait()
+                self.step()
 
     def statistics(self) -> ZeroerStats:
         """The backlog and the counters, as they are now."""
