@@ -15,7 +15,7 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,7 +111,8 @@ class Writer:
         self.in_flight: tuple[str, str, Model, Model] | None = None
         self.history: list[str] = []
 
-    def _new_name(self) -> str:
+    def new_name(self) -> str:
+        """A new name in a random directory of the model."""
         self.serial += 1
         parent = self.rng.choice(sorted(self.model.dirs))
         return os.path.join(parent, f"n{self.serial}-{self.rng.randrange(10**6)}")
@@ -123,131 +124,153 @@ class Writer:
 
     def step(self) -> None:
         """One operation; raises OSError(ENOTCONN...) with in_flight set if the daemon died."""
-        m, rng = self.model, self.rng
-        files = sorted(m.files)
-        choice = rng.random()
-        after = copy.deepcopy(m)
-        if choice < 0.15 or not files:
-            path = self._new_name()
-            kind = "create"
-            after.files[path] = File()
-
-            def act() -> None:
-                os.close(os.open(self.root / path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-        elif choice < 0.45:
-            path = rng.choice(files)
-            off = rng.randrange(0, 200_000)
-            data = rng.randbytes(rng.randrange(1, 40_000))
-            kind = "write"
-            target = after.files[path]
-            if off > len(target.data):
-                target.data.extend(bytes(off - len(target.data)))
-            target.data[off : off + len(data)] = data
-            fd = os.open(self.root / path, os.O_WRONLY)
-
-            def act() -> None:
-                try:
-                    written = os.pwrite(fd, data, off)
-                finally:
-                    os.close(fd)
-                if written < len(data):
-                    # The kernel split the write into several WRITE requests and the
-                    # daemon died after the first ones: their part is confirmed, the
-                    # request that failed may or may not have landed.
-                    part = copy.deepcopy(m)
-                    grown = part.files[path].data
-                    grown.extend(bytes(max(0, off - len(grown))))
-                    grown[off : off + written] = data[:written]
-                    self.in_flight = (kind, path, part, after)
-                    raise OSError(errno.ENOTCONN, f"short write: {written} of {len(data)}")
-        elif choice < 0.55:
-            path = rng.choice(files)
-            size = rng.randrange(0, 250_000)
-            kind = "truncate"
-            target = after.files[path]
-            del target.data[size:]
-            target.data.extend(bytes(size - len(target.data)))
-
-            def act() -> None:
-                os.truncate(self.root / path, size)
-        elif choice < 0.63:
-            path = rng.choice(files)
-            kind = "unlink"
-            del after.files[path]
-
-            def act() -> None:
-                os.unlink(self.root / path)
-        elif choice < 0.71:
-            path = rng.choice(files + sorted(m.links))
-            # Half the time onto an existing file: the old one is replaced (and freed).
-            over = [f for f in files if f != path and m.files[f] is not m.files.get(path)]
-            new = rng.choice(over) if over and rng.random() < 0.5 else self._new_name()
-            kind = "rename"
-            after.files.pop(new, None)
-            if path in after.files:
-                after.files[new] = after.files.pop(path)
-            else:
-                after.links[new] = after.links.pop(path)
-
-            def act() -> None:
-                os.rename(self.root / path, self.root / new)
-        elif choice < 0.77:
-            path = self._new_name()
-            kind = "mkdir"
-            after.dirs.add(path)
-
-            def act() -> None:
-                os.mkdir(self.root / path)
-        elif choice < 0.81:
-            empty = [d for d in sorted(m.dirs - {""})
-                     if not any(os.path.dirname(n) == d for n in m.names())]
-            if not empty:
-                return
-            path = rng.choice(empty)
-            kind = "rmdir"
-            after.dirs.discard(path)
-
-            def act() -> None:
-                os.rmdir(self.root / path)
-        elif choice < 0.87:
-            path = rng.choice(files)
-            name, value = f"user.k{rng.randrange(4)}", rng.randbytes(rng.randrange(0, 200))
-            kind = "setxattr"
-            after.files[path].xattrs[name] = value
-
-            def act() -> None:
-                os.setxattr(self.root / path, name, value)
-        elif choice < 0.92:
-            path = rng.choice(files)
-            mode = rng.choice([0o600, 0o644, 0o640, 0o755])
-            kind = "chmod"
-            after.files[path].mode = mode
-
-            def act() -> None:
-                os.chmod(self.root / path, mode)
-        elif choice < 0.96:
-            path = rng.choice(files)
-            new = self._new_name()
-            kind = "link"
-            after.files[new] = after.files[path]
-
-            def act() -> None:
-                os.link(self.root / path, self.root / new)
-        else:
-            path = self._new_name()
-            link_to = f"t{rng.randrange(100)}"
-            kind = "symlink"
-            after.links[path] = link_to
-
-            def act() -> None:
-                os.symlink(link_to, self.root / path)
-        self.in_flight = (kind, path, m, after)
-        self.log(f"{kind} {path}" + (f" off={off} len={len(data)}" if kind == "write" else "")
-                 + (f" size={size}" if kind == "truncate" else ""))
-        act()
+        choice = self.rng.random()
+        plan = OPERATIONS[-1][1]
+        for bound, candidate in OPERATIONS:
+            if choice < bound:
+                plan = candidate
+                break
+        if not self.model.files and plan is not _create:
+            plan = _create  # every other operation needs a file (or is as good with one)
+        after = copy.deepcopy(self.model)
+        planned = plan(self, self.model, after)
+        if planned is None:
+            return
+        self.in_flight = (planned.kind, planned.path, self.model, after)
+        self.log(f"{planned.kind} {planned.path}{planned.detail}")
+        planned.act()
         self.model = after
         self.in_flight = None
         self.count += 1
+
+
+@dataclass
+class Planned:
+    """One operation of the Writer: the system call, and what it acts on (for the log)."""
+
+    kind: str
+    path: str
+    act: Callable[[], None]
+    detail: str = ""
+
+
+# Each operation picks its arguments, makes its change to *after* (a copy of the model
+# *m*) and returns the system call that makes it on the mount, or None to skip this step.
+
+def _create(w: Writer, m: Model, after: Model) -> Planned:
+    path = w.new_name()
+    after.files[path] = File()
+    return Planned("create", path, lambda: os.close(
+        os.open(w.root / path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)))
+
+
+def _write(w: Writer, m: Model, after: Model) -> Planned:
+    path = w.rng.choice(sorted(m.files))
+    off = w.rng.randrange(0, 200_000)
+    data = w.rng.randbytes(w.rng.randrange(1, 40_000))
+    target = after.files[path]
+    if off > len(target.data):
+        target.data.extend(bytes(off - len(target.data)))
+    target.data[off : off + len(data)] = data
+    fd = os.open(w.root / path, os.O_WRONLY)
+
+    def act() -> None:
+        try:
+            written = os.pwrite(fd, data, off)
+        finally:
+            os.close(fd)
+        if written < len(data):
+            # The kernel split the write into several WRITE requests and the
+            # daemon died after the first ones: their part is confirmed, the
+            # request that failed may or may not have landed.
+            part = copy.deepcopy(m)
+            grown = part.files[path].data
+            grown.extend(bytes(max(0, off - len(grown))))
+            grown[off : off + written] = data[:written]
+            w.in_flight = ("write", path, part, after)
+            raise OSError(errno.ENOTCONN, f"short write: {written} of {len(data)}")
+    return Planned("write", path, act, f" off={off} len={len(data)}")
+
+
+def _truncate(w: Writer, m: Model, after: Model) -> Planned:
+    path = w.rng.choice(sorted(m.files))
+    size = w.rng.randrange(0, 250_000)
+    target = after.files[path]
+    del target.data[size:]
+    target.data.extend(bytes(size - len(target.data)))
+    return Planned("truncate", path, lambda: os.truncate(w.root / path, size), f" size={size}")
+
+
+def _unlink(w: Writer, m: Model, after: Model) -> Planned:
+    path = w.rng.choice(sorted(m.files))
+    del after.files[path]
+    return Planned("unlink", path, lambda: os.unlink(w.root / path))
+
+
+def _rename(w: Writer, m: Model, after: Model) -> Planned:
+    files = sorted(m.files)
+    path = w.rng.choice(files + sorted(m.links))
+    # Half the time onto an existing file: the old one is replaced (and freed).
+    over = [f for f in files if f != path and m.files[f] is not m.files.get(path)]
+    new = w.rng.choice(over) if over and w.rng.random() < 0.5 else w.new_name()
+    after.files.pop(new, None)
+    if path in after.files:
+        after.files[new] = after.files.pop(path)
+    else:
+        after.links[new] = after.links.pop(path)
+    return Planned("rename", path, lambda: os.rename(w.root / path, w.root / new))
+
+
+def _mkdir(w: Writer, m: Model, after: Model) -> Planned:
+    path = w.new_name()
+    after.dirs.add(path)
+    return Planned("mkdir", path, lambda: os.mkdir(w.root / path))
+
+
+def _rmdir(w: Writer, m: Model, after: Model) -> Planned | None:
+    empty = [d for d in sorted(m.dirs - {""})
+             if not any(os.path.dirname(n) == d for n in m.names())]
+    if not empty:
+        return None
+    path = w.rng.choice(empty)
+    after.dirs.discard(path)
+    return Planned("rmdir", path, lambda: os.rmdir(w.root / path))
+
+
+def _setxattr(w: Writer, m: Model, after: Model) -> Planned:
+    path = w.rng.choice(sorted(m.files))
+    name, value = f"user.k{w.rng.randrange(4)}", w.rng.randbytes(w.rng.randrange(0, 200))
+    after.files[path].xattrs[name] = value
+    return Planned("setxattr", path, lambda: os.setxattr(w.root / path, name, value))
+
+
+def _chmod(w: Writer, m: Model, after: Model) -> Planned:
+    path = w.rng.choice(sorted(m.files))
+    mode = w.rng.choice([0o600, 0o644, 0o640, 0o755])
+    after.files[path].mode = mode
+    return Planned("chmod", path, lambda: os.chmod(w.root / path, mode))
+
+
+def _link(w: Writer, m: Model, after: Model) -> Planned:
+    path = w.rng.choice(sorted(m.files))
+    new = w.new_name()
+    after.files[new] = after.files[path]
+    return Planned("link", path, lambda: os.link(w.root / path, w.root / new))
+
+
+def _symlink(w: Writer, m: Model, after: Model) -> Planned:
+    path = w.new_name()
+    link_to = f"t{w.rng.randrange(100)}"
+    after.links[path] = link_to
+    return Planned("symlink", path, lambda: os.symlink(link_to, w.root / path))
+
+
+# The operations and how often each comes (the upper bound of rng.random() that picks it).
+OPERATIONS: list[tuple[float, Callable[[Writer, Model, Model], Planned | None]]] = [
+    (0.15, _create), (0.45, _write), (0.55, _truncate), (0.63, _unlink), (0.71, _rename),
+    (0.77, _mkdir), (0.81, _rmdir), (0.87, _setxattr), (0.92, _chmod), (0.96, _link),
+    (1.0, _symlink),
+]
 
 
 def _bytes_ok(got: bytes, old: bytes, new: bytes) -> bool:

@@ -8,11 +8,14 @@ import stat
 import pytest
 
 from dmemfs_fuse.alloc.runs import Extent
+from dmemfs_fuse.files.changes import Changes
 from dmemfs_fuse.files.extents import FileExtents
 from dmemfs_fuse.files.inodes import (
+    PERSISTED_FIELDS,
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
     ROOT_INO,
+    Inode,
     InodeTable,
 )
 
@@ -141,3 +144,17 @@ def test_setgid_directory_is_inherited(table: InodeTable) -> None:
     f = table.make(d.ino, b"f", FILE, 10, 10)
     sub = table.make(d.ino, b"s", DIR, 10, 10)
     assert f.gid == 50 and sub.gid == 50 and sub.mode & stat.S_ISGID
+
+
+def test_assigning_a_persisted_attribute_reports_the_inode() -> None:
+    changes = Changes()
+    inode = Inode(ino=7, mode=stat.S_IFREG | 0o644, uid=0, gid=0, changes=changes)
+    assert not changes  # building it is not a change: InodeTable._new reports new inodes
+    inode.lookup_count += 1
+    inode.open_count += 1
+    assert not changes  # the kernel's references and open handles are not kept
+    for name in PERSISTED_FIELDS:
+        changes.clear()
+        setattr(inode, name, getattr(inode, name))
+        assert changes.touched == {7}, name
+    assert Inode(ino=8, mode=stat.S_IFREG, uid=0, gid=0).changes is None

@@ -3,11 +3,12 @@ and a file that cannot be trusted is refused with a reason."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -15,102 +16,36 @@ from typing import Any, cast
 import pyfuse3
 import pytest
 import trio
+from persistent import DIR, FILE, PlainFs, populate
 
 from dmemfs_fuse.adapter.fs import DmemOperations
 from dmemfs_fuse.alloc.policy import parse_policy
 from dmemfs_fuse.alloc.poolset import PoolSet
 from dmemfs_fuse.alloc.runs import Extent
 from dmemfs_fuse.files.changes import Changes
-from dmemfs_fuse.files.data import FileData
 from dmemfs_fuse.files.inodes import RENAME_EXCHANGE, ROOT_INO, Inode, InodeTable
 from dmemfs_fuse.files.poison import MemoryErrors
 from dmemfs_fuse.files.store import FileStore
 from dmemfs_fuse.memory.region import PoolSpec, Region, RegionPlan
 from dmemfs_fuse.metadata import persistence, records
-from dmemfs_fuse.metadata.journal import Journal
 from dmemfs_fuse.metadata.records import MetadataError
 from dmemfs_fuse.metadata.recovery import install, load
 
 DPS = 4096
 POOL_DPAGES = 256
-FILE = stat.S_IFREG | 0o640
-DIR = stat.S_IFDIR | 0o750
 
 
-class Fs:
-    """A persistent filesystem's plain layers on a region file, driven as fs.py drives them."""
+class Fs(PlainFs):
+    """A PlainFs on a region file under *tmp*, whose metadata is ``region.meta`` beside it."""
 
     def __init__(self, tmp: Path, checkpoint_bytes: int = 1 << 30,
                  pools: tuple[int, ...] = (POOL_DPAGES, POOL_DPAGES)) -> None:
-        self.plan = RegionPlan(pools=tuple(PoolSpec(0, n * DPS) for n in pools),
-                               dpage_size=DPS, backend="path", path=str(tmp / "region"))
-        self.meta = str(tmp / "region.meta")
-        self.region = Region.open(self.plan)
-        self.pools = PoolSet.from_plan(self.plan, 0)
-        self.store = FileStore(self.region, self.pools)
-        self.table = InodeTable(1000, release_data=self.store.release,
-                                parse_policy=self.parse, changes=Changes())
-        self.data = FileData(self.table, self.store)
-        layout = persistence.layout_for(self.plan, self.plan.path or "")
-        self.journal = Journal(self.meta, layout, self.table, self.pools,
-                               checkpoint_bytes=checkpoint_bytes)
-
-    def parse(self, text: str) -> Any:
-        return parse_policy(text, self.pools.ids)
-
-    def recover(self) -> Any:
-        """Load the metadata file and install it here (this Fs must be fresh)."""
-        layout = persistence.layout_for(self.plan, self.plan.path or "")
-        state = load(self.meta, layout, self.parse)
-        report = install(state, self.table, self.pools, self.store, self.meta)
-        self.journal = Journal(self.meta, layout, self.table, self.pools, uuid=state.uuid,
-                               generation=state.generation)
-        self.journal.checkpoint()  # as the daemon does: replay happens once
-        return report
-
-    def commit(self) -> None:
-        self.journal.commit()
-
-    def write(self, ino: int, off: int, data: bytes) -> None:
-        self.data.write(ino, off, data, 0)
-        self.commit()
-
-    def resize(self, ino: int, size: int) -> None:
-        self.data.truncate(ino, size, 0)
-        self.commit()
-
-    def read(self, ino: int) -> bytes:
-        node = self.table.get(ino)
-        assert node.data is not None
-        return bytes(self.store.read(node.data, node.size, 0, node.size))
-
-    def dump(self) -> dict[bytes, tuple[Any, ...]]:
-        """Everything a user could see, by path, plus the allocator's accounting."""
-        out: dict[bytes, tuple[Any, ...]] = {}
-
-        def walk(ino: int, path: bytes) -> None:
-            node = self.table.get(ino)
-            try:
-                content = self.read(ino) if node.data is not None else node.target
-            except OSError as exc:  # a file on a bad dpage
-                content = f"error {exc.errno}".encode()
-            out[path] = (ino, node.mode, node.uid, node.gid, node.size, node.nlink,
-                         node.atime_ns, node.mtime_ns, node.ctime_ns, node.btime_ns,
-                         sorted(node.xattrs.items()), str(node.policy), content)
-            if node.dir is not None:
-                for name, (child, _) in sorted(node.dir.entries.items()):
-                    walk(child, path + b"/" + name)
-
-        walk(ROOT_INO, b"")
-        out[b"<free>"] = (self.pools.free_dpages, self.pools.bad_dpages)
-        return out
-
-    def close(self) -> None:
-        """Stop as a crash would: no last checkpoint, just let go of everything."""
-        if self.journal.fd >= 0:
-            os.close(self.journal.fd)
-            self.journal.fd = -1
-        self.region.close()
+        plan = RegionPlan(pools=tuple(PoolSpec(0, n * DPS) for n in pools),
+                          dpage_size=DPS, backend="path", path=str(tmp / "region"))
+        region = Region.open(plan)  # before the layout, which names the region file
+        super().__init__(plan, str(tmp / "region.meta"),
+                         persistence.layout_for(plan, plan.path or ""),
+                         checkpoint_bytes=checkpoint_bytes, region=region)
 
 
 @pytest.fixture
@@ -137,30 +72,6 @@ def assert_recovers_as_it_was(tmp_path: Path, fs: Fs) -> None:
         assert again.dump() == before
     finally:
         again.close()
-
-
-def populate(fs: Fs) -> dict[str, int]:
-    t = fs.table
-    d = t.make(ROOT_INO, b"dir", DIR, 1000, 100).ino
-    fs.commit()
-    a = t.make(d, b"a", FILE, 1000, 100).ino
-    fs.commit()
-    fs.write(a, 0, b"hello " * 3000)
-    fs.write(a, 5 * DPS + 7, b"tail")
-    b = t.make(ROOT_INO, b"b", FILE, 0, 0).ino
-    fs.commit()
-    fs.resize(b, 3 * DPS + 5)
-    fs.write(b, 10, b"xyz")
-    t.setxattr(b, b"user.k", b"v" * 300)
-    t.set_policy(b, "interleave:0-1")
-    fs.commit()
-    t.make(ROOT_INO, b"ln", stat.S_IFLNK | 0o777, 0, 0, target=b"dir/a")
-    t.link(a, ROOT_INO, b"hard")
-    t.rename(ROOT_INO, b"hard", d, b"hard2")
-    fs.commit()
-    t.set_attributes(a, mode=0o600, uid=7, gid=8, atime_ns=123, mtime_ns=456)
-    fs.commit()
-    return {"dir": d, "a": a, "b": b}
 
 
 def test_everything_comes_back_exactly(tmp_path: Path, fs: Fs) -> None:
@@ -599,93 +510,136 @@ def _recovered_matches(fs: Fs) -> list[str]:
         shadow.region.close()
 
 
+class RandomRequests:
+    """The differential test's operations on the plain layers, one per step, each as a
+    request would make it; an operation with nothing to act on does nothing."""
+
+    def __init__(self, fs: Fs, rng: random.Random) -> None:
+        self.fs, self.table, self.rng = fs, fs.table, rng
+        self.errors = MemoryErrors(fs.table, fs.store)
+
+    def dirs(self) -> list[int]:
+        return [i for i, n in self.table.inodes.items() if n.dir is not None and n.link_count]
+
+    def names(self) -> list[tuple[int, bytes]]:
+        return [(i, name) for i in self.dirs()
+                for name in self.table.inodes[i].dir.entries]  # type: ignore[union-attr]
+
+    def file(self) -> int | None:
+        files = [i for i, n in self.table.inodes.items() if n.data is not None]
+        return self.rng.choice(files) if files else None
+
+    def make(self, step: int, mode: int = FILE, target: bytes | None = None) -> None:
+        self.table.make(self.rng.choice(self.dirs()), f"n{step}".encode(), mode, 0, 0,
+                        target=target)
+
+    def mkdir(self, step: int) -> None:
+        self.make(step, DIR)
+
+    def symlink(self, step: int) -> None:
+        self.make(step, stat.S_IFLNK | 0o777, b"t")
+
+    def write(self, step: int) -> None:
+        if (ino := self.file()) is not None:
+            self.fs.data.write(ino, self.rng.randrange(12 * DPS),
+                               os.urandom(self.rng.randrange(1, 3 * DPS)), 0)
+
+    def resize(self, step: int) -> None:
+        if (ino := self.file()) is not None:
+            self.fs.data.truncate(ino, self.rng.randrange(12 * DPS), 0)
+
+    def poison(self, step: int) -> None:
+        if (ino := self.file()) is None:
+            return
+        data = self.table.inodes[ino].data
+        assert data is not None
+        if runs := data.runs():
+            _, region, count = self.rng.choice(runs)
+            self.errors.mark(region + self.rng.randrange(count), "test")
+        else:
+            self.errors.mark(self.rng.randrange(96), "test")
+
+    def xattr(self, step: int) -> None:
+        if (ino := self.file()) is not None:
+            self.table.setxattr(ino, f"user.k{self.rng.randrange(3)}".encode(), os.urandom(5))
+
+    def policy(self, step: int) -> None:
+        if (ino := self.file()) is not None:
+            self.table.set_policy(ino, self.rng.choice(["interleave:0-1", "bind:1", "local"]))
+
+    def chmod(self, step: int) -> None:
+        if (ino := self.file()) is not None:
+            self.table.set_attributes(ino, mode=self.rng.randrange(0o7777),
+                                      atime_ns=self.rng.randrange(10**9))
+
+    def open(self, step: int) -> None:
+        if (ino := self.file()) is not None:
+            self.table.open(ino)
+
+    def close(self, step: int) -> None:
+        if opened := [i for i, n in self.table.inodes.items() if n.open_count]:
+            self.table.close(self.rng.choice(opened))
+
+    def forget(self, step: int) -> None:
+        if held := [i for i, n in self.table.inodes.items() if n.lookup_count]:
+            ino = self.rng.choice(held)
+            self.table.forget(ino, self.table.inodes[ino].lookup_count)
+
+    def unlink(self, step: int) -> None:
+        if names := self.names():
+            self.table.unlink(*self.rng.choice(names))
+
+    def rmdir(self, step: int) -> None:
+        if names := self.names():
+            self.table.rmdir(*self.rng.choice(names))
+
+    def rename(self, step: int, flags: int = 0) -> None:
+        if not (names := self.names()):
+            return
+        parent, name = self.rng.choice(names)
+        if self.rng.random() < 0.6:
+            new_parent, new_name = self.rng.choice(names)
+        else:
+            new_parent, new_name = self.rng.choice(self.dirs()), f"r{step}".encode()
+        self.table.rename(parent, name, new_parent, new_name, flags)
+
+    def exchange(self, step: int) -> None:
+        self.rename(step, RENAME_EXCHANGE)
+
+    def link(self, step: int) -> None:
+        linkable = [i for i, n in self.table.inodes.items() if n.dir is None and n.link_count]
+        if linkable:
+            self.table.link(self.rng.choice(linkable), self.rng.choice(self.dirs()),
+                            f"l{step}".encode())
+
+
+# The draw of the differential test: an operation listed twice comes twice as often.
+REQUESTS: list[Callable[[RandomRequests, int], None]] = [
+    RandomRequests.make, RandomRequests.make, RandomRequests.mkdir, RandomRequests.write,
+    RandomRequests.write, RandomRequests.resize, RandomRequests.unlink, RandomRequests.rmdir,
+    RandomRequests.rename, RandomRequests.exchange, RandomRequests.link, RandomRequests.xattr,
+    RandomRequests.policy, RandomRequests.chmod, RandomRequests.open, RandomRequests.close,
+    RandomRequests.forget, RandomRequests.poison, RandomRequests.symlink,
+]
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_recovery_equals_the_live_state_after_every_request(tmp_path: Path, seed: int) -> None:
     """Differential: random namespace, data, xattr, policy, open/close/forget and poison
     operations; after each one the metadata file, loaded into fresh objects, must equal
-    the live table and pools.  Checkpoints every 4 KiB of log."""
+    the live table and pools.  Checkpoints every 4 KiB of the journal."""
     fs = Fs(tmp_path, checkpoint_bytes=4096, pools=(48, 48))
     fs.journal.checkpoint()
-    table, rng = fs.table, random.Random(seed)
-    errors = MemoryErrors(table, fs.store)
-
-    def dirs() -> list[int]:
-        return [i for i, n in table.inodes.items() if n.dir is not None and n.link_count]
-
-    def names() -> list[tuple[int, bytes]]:
-        return [(i, name) for i in dirs()
-                for name in table.inodes[i].dir.entries]  # type: ignore[union-attr]
-
-    def files() -> list[int]:
-        return [i for i, n in table.inodes.items() if n.data is not None]
-
+    rng = random.Random(seed)
+    requests = RandomRequests(fs, rng)
     try:
         for step in range(150):
-            op = rng.choice(["make", "make", "mkdir", "write", "write", "resize", "unlink",
-                             "rmdir", "rename", "exchange", "link", "xattr", "policy", "chmod",
-                             "open", "close", "forget", "poison", "symlink"])
-            try:
-                if op in ("make", "mkdir", "symlink"):
-                    mode = {"make": FILE, "mkdir": DIR, "symlink": stat.S_IFLNK | 0o777}[op]
-                    table.make(rng.choice(dirs()), f"n{step}".encode(), mode, 0, 0,
-                               target=b"t" if op == "symlink" else None)
-                elif op in ("write", "resize", "poison", "xattr", "policy", "chmod", "open"):
-                    if not files():
-                        continue
-                    ino = rng.choice(files())
-                    node = table.inodes[ino]
-                    assert node.data is not None
-                    if op == "write":
-                        fs.data.write(ino, rng.randrange(12 * DPS),
-                                      os.urandom(rng.randrange(1, 3 * DPS)), 0)
-                    elif op == "resize":
-                        fs.data.truncate(ino, rng.randrange(12 * DPS), 0)
-                    elif op == "poison":
-                        runs = node.data.runs()
-                        if runs:
-                            _, region, count = rng.choice(runs)
-                            errors.mark(region + rng.randrange(count), "test")
-                        else:
-                            errors.mark(rng.randrange(96), "test")
-                    elif op == "xattr":
-                        table.setxattr(ino, f"user.k{rng.randrange(3)}".encode(), os.urandom(5))
-                    elif op == "policy":
-                        table.set_policy(ino, rng.choice(["interleave:0-1", "bind:1", "local"]))
-                    elif op == "chmod":
-                        table.set_attributes(ino, mode=rng.randrange(0o7777),
-                                             atime_ns=rng.randrange(10**9))
-                    else:
-                        table.open(ino)
-                elif op == "close":
-                    opened = [i for i, n in table.inodes.items() if n.open_count]
-                    if opened:
-                        table.close(rng.choice(opened))
-                elif op == "forget":
-                    held = [i for i, n in table.inodes.items() if n.lookup_count]
-                    if held:
-                        ino = rng.choice(held)
-                        table.forget(ino, table.inodes[ino].lookup_count)
-                elif op in ("unlink", "rmdir") and names():
-                    parent, name = rng.choice(names())
-                    (table.unlink if op == "unlink" else table.rmdir)(parent, name)
-                elif op in ("rename", "exchange") and names():
-                    parent, name = rng.choice(names())
-                    if rng.random() < 0.6:
-                        new_parent, new_name = rng.choice(names())
-                    else:
-                        new_parent, new_name = rng.choice(dirs()), f"r{step}".encode()
-                    table.rename(parent, name, new_parent, new_name,
-                                 RENAME_EXCHANGE if op == "exchange" else 0)
-                elif op == "link":
-                    linkable = [i for i, n in table.inodes.items()
-                                if n.dir is None and n.link_count]
-                    if linkable:
-                        table.link(rng.choice(linkable), rng.choice(dirs()), f"l{step}".encode())
-            except OSError:
-                pass  # refused operations (ENOSPC, EISDIR, EIO, ...) must change nothing
+            op = rng.choice(REQUESTS)
+            with contextlib.suppress(OSError):  # refused (ENOSPC, EISDIR, EIO, ...): no change
+                op(requests, step)
             fs.commit()
             problems = _recovered_matches(fs)
-            assert not problems, f"step {step} ({op}): {problems}"
+            assert not problems, f"step {step} ({op.__name__}): {problems}"
         assert fs.journal.checkpoints > 2
     finally:
         fs.close()

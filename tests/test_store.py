@@ -1,11 +1,12 @@
-"""File bytes in a real (small, memfd) region, without a mount."""
+"""File bytes in a region store, without a mount: in a bytearray (tests/regions.py), and
+in a real, small memfd region for where its pages live."""
 
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
 
 import pytest
+from regions import BufferRegion
 
 from dmemfs_fuse.alloc.poolset import PoolSet
 from dmemfs_fuse.files.extents import FileExtents
@@ -17,16 +18,13 @@ DPS = 4096
 POOL = 64 * DPS
 
 
+PLAN = RegionPlan(pools=(PoolSpec(0, POOL), PoolSpec(0, POOL)), dpage_size=DPS,
+                  backend="memfd")
+
+
 @pytest.fixture
-def store() -> Iterator[FileStore]:
-    plan = RegionPlan(pools=(PoolSpec(0, POOL), PoolSpec(0, POOL)), dpage_size=DPS,
-                      backend="memfd")
-    region = Region.open(plan)
-    try:
-        assert region.locked
-        yield FileStore(region, PoolSet.from_plan(plan, 0))
-    finally:
-        region.close()
+def store() -> FileStore:
+    return FileStore(BufferRegion(PLAN.size, DPS), PoolSet.from_plan(PLAN, 0))
 
 
 def test_write_read_roundtrip_and_zero_copy(store: FileStore) -> None:
@@ -92,7 +90,11 @@ def test_truncate_as_large_as_free_space(store: FileStore) -> None:
     assert store.pools.free_dpages == 128
 
 
-def test_region_pages_live_on_their_pools_node(store: FileStore) -> None:
-    region = store.region
-    addresses = [region.addr + offset for offset in range(0, region.size, 16 * DPS)]
-    assert set(numa.page_nodes(addresses)) == {0}  # the one node of this machine
+def test_region_pages_live_on_their_pools_node() -> None:
+    region = Region.open(PLAN)
+    try:
+        assert region.locked
+        addresses = [region.addr + offset for offset in range(0, region.size, 16 * DPS)]
+        assert set(numa.page_nodes(addresses)) == {0}  # the one node of this machine
+    finally:
+        region.close()

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
 import pytest
 import trio
 import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from regions import BufferRegion
 
 from dmemfs_fuse.alloc.pool import Pool
 from dmemfs_fuse.alloc.poolset import PoolSet
@@ -25,13 +24,10 @@ DPS = 4096
 def make_store(dpages: int = 64, dps: int = DPS, *, fresh: bool = True,
                chunk: int = 4 * DPS, pools: int = 1, **kwargs: Any) -> FileStore:
     """A store over a bytearray "region" (no mmap, no root needed)."""
-    buffer = bytearray(dpages * dps)
-    region = SimpleNamespace(size=len(buffer), dpage_size=dps, fresh=fresh,
-                             view=memoryview(buffer), array=np.frombuffer(buffer, dtype=np.uint8))
     per = dpages // pools
     pool_list = [Pool(i, 0, i * per, per, dps) for i in range(pools)]
-    return FileStore(region, PoolSet(pool_list, dps), zero_chunk_bytes=chunk,  # type: ignore[arg-type]
-                     **kwargs)
+    return FileStore(BufferRegion(dpages * dps, dps, fresh=fresh), PoolSet(pool_list, dps),
+                     zero_chunk_bytes=chunk, **kwargs)
 
 
 def dpage_bytes(store: FileStore, dpage: int) -> bytes:

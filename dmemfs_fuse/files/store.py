@@ -33,13 +33,15 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from typing import Protocol
+
+import numpy as np
 
 from ..alloc.policy import LOCAL, Policy
 from ..alloc.poolset import PoolSet
 from ..alloc.runs import Extent
 from ..alloc.zeroing import DEFAULT_CHUNK_BYTES, DirtyRuns, Zeroer
 from ..errors import fs_error
-from ..memory.region import Region
 from ..memory.shmem import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
 from ..sizes import ceil_div
 from .extents import FileExtents
@@ -82,10 +84,37 @@ def seek_in(extents: FileExtents, file_size: int, off: int, whence: int, dps: in
     raise fs_error(errno.ENXIO, f"no data at or after byte {off}")
 
 
+class RegionView(Protocol):
+    """What the store uses of its region: sizes, whether it is known to be zero, its bytes.
+
+    memory/region.py's Region is one; a test can use a bytearray (tests/regions.py).
+    """
+
+    @property
+    def size(self) -> int:
+        """Bytes in the region."""
+
+    @property
+    def dpage_size(self) -> int:
+        """Bytes per dpage."""
+
+    @property
+    def fresh(self) -> bool:
+        """Whether every byte is zero (new memory), so that nothing needs zeroing at start."""
+
+    @property
+    def view(self) -> memoryview:
+        """The region's bytes."""
+
+    @property
+    def array(self) -> np.ndarray:
+        """The same bytes as a numpy array of uint8."""
+
+
 class FileStore:
     """Reads and writes file bytes in *region*, taking and returning dpages through *pools*."""
 
-    def __init__(self, region: Region, pools: PoolSet, *, defer_zeroing: bool = False,
+    def __init__(self, region: RegionView, pools: PoolSet, *, defer_zeroing: bool = False,
                  zero_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
         self.region = region
         self.pools = pools

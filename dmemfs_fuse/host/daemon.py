@@ -207,12 +207,13 @@ def _run(config: DaemonConfig, plan: RegionPlan, pools: PoolSet, *,
             recovered = None
         requests = RequestMetrics() if opts.metrics else None
         ops = DmemOperations(inodes, store, trace=opts.debug, metrics=requests, journal=journal)
+        region = memory if isinstance(memory, Region) else None
         errors = MemoryErrors(inodes, store) if isinstance(store, FileStore) else None
         reporter = Reporter(inodes, store, memory.describe(), ops, errors=errors,
-                            journal=journal, data_path=path, recovered=recovered)
-        controller = Controller(reporter, inodes, store, ops, errors)
-        if isinstance(store, FileStore):
-            _scan_for_poison(controller, store)
+                            journal=journal, data_path=path, recovered=recovered, region=region)
+        controller = Controller(reporter, inodes, ops, errors, region)
+        if region is not None:
+            _scan_for_poison(controller, region)
         registry = metrics.registry_for(reporter, requests) if requests is not None else None
         mount = _Mount(config, ops, ready_fd, notifier, reporter, controller)
         trio.run(_serve, mount, registry)
@@ -246,9 +247,8 @@ def _run(config: DaemonConfig, plan: RegionPlan, pools: PoolSet, *,
     return 0
 
 
-def _scan_for_poison(controller: Controller, store: FileStore) -> None:
+def _scan_for_poison(controller: Controller, region: Region) -> None:
     """Mark dpages on frames the kernel already flagged HWPOISON, before anyone uses them."""
-    region = store.region
     for dpage in region.poisoned_dpages:
         # The full scan below follows: no rescan per dpage.
         controller.kernel_error(dpage * region.dpage_size, region.dpage_size, rescan=False)
@@ -311,9 +311,9 @@ async def _serve(mount: _Mount, registry: CollectorRegistry | None) -> None:
                                 registry)
         nursery.start_soon(_watch_signals, nursery.cancel_scope)
         store = mount.ops.store
-        if isinstance(store, FileStore):
+        if mount.controller.region is not None:
             nursery.start_soon(supervise, "memory-error watcher", _watch_memory_errors, mount,
-                               store)
+                               mount.controller.region)
         mount.mount()
         if isinstance(store, FileStore):
             # Freed dpages are zeroed while no request is being served, a chunk at a time
@@ -337,9 +337,8 @@ async def _reconcile(mount: _Mount) -> None:
         mount.ops.reconcile()
 
 
-async def _watch_memory_errors(mount: _Mount, store: FileStore) -> None:
+async def _watch_memory_errors(mount: _Mount, region: Region) -> None:
     """Take the kernel's SIGBUS memory-error notices for the region (hwpoison.py)."""
-    region = store.region
 
     async def on_error(offset: int, length: int) -> None:
         try:

@@ -25,10 +25,9 @@ import trio
 
 from ..errors import fs_error
 from ..files.inodes import InodeTable
-from ..files.passthrough import PassthroughStore
 from ..files.poison import MemoryErrors, Poisoned
-from ..files.store import FileStore
 from ..memory.hwpoison import hwpoisoned_dpages, send_mce_notice
+from ..memory.region import Region
 from ..rundir import RUN_DIR
 from ..tasks import supervise
 from .report import JSON, FuseView, Reporter
@@ -76,14 +75,14 @@ class Controller:
     *reporter* answers the questions, which change nothing.
     """
 
-    def __init__(self, reporter: Reporter, inodes: InodeTable,
-                 store: FileStore | PassthroughStore, frontend: Frontend,
-                 errors: MemoryErrors | None) -> None:
+    def __init__(self, reporter: Reporter, inodes: InodeTable, frontend: Frontend,
+                 errors: MemoryErrors | None = None, region: Region | None = None) -> None:
         self.reporter = reporter
         self.inodes = inodes
-        self.store = store
         self.frontend = frontend
+        # The region path's memory errors and mapped region; None on passthrough.
         self.errors = errors
+        self.region = region
 
     def set_policy(self, ino: int, text: str) -> JSON:
         """Set the policy of a file or directory; what it is now."""
@@ -99,21 +98,20 @@ class Controller:
 
     def poison(self, offset: int, ino: int | None = None) -> JSON:
         """Mark bad the dpage at region byte *offset*, or at byte *offset* of file *ino*."""
-        store, errors = self._region("poison")
-        dps = store.dpage_size
+        region, errors = self._region("poison")
         if ino is not None:
             dpage = errors.locate(ino, offset)
-        elif 0 <= offset < store.region.size:
-            dpage = offset // dps
+        elif 0 <= offset < region.size:
+            dpage = offset // region.dpage_size
         else:
             raise fs_error(errno.EINVAL, f"region offset {offset} is outside the region "
-                           f"({store.region.size} bytes)")
+                           f"({region.size} bytes)")
         return self._marked(errors.mark(dpage, "operator"))
 
     def notify_kernel_error(self, offset: int) -> JSON:
         """Have the daemon receive the SIGBUS BUS_MCEERR_AO the kernel sends for poison at
         region byte *offset* (hwpoison.send_mce_notice): the kernel path, end to end."""
-        region = self._region("poison --kernel")[0].region
+        region = self._region("poison --kernel")[0]
         if not 0 <= offset < region.size:
             raise fs_error(errno.EINVAL, f"region offset {offset} is outside the region")
         send_mce_notice(region.addr + offset)
@@ -123,9 +121,9 @@ class Controller:
         """The kernel reported a memory error in region bytes ``[offset, offset+length)``
         (a page, or a whole huge page): mark every dpage there bad, then rescan, because
         SIGBUS does not queue and a second notice may have been merged into this one."""
-        store, errors = self._region("memory errors")
-        dps = store.dpage_size
-        last = min(offset + max(length, 1), store.region.size) - 1
+        region, errors = self._region("memory errors")
+        dps = region.dpage_size
+        last = min(offset + max(length, 1), region.size) - 1
         marked = [self._marked(errors.mark(d, "kernel"))
                   for d in range(offset // dps, last // dps + 1)]
         found: list[JSON] = []
@@ -138,21 +136,20 @@ class Controller:
 
     def scan(self) -> JSON:
         """Look for HWPOISON frames under the region and mark their dpages bad."""
-        store, errors = self._region("scan")
-        region = store.region
+        region, errors = self._region("scan")
         dpages, frames = hwpoisoned_dpages(region.addr, region.size, region.dpage_size)
         marked = [self._marked(errors.mark(d, "scan")) for d in dpages]
         return {"frames_checked": frames, "bad": marked}
 
-    def _region(self, what: str) -> tuple[FileStore, MemoryErrors]:
-        """The region store and its memory errors, or EOPNOTSUPP saying why *what* has no
+    def _region(self, what: str) -> tuple[Region, MemoryErrors]:
+        """The region and its memory errors, or EOPNOTSUPP saying why *what* has no
         meaning on passthrough."""
-        if isinstance(self.store, PassthroughStore) or self.errors is None:
+        if self.region is None or self.errors is None:
             raise fs_error(errno.EOPNOTSUPP, f"{what}: this mount uses the passthrough data "
                            "path, whose pages are the kernel's shmem; a memory error there is "
                            "the kernel's to handle (EIO on read, SIGBUS on a fault), and "
                            "dpages are units of the pool, not places in memory to mark bad")
-        return self.store, self.errors
+        return self.region, self.errors
 
     def _marked(self, result: Poisoned) -> JSON:
         # Invalidate first: the page cache must go even if the journal write fails.

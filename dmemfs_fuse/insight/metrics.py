@@ -74,34 +74,29 @@ class PoolCollector(Collector):
         labels = ["pool", "node"]
         pools = [([str(pool_id), str(st.node)], st)
                  for pool_id, st in zip(stats.pool_ids, stats.pools.pools, strict=True)]
-        gauges: dict[str, tuple[str, Callable[[PoolStats], float]]] = {
-            "total_bytes": ("Bytes in the pool", lambda p: p.total_dpages * dps),
-            "free_bytes": ("Free bytes in the pool", lambda p: p.free_dpages * dps),
-            "used_bytes": ("Allocated bytes in the pool", lambda p: p.used_dpages * dps),
-            "largest_free_run_bytes": ("Longest run of free dpages, in bytes",
-                                       lambda p: p.largest_free_run * dps),
-            "free_runs": ("Separate runs of free dpages", lambda p: p.free_runs),
-            "fragmentation_ratio": ("1 - largest free run / free space",
-                                    lambda p: round(p.fragmentation, 4)),
-            "bad_dpages": ("Dpages marked bad (memory errors), never handed out again",
-                           lambda p: p.bad_dpages),
-        }
-        for name, (text, value) in gauges.items():
-            family = GaugeMetricFamily(f"dmemfs_pool_{name}", text, labels=labels)
+        gauge, counter = GaugeMetricFamily, CounterMetricFamily
+        per_pool: list[tuple[type[GaugeMetricFamily] | type[CounterMetricFamily], str, str,
+                             Callable[[PoolStats], float]]] = [
+            (gauge, "total_bytes", "Bytes in the pool", lambda p: p.total_dpages * dps),
+            (gauge, "free_bytes", "Free bytes in the pool", lambda p: p.free_dpages * dps),
+            (gauge, "used_bytes", "Allocated bytes in the pool", lambda p: p.used_dpages * dps),
+            (gauge, "largest_free_run_bytes", "Longest run of free dpages, in bytes",
+             lambda p: p.largest_free_run * dps),
+            (gauge, "free_runs", "Separate runs of free dpages", lambda p: p.free_runs),
+            (gauge, "fragmentation_ratio", "1 - largest free run / free space",
+             lambda p: round(p.fragmentation, 4)),
+            (gauge, "bad_dpages", "Dpages marked bad (memory errors), never handed out again",
+             lambda p: p.bad_dpages),
+            (counter, "allocations", "Allocation calls served by the pool", lambda p: p.allocs),
+            (counter, "frees", "Free calls served by the pool", lambda p: p.frees),
+            (counter, "preferred_fallback_dpages", "Dpages a preferred policy took elsewhere",
+             lambda p: p.fallback_dpages),
+        ]
+        for kind, name, text, value in per_pool:
+            family = kind(f"dmemfs_pool_{name}", text, labels=labels)
             for pool_labels, st in pools:
                 family.add_metric(pool_labels, value(st))
             yield family
-        counters: dict[str, tuple[str, Callable[[PoolStats], float]]] = {
-            "allocations": ("Allocation calls served by the pool", lambda p: p.allocs),
-            "frees": ("Free calls served by the pool", lambda p: p.frees),
-            "preferred_fallback_dpages": ("Dpages a preferred policy took elsewhere",
-                                          lambda p: p.fallback_dpages),
-        }
-        for name, (text, value) in counters.items():
-            cfamily = CounterMetricFamily(f"dmemfs_pool_{name}", text, labels=labels)
-            for pool_labels, st in pools:
-                cfamily.add_metric(pool_labels, value(st))
-            yield cfamily
         yield CounterMetricFamily("dmemfs_enospc", "Allocations refused for lack of space",
                                   value=stats.pools.enospc)
         yield GaugeMetricFamily("dmemfs_dirty_bytes",

@@ -27,6 +27,7 @@ from ..files.passthrough import PassthroughStore
 from ..files.poison import MemoryErrors
 from ..files.store import FileStore
 from ..memory import numa
+from ..memory.region import Region
 from ..memory.shmem import PoolMemoryStats
 from ..metadata.journal import Journal, JournalStats
 from ..metadata.recovery import RecoveryReport
@@ -91,7 +92,7 @@ class Reporter:
                  region_description: str, fuse: FuseView, *,
                  errors: MemoryErrors | None = None, journal: Journal | None = None,
                  data_path: DataPath | None = None,
-                 recovered: RecoveryReport | None = None) -> None:
+                 recovered: RecoveryReport | None = None, region: Region | None = None) -> None:
         self.inodes = inodes
         self.store = store
         self.data_path = data_path or DataPath(REGION, "passthrough=off")
@@ -101,6 +102,8 @@ class Reporter:
         self.errors = errors
         self.journal = journal
         self.recovered = recovered
+        # The region path's mapped region, where the kernel is asked which node holds a page.
+        self.region = region
 
     def statistics(self) -> MountStats:
         """A frozen snapshot of every counter of the mount."""
@@ -192,8 +195,9 @@ class Reporter:
 
     def _kernel_nodes(self, offset: int, length: int) -> list[int]:
         """The nodes the kernel says hold the extent's first, middle and last page."""
-        assert isinstance(self.store, FileStore)
-        base = self.store.region.addr
+        if self.region is None:
+            return []
+        base = self.region.addr
         probes = numa.probe_offsets(offset, length)
         try:
             return sorted(set(numa.page_nodes([base + p for p in probes])))

@@ -123,8 +123,8 @@ def build_control() -> Check:
         for name, size in ((b"a", 3 * dpage), (b"b", dpage + 1)):
             data.truncate(inodes.make(ROOT_INO, name, 0o100644, 0, 0).ino, size, 0)
         ops, errors = DmemOperations(inodes, store), MemoryErrors(inodes, store)
-        reporter = Reporter(inodes, store, "memfd (fuzz)", ops, errors=errors)
-        return Controller(reporter, inodes, store, ops, errors)
+        reporter = Reporter(inodes, store, "memfd (fuzz)", ops, errors=errors, region=region)
+        return Controller(reporter, inodes, ops, errors, region)
 
     def check(data: bytes) -> None:
         reply = answer(fresh_controller(), data)
@@ -230,14 +230,10 @@ def make_metadata_seeds(directory: str) -> list[str]:
     import stat
     import tempfile
 
-    from dmemfs_fuse.alloc.policy import parse_policy
-    from dmemfs_fuse.alloc.poolset import PoolSet
-    from dmemfs_fuse.files.changes import Changes
-    from dmemfs_fuse.files.data import FileData
-    from dmemfs_fuse.files.inodes import ROOT_INO, InodeTable
+    from persistent import PlainFs, populate
+
+    from dmemfs_fuse.files.inodes import ROOT_INO
     from dmemfs_fuse.files.poison import MemoryErrors
-    from dmemfs_fuse.files.store import FileStore
-    from dmemfs_fuse.metadata.journal import Journal
     from dmemfs_fuse.metadata.records import frame
 
     plan, layout, region = _meta_filesystem()
@@ -245,13 +241,8 @@ def make_metadata_seeds(directory: str) -> list[str]:
     written: list[str] = []
     try:
         meta = f"{work}/region.meta"
-        pools = PoolSet.from_plan(plan, 0)
-        store = FileStore(region, pools)
-        table = InodeTable(1000, release_data=store.release,
-                           parse_policy=lambda text: parse_policy(text, pools.ids),
-                           changes=Changes())
-        data = FileData(table, store)
-        journal = Journal(meta, layout, table, pools, checkpoint_bytes=1 << 30)
+        fs = PlainFs(plan, meta, layout, region=region)
+        table, pools, journal = fs.table, fs.pools, fs.journal
         journal.checkpoint()
 
         def keep(name: str, tail: bytes = b"", cut: int = 0) -> None:
@@ -263,27 +254,8 @@ def make_metadata_seeds(directory: str) -> list[str]:
                 f.write(b"\0" + data)
             written.append(target)
 
-        def write(ino: int, off: int, data_bytes: bytes) -> None:
-            data.write(ino, off, data_bytes, 0)
-            journal.commit()
-
         keep("seed-empty")
-        d = table.make(ROOT_INO, b"dir", stat.S_IFDIR | 0o750, 1000, 100).ino
-        a = table.make(d, b"a", stat.S_IFREG | 0o640, 1000, 100).ino
-        journal.commit()
-        write(a, 0, b"hello " * 3000)
-        write(a, 5 * META_DPAGE + 7, b"tail")
-        b = table.make(ROOT_INO, b"b", stat.S_IFREG | 0o644, 0, 0).ino
-        journal.commit()
-        data.truncate(b, 3 * META_DPAGE + 5, 0)
-        table.setxattr(b, b"user.k", b"v" * 300)
-        table.set_policy(b, "interleave:0-1")
-        journal.commit()
-        table.make(ROOT_INO, b"ln", stat.S_IFLNK | 0o777, 0, 0, target=b"dir/a")
-        table.link(a, ROOT_INO, b"hard")
-        table.rename(ROOT_INO, b"hard", d, b"hard2")
-        table.set_attributes(a, mode=0o600, uid=7, gid=8, atime_ns=123, mtime_ns=456)
-        journal.commit()
+        a = populate(fs)["a"]
         keep("seed-batches")
         keep("seed-torn-tail", cut=3)
         keep("seed-torn-frame", tail=frame({"t": "batch", "seq": 999})[:-4])
@@ -291,7 +263,7 @@ def make_metadata_seeds(directory: str) -> list[str]:
         keep("seed-checkpoint")
         c = table.make(ROOT_INO, b"open", stat.S_IFREG | 0o600, 0, 0).ino
         table.open(c)
-        write(c, 0, b"x" * (2 * META_DPAGE))
+        fs.write(c, 0, b"x" * (2 * META_DPAGE))
         table.unlink(ROOT_INO, b"open")
         journal.commit()
         keep("seed-unlinked-open")
@@ -302,7 +274,7 @@ def make_metadata_seeds(directory: str) -> list[str]:
         # a memory error in a file's dpage: bad, and still the file's (it answers EIO)
         node = table.get(a)
         assert node.data is not None
-        MemoryErrors(table, store).mark(node.data.runs()[0][1], "operator")
+        MemoryErrors(table, fs.store).mark(node.data.runs()[0][1], "operator")
         journal.commit()
         journal.checkpoint()
         keep("seed-bad-file-dpage")
