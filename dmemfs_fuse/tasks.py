@@ -23,6 +23,7 @@ tests can watch the boundary catch it and the task come back.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -110,45 +111,77 @@ class IdleWaiter(trio.abc.Instrument):
 
     trio.testing's ``wait_all_tasks_blocked`` does this from inside the run loop, but
     importing trio.testing imports pytest where it is installed, and trio._core is
-    private.  This uses public parts: the scheduler waits for I/O with a timeout above
-    zero only when no task is runnable, and an instrument sees that wait coming
-    (``before_io_wait``).  It then makes a pipe readable, so the wait returns at once
-    and wakes the task in :meth:`wait`.  A task that the same wait made runnable (a
-    request that had just arrived) may run before or after it, so what the waiter does
-    next must be short: it delays such a request by that much at most.
+    private.  This uses public parts, as an instrument:
 
-    One waiting task at a time; use as a context manager inside the trio run.
+    * the scheduler waits for I/O with a timeout above zero only when no task is
+      runnable, and ``before_io_wait`` sees that wait coming: the waiter then makes a
+      pipe readable, so that the wait returns at once with the waiting task woken;
+    * ``task_scheduled`` sees every other task woken by the same wait (a request that
+      arrived meanwhile, a timer): then the moment was not idle, and the task goes on
+      waiting for the next one.
+
+    So the waiter returns only after a wait for I/O in which nothing else happened,
+    which is trio's own rule.  One waiting task at a time.  The hooks cost a call per
+    task wakeup while the waiter is entered: enter it only while there is work waiting.
     """
 
     def __init__(self) -> None:
-        self._read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._waiting = False
-        self._signalled = False
+        self._read_fd = self._write_fd = -1
+        self._waiter: trio.lowlevel.Task | None = None
+        self._signalled = False  # a byte is in the pipe
+        self._others = False  # another task was woken since the byte was written
 
     def __enter__(self) -> IdleWaiter:
-        trio.lowlevel.add_instrument(self)
+        self._read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            trio.lowlevel.add_instrument(self)
+        except BaseException:
+            self._close()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        trio.lowlevel.remove_instrument(self)
-        os.close(self._read_fd)
-        os.close(self._write_fd)
+        try:
+            # trio drops an instrument whose hook raised: it may be gone already.
+            with contextlib.suppress(KeyError):
+                trio.lowlevel.remove_instrument(self)
+        finally:
+            self._close()
 
     def before_io_wait(self, timeout: float) -> None:
         """The scheduler is about to wait for I/O: with nothing runnable if *timeout* > 0."""
-        if self._waiting and timeout > 0 and not self._signalled:
+        if self._waiter is not None and timeout > 0 and not self._signalled:
             self._signalled = True
+            self._others = False
             os.write(self._write_fd, b"\0")
 
+    def task_scheduled(self, task: trio.lowlevel.Task) -> None:
+        """*task* became runnable: if it is not the waiter, the moment is not idle."""
+        if self._signalled and task is not self._waiter:
+            self._others = True
+
     async def wait(self) -> None:
-        """Return once no other task was runnable (a checkpoint, even when idle already)."""
-        if self._signalled:  # left over from a wait that was cancelled
-            os.read(self._read_fd, 64)
-            self._signalled = False
-        self._waiting = True
+        """Return once a wait for I/O woke no other task (a checkpoint, even when idle)."""
+        self._waiter = trio.lowlevel.current_task()
         try:
-            await trio.lowlevel.wait_readable(self._read_fd)
+            while True:
+                if self._signalled:  # left over from a wait that was cancelled
+                    self._drain()
+                await trio.lowlevel.wait_readable(self._read_fd)
+                busy = self._others
+                self._drain()
+                if not busy:
+                    return
         finally:
-            self._waiting = False
-        os.read(self._read_fd, 64)
+            self._waiter = None
+
+    def _drain(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # a wakeup with nothing written
+            os.read(self._read_fd, 64)
         self._signalled = False
+
+    def _close(self) -> None:
+        for fd in (self._read_fd, self._write_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._read_fd = self._write_fd = -1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import socket
 
 import pytest
 import trio
@@ -216,6 +217,34 @@ def test_the_idle_waiter_waits_for_busy_tasks_and_not_for_blocked_ones() -> None
 
     trio.run(main)
     assert order == ["busy done", "idle", "blocked woke", "idle again"]
+
+
+def test_a_wait_for_io_that_woke_another_task_is_not_idle() -> None:
+    """A request that arrives in the very wait the waiter's signal ends runs first."""
+    order: list[str] = []
+
+    async def main() -> None:
+        ours, peer = socket.socketpair()
+        ours.setblocking(False)
+
+        async def reader() -> None:
+            while True:
+                await trio.lowlevel.wait_readable(ours)
+                ours.recv(1)
+                order.append("request")
+
+        with ours, peer, IdleWaiter() as idle:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reader)
+                for _ in range(20):  # a waiter that took such a wait would win half of them
+                    await trio.testing.wait_all_tasks_blocked()
+                    peer.send(b"x")  # readable at the next wait for I/O: the idle one
+                    await idle.wait()
+                    order.append("idle")
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert order == ["request", "idle"] * 20
 
 
 def test_a_cancelled_idle_wait_leaves_the_next_one_working() -> None:

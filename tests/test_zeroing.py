@@ -61,6 +61,39 @@ def test_a_watched_dpage_leaves_only_when_taken() -> None:
     assert dirty.watched_left and not dirty and dirty.dpages == 0
 
 
+watch_ops = st.lists(st.tuples(st.sampled_from(["add", "take", "clear", "watch"]),
+                               st.integers(0, 40), st.integers(0, 12)), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=watch_ops)
+def test_the_watched_dpage_leaves_exactly_when_a_take_or_clear_removes_it(
+        ops: list[tuple[str, int, int]]) -> None:
+    dirty = DirtyRuns()
+    model: set[int] = set()
+    watched: int | None = None
+    left = False
+    for op, start, count in ops:
+        span = set(range(start, start + count))
+        if op == "add":
+            dirty.add(start, count)
+            model |= span
+        elif op == "take":
+            dirty.take(start, count)
+            left |= watched in (model & span)
+            model -= span
+        elif op == "clear":
+            dirty.clear()
+            left |= watched is not None
+            model.clear()
+        else:
+            watched = start if count else None  # count 0: stop watching
+            dirty.watch(watched)
+            left = False
+        assert dirty.watched_left == left
+        assert {d for ext in dirty for d in range(ext.start, ext.end)} == model
+
+
 # -- the zeroer's step -----------------------------------------------------------------
 
 def test_step_zeroes_one_bounded_chunk_at_a_time() -> None:

@@ -206,9 +206,12 @@ class Pool:
 
     def _release(self, start: int, count: int) -> None:
         """Put allocated dpages ``[start, start+count)`` back in the free runs."""
+        if self._free.overlaps(start, count):  # before anything changes
+            raise AllocatorError(f"pool {self.index}: dpages [{start}, {start + count}) are "
+                                 "allocated in the bitmap but in the free runs too")
+        self._free.insert(start, count, start)
         self.bitmap.clear(start - self.first_dpage, count)
         self.avail += count
-        self._free.insert(start, count, start)
 
     def free_runs(self) -> list[Extent]:
         """All free runs in address order."""
@@ -260,13 +263,15 @@ class Pool:
 
     def _carve(self, start: int, count: int) -> Extent:
         """Take free dpages ``[start, start+count)`` out of the free runs and set them."""
-        if sum(run.length for run in self._free.take(start, count)) != count:
+        run = self._free.run_at(start)  # checked before anything changes
+        if run is None or start + count > run.start + run.length:
             raise AllocatorError(f"pool {self.index}: dpages [{start}, {start + count}) carved "
-                                 "from the free runs were not all free")
+                                 "from the free runs are not all free")
         lo = start - self.first_dpage
         # O(count / 64) word tests: cheap enough to keep on the allocation path.
         if self.bitmap.any(lo, count):
             raise AllocatorError(f"pool {self.index}: free-run index handed out allocated dpages")
+        self._free.take(start, count)
         self.bitmap.set(lo, count)
         self.avail -= count
         return Extent(start, count)

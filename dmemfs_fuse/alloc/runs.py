@@ -12,6 +12,7 @@ allocated in one piece is one entry however large it is).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from numbers import Integral
 from typing import NamedTuple
 
 from sortedcontainers import SortedDict
@@ -189,7 +190,9 @@ class RunSet(RunMap):
         return (Extent(s, n) for s, (n, _) in self._runs.items())
 
     def __contains__(self, dpage: object) -> bool:
-        return isinstance(dpage, int) and self.run_at(dpage) is not None
+        # Any integer (a numpy one too): a dpage number taken for "not in the set" only
+        # because of its type could be handed out as free.
+        return isinstance(dpage, Integral) and self.run_at(int(dpage)) is not None
 
     def add(self, start: int, count: int) -> Extent:
         """Put ``[start, start+count)`` in the set (some may be there already); return the run

@@ -178,23 +178,25 @@ class Zeroer:
 
     async def run(self) -> None:
         """Zero dirty dpages a chunk at a time, only while the daemon has nothing else to do."""
-        with IdleWaiter() as idle:
-            while True:
-                if not self.dirty:
-                    # No checkpoint between this test and the wait: a notify()
-                    # cannot be missed.
-                    self._wake = trio.Event()
-                    await self._wake.wait()
-                    log.debug("zeroing %d dirty dpages in the background", self.dirty.dpages)
-                    continue
-                # Idle priority: step only when no other task can run.  A request
-                # then runs to its reply without steps between its own
-                # checkpoints, and waits at most for the one step under way (or
-                # starting) when it arrived.  (With a plain checkpoint between steps,
-                # each await of a request's path let another step in: several per
-                # request.)
-                await idle.wait()
-                self.step()
+        while True:
+            if not self.dirty:
+                # No checkpoint between this test and the wait: a notify()
+                # cannot be missed.
+                self._wake = trio.Event()
+                await self._wake.wait()
+                log.debug("zeroing %d dirty dpages in the background", self.dirty.dpages)
+                continue
+            # Idle priority: step only when no other task can run.  A request
+            # then runs to its reply without steps between its own
+            # checkpoints, and waits at most for the one step under way when
+            # it arrived.  (With a plain checkpoint between steps, each await
+            # of a request's path let another step in: several per request.)
+            # The waiter watches every task wakeup, so it is there only while
+            # there is a backlog.
+            with IdleWaiter() as idle:
+                while self.dirty:
+                    await idle.wait()
+                    self.step()
 
     def statistics(self) -> ZeroerStats:
         """The backlog and the counters, as they are now."""

@@ -74,11 +74,10 @@ class FileExtents:
     def insert(self, file_dpage: int, extents: list[Extent]) -> None:
         """Map *extents*, one after another, at *file_dpage* onward; the range must be a hole."""
         for ext in extents:
-            try:
-                self._map.insert(file_dpage, ext.length, ext.start)
-            except ValueError:
+            if self._map.overlaps(file_dpage, ext.length):
                 raise ValueError(f"file dpages [{file_dpage}, {file_dpage + ext.length}) "
-                                 "are already mapped") from None
+                                 "are already mapped")
+            self._map.insert(file_dpage, ext.length, ext.start)
             if self.changes is not None:
                 self.changes.mapped(self.ino, file_dpage, ext.start, ext.length)
             file_dpage += ext.length

@@ -99,7 +99,7 @@ class Journal:
         self.healthy = True
         # Where the last whole frame ends: a failed append is cut back to here.
         self._good_offset = 0
-        # Log size at which the next checkpoint is due (pushed back when one fails).
+        # Journal size at which the next checkpoint is due (pushed back when one fails).
         self._checkpoint_due = checkpoint_bytes
 
     def commit(self) -> None:
@@ -141,7 +141,7 @@ class Journal:
         """Rewrite the file as header + snapshot (atomically); OSError(EIO) if that fails.
 
         A checkpoint that is not *required* (the journal merely grew) only logs a
-        failure and is tried again after another ``checkpoint_bytes`` of log:
+        failure and is tried again after another ``checkpoint_bytes`` of journal:
         appends still work, so requests go on succeeding.
         """
         started = time.monotonic()

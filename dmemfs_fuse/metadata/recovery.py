@@ -208,7 +208,7 @@ class RecoveryReport:
         directories: directories recovered (the root included).
         inodes: inodes recovered in all.
         bytes: bytes in regular files (sum of sizes).
-        batches: log batches replayed after the snapshot.
+        batches: journal batches replayed after the snapshot.
         torn_bytes: bytes of a torn last append dropped.
         orphans_freed: unlinked inodes that were still open at the crash, freed.
         bad_dpages: dpages marked bad.
