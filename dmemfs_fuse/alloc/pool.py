@@ -18,7 +18,7 @@ from sortedcontainers import SortedList
 
 from ..errors import AllocatorError, NoSpaceError
 from .bitmap import Bitmap
-from .runs import Extent, RunSet
+from .runs import Extent, OverlapError, RunSet
 
 log = logging.getLogger(__name__)
 
@@ -182,11 +182,7 @@ class Pool:
         if count <= 0 or start < self.first_dpage or start + count > self.end_dpage:
             raise AllocatorError(f"pool {self.index}: dpages [{start}, {start + count}) are "
                                  f"outside [{self.first_dpage}, {self.end_dpage})")
-        run = self._free.run_at(start)
-        if run is None or start + count > run.start + run.length:
-            raise AllocatorError(f"pool {self.index}: dpages [{start}, {start + count}) are "
-                                 "not all free (claimed twice?)")
-        self._carve(start, count)
+        self._carve(start, count, hint=" (claimed twice?)")
 
     def mark_bad(self, dpage: int) -> bool:
         """Take *dpage* out of service for good; return whether it was free.
@@ -206,10 +202,11 @@ class Pool:
 
     def _release(self, start: int, count: int) -> None:
         """Put allocated dpages ``[start, start+count)`` back in the free runs."""
-        if self._free.overlaps(start, count):  # before anything changes
+        try:
+            self._free.insert(start, count, start)  # first: it refuses with nothing changed
+        except OverlapError:
             raise AllocatorError(f"pool {self.index}: dpages [{start}, {start + count}) are "
-                                 "allocated in the bitmap but in the free runs too")
-        self._free.insert(start, count, start)
+                                 "allocated in the bitmap but in the free runs too") from None
         self.bitmap.clear(start - self.first_dpage, count)
         self.avail += count
 
@@ -261,12 +258,14 @@ class Pool:
         if not all(taken[d - self.first_dpage] for d in self.bad):
             raise AllocatorError(f"pool {self.index}: a bad dpage is clear in the bitmap")
 
-    def _carve(self, start: int, count: int) -> Extent:
-        """Take free dpages ``[start, start+count)`` out of the free runs and set them."""
-        run = self._free.run_at(start)  # checked before anything changes
+    def _carve(self, start: int, count: int, hint: str = "") -> Extent:
+        """Take free dpages ``[start, start+count)`` out of the free runs and set them;
+        AllocatorError, with nothing changed, if they are not all free (*hint* says why
+        that may be)."""
+        run = self._free.run_at(start)
         if run is None or start + count > run.start + run.length:
-            raise AllocatorError(f"pool {self.index}: dpages [{start}, {start + count}) carved "
-                                 "from the free runs are not all free")
+            raise AllocatorError(f"pool {self.index}: dpages [{start}, {start + count}) are "
+                                 f"not all free{hint}")
         lo = start - self.first_dpage
         # O(count / 64) word tests: cheap enough to keep on the allocation path.
         if self.bitmap.any(lo, count):

@@ -30,6 +30,10 @@ class Extent(NamedTuple):
         return self.start + self.length
 
 
+class OverlapError(ValueError):
+    """A run to insert overlaps one already held (nothing was changed)."""
+
+
 class Mapped(NamedTuple):
     """Dpages ``[start, start+length)`` mapped to ``[to, to+length)``; a hole if *to* is None."""
 
@@ -91,11 +95,12 @@ class RunMap:
         return bool(key + length > start)
 
     def insert(self, start: int, count: int, to: int) -> None:
-        """Map ``[start, start+count)`` to *to* onward; ValueError if any of it is mapped."""
+        """Map ``[start, start+count)`` to *to* onward; OverlapError, with nothing changed, if
+        any of it is mapped."""
         if count <= 0:
             raise ValueError(f"run of {count} dpages")
         if self.overlaps(start, count):
-            raise ValueError(f"dpages [{start}, {start + count}) overlap a run already held")
+            raise OverlapError(f"dpages [{start}, {start + count}) overlap a run already held")
         pos = self._runs.bisect_left(start) - 1
         if pos >= 0:
             left, (left_len, left_to) = self._runs.peekitem(pos)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from ..alloc.runs import Extent, RunMap
+from ..alloc.runs import Extent, OverlapError, RunMap
 from .changes import Changes
 
 
@@ -74,10 +74,11 @@ class FileExtents:
     def insert(self, file_dpage: int, extents: list[Extent]) -> None:
         """Map *extents*, one after another, at *file_dpage* onward; the range must be a hole."""
         for ext in extents:
-            if self._map.overlaps(file_dpage, ext.length):
+            try:
+                self._map.insert(file_dpage, ext.length, ext.start)
+            except OverlapError:
                 raise ValueError(f"file dpages [{file_dpage}, {file_dpage + ext.length}) "
-                                 "are already mapped")
-            self._map.insert(file_dpage, ext.length, ext.start)
+                                 "are already mapped") from None
             if self.changes is not None:
                 self.changes.mapped(self.ino, file_dpage, ext.start, ext.length)
             file_dpage += ext.length

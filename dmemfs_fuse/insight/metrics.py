@@ -101,7 +101,7 @@ class PoolCollector(Collector):
                                   value=stats.pools.enospc)
         yield GaugeMetricFamily("dmemfs_dirty_bytes",
                                 "Bytes of old data not zeroed yet (the zeroer's backlog)",
-                                value=stats.dirty_dpages * dps)
+                                value=stats.dirty_dpages() * dps)
         if stats.zeroing is not None:  # the region path's zeroer (shmem zeroes on passthrough)
             yield CounterMetricFamily("dmemfs_background_zeroed_bytes",
                                       "Bytes zeroed by the background zeroer",

@@ -57,7 +57,6 @@ class MountStats:
         pool_memory: passthrough: each pool's memory as the kernel counts it; else None.
         unledgered_dpages: passthrough: dpages the kernel allocated that the ledger has
             not entered yet.
-        dirty_dpages: dpages that may still hold old bytes (the zeroer's backlog).
         zeroing: the region path's zeroer; None on passthrough (shmem zeroes).
         memory_errors: dpages newly marked bad since start.
         inodes_used: inodes in use.
@@ -74,7 +73,6 @@ class MountStats:
     pool_ids: tuple[int, ...]
     pool_memory: tuple[PoolMemoryStats, ...] | None
     unledgered_dpages: int
-    dirty_dpages: int
     zeroing: ZeroerStats | None
     memory_errors: int
     inodes_used: int
@@ -83,6 +81,10 @@ class MountStats:
     connection: Negotiated | None
     journal: JournalStats | None
     recovered: RecoveryReport | None
+
+    def dirty_dpages(self) -> int:
+        """Dpages that may still hold old bytes: the zeroer's backlog (none on passthrough)."""
+        return self.zeroing.dirty_dpages if self.zeroing is not None else 0
 
 
 class Reporter:
@@ -117,7 +119,6 @@ class Reporter:
             if isinstance(store, PassthroughStore) else None,
             unledgered_dpages=store.unledgered_dpages
             if isinstance(store, PassthroughStore) else 0,
-            dirty_dpages=0 if isinstance(store, PassthroughStore) else store.dirty.dpages,
             zeroing=None if isinstance(store, PassthroughStore) else store.zeroer.statistics(),
             memory_errors=self.errors.events if self.errors is not None else 0,
             inodes_used=self.inodes.used,
@@ -258,7 +259,7 @@ def status_of(stats: MountStats) -> JSON:
         "bad_dpages": totals.bad_dpages,
         # Dpages that may still hold old bytes: free ones, and (deferred zeroing)
         # ones a file has not touched yet.  The background zeroer's backlog.
-        "dirty_dpages": stats.dirty_dpages,
+        "dirty_dpages": stats.dirty_dpages(),
         "zeroing": asdict(stats.zeroing) if stats.zeroing is not None else None,
         "memory_errors": stats.memory_errors,
         "inodes_used": stats.inodes_used,
