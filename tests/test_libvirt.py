@@ -139,7 +139,14 @@ def libvirtd(root: Path, cache: Path, qemu_conf: str) -> Iterator[Libvirt]:
     libvirt = Libvirt(root, proc)
     try:
         deadline = time.monotonic() + START_TIMEOUT
-        while libvirt.virsh("version", check=False, timeout=10).returncode:
+
+        def answering() -> bool:
+            try:
+                return libvirt.virsh("version", check=False, timeout=10).returncode == 0
+            except subprocess.TimeoutExpired:  # connected, not answering yet: ask again
+                return False
+
+        while not answering():
             assert proc.poll() is None, (f"libvirtd exited {proc.returncode}:\n"
                                          f"{(root / 'libvirtd.out').read_text()}{libvirt.log()}")
             assert time.monotonic() < deadline, f"libvirtd not answering:\n{libvirt.log()}"
