@@ -164,6 +164,38 @@ def test_kernel_writes_are_entered_in_the_ledger(pmnt: Mount) -> None:
     assert _settled(pmnt)["reserve_bytes"] == 64 * MIB
 
 
+@pytest.mark.parametrize(("how", "size"), [("truncate", 3 * MIB + 1), ("O_TRUNC open", 0)])
+def test_a_truncate_takes_in_what_the_kernel_wrote_first(pmnt: Mount, how: str,
+                                                         size: int) -> None:
+    """A truncate by another opener while a writer still holds the file: the daemon may
+    not have seen the writer's bytes yet (the kernel wrote them to the backing file), so
+    it takes them in first (store.sync).  Else a shrink from a size it never saw would
+    look like a growth, and the dpages past the new end, which the kernel cuts, would
+    stay in the ledger.  An O_TRUNC open truncates inside the daemon's open
+    (atomic_o_trunc), through the same truncate; it cuts to 0, so nothing can stay
+    there, and only its result is checked."""
+    path = pmnt.path / "t"
+    data = os.urandom(MIB)
+    with open(path, "wb") as writer:
+        for _ in range(6):
+            writer.write(data)
+            writer.flush()
+        if how == "truncate":
+            os.truncate(path, size)
+        else:
+            os.close(os.open(path, os.O_WRONLY | os.O_TRUNC))
+        kept = -(-size // DPAGE)
+        assert path.stat().st_size == size
+        assert pmnt.free_dpages() == 32 - kept
+        assert _settled(pmnt)["reserve_bytes"] == 64 * MIB - kept * DPAGE
+        writer.write(b"z")  # at the writer's offset, 6 MiB, as on tmpfs: a hole before it
+    assert path.stat().st_size == 6 * MIB + 1
+    assert pmnt.free_dpages() == 32 - kept - 1
+    assert path.read_bytes() == (data * 4)[:size] + bytes(6 * MIB - size) + b"z"
+    assert _settled(pmnt)["reserve_bytes"] == 64 * MIB - (kept + 1) * DPAGE
+    assert status(pmnt)["unledgered_dpages"] == 0
+
+
 def test_sparse_write_past_the_pool(pmnt: Mount) -> None:
     path = pmnt.path / "sparse"
     with open(path, "wb") as f:
