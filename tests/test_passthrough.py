@@ -36,6 +36,7 @@ from mounting import (
 from test_qemu import _long_term_pin
 
 from dmemfs_fuse.host.daemon import pool_memory_dir
+from dmemfs_fuse.sizes import ceil_div
 
 MIB = 1 << 20
 DPAGE = 2 * MIB
@@ -184,7 +185,7 @@ def test_a_truncate_takes_in_what_the_kernel_wrote_first(pmnt: Mount, how: str,
             os.truncate(path, size)
         else:
             os.close(os.open(path, os.O_WRONLY | os.O_TRUNC))
-        kept = -(-size // DPAGE)
+        kept = ceil_div(size, DPAGE)
         assert path.stat().st_size == size
         assert pmnt.free_dpages() == 32 - kept
         assert _settled(pmnt)["reserve_bytes"] == 64 * MIB - kept * DPAGE
