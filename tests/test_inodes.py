@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import inspect
 import stat
+from typing import Any
 
 import pytest
 
@@ -144,6 +147,18 @@ def test_setgid_directory_is_inherited(table: InodeTable) -> None:
     f = table.make(d.ino, b"f", FILE, 10, 10)
     sub = table.make(d.ino, b"s", DIR, 10, 10)
     assert f.gid == 50 and sub.gid == 50 and sub.mode & stat.S_ISGID
+
+
+def test_the_constructor_takes_and_sets_every_field() -> None:
+    """Inode's hand-written __init__ (which passes __setattr__ by) and its fields agree."""
+    fields = dataclasses.fields(Inode)
+    assert list(inspect.signature(Inode.__init__).parameters)[1:] == [f.name for f in fields]
+    values: dict[str, Any] = {f.name: object() for f in fields}
+    assert vars(Inode(**values)) == values
+    plain = Inode(1, stat.S_IFREG, 0, 0)
+    for f in fields[4:]:  # after ino, mode, uid and gid: the declared defaults
+        assert getattr(plain, f.name) == ({} if f.name == "xattrs" else f.default), f.name
+    assert plain.xattrs is not Inode(2, stat.S_IFREG, 0, 0).xattrs  # a dict of its own
 
 
 def test_assigning_a_persisted_attribute_reports_the_inode() -> None:

@@ -93,9 +93,12 @@ class Directory:
                 yield c, name, self.entries[name][0]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, init=False)
 class Inode:
-    """One file, directory, symlink or special file."""
+    """One file, directory, symlink or special file.
+
+    Assigning a persisted field (PERSISTED_FIELDS) reports the inode to *changes*.
+    """
 
     ino: int
     mode: int
@@ -119,6 +122,23 @@ class Inode:
     policy: Policy | None = None
     # Where changes are reported for the journal (None: not persistent).
     changes: Changes | None = field(default=None, repr=False)
+
+    def __init__(self, ino: int, mode: int, uid: int, gid: int, *, rdev: int = 0,
+                 size: int = 0, atime_ns: int = 0, mtime_ns: int = 0, ctime_ns: int = 0,
+                 btime_ns: int = 0, link_count: int = 0, lookup_count: int = 0,
+                 open_count: int = 0, parent: int = ROOT_INO,
+                 xattrs: dict[bytes, bytes] | None = None, target: bytes | None = None,
+                 dir: Directory | None = None, data: FileExtents | None = None,
+                 policy: Policy | None = None, changes: Changes | None = None) -> None:
+        # Every field at once, not one __setattr__ call each as a dataclass __init__ does:
+        # that made creates and recovery slower (docs/performance.md, "recovery of many
+        # inodes").  A new inode reports nothing: InodeTable._new reports it.
+        self.__dict__.update(
+            ino=ino, mode=mode, uid=uid, gid=gid, rdev=rdev, size=size, atime_ns=atime_ns,
+            mtime_ns=mtime_ns, ctime_ns=ctime_ns, btime_ns=btime_ns, link_count=link_count,
+            lookup_count=lookup_count, open_count=open_count, parent=parent,
+            xattrs={} if xattrs is None else xattrs, target=target, dir=dir, data=data,
+            policy=policy, changes=changes)
 
     def __setattr__(self, name: str, value: object) -> None:
         # A persisted field reports the inode as changed when it is assigned, so that no

@@ -157,7 +157,8 @@ def encode_inode(inode: Inode, *, xattrs: bool, contents: bool) -> list[Any]:
 
 def decode_inode(fields: list[Any], existing: Inode | None,
                  parse_policy: Callable[[str], Policy]) -> Inode:
-    """Apply an encoded inode to *existing* (or a new Inode); return it."""
+    """The inode *fields* encode, as a new Inode.  It takes over the entries or extents of
+    *existing* (the same inode, replayed before), and its xattrs if *fields* has none."""
     (ino, mode, uid, gid, rdev, size, atime, mtime, ctime, btime, link_count, parent,
      target, policy, xattrs) = fields[:15]
     numbers = (ino, mode, uid, gid, rdev, size, atime, mtime, ctime, btime, link_count, parent)
@@ -167,26 +168,23 @@ def decode_inode(fields: list[Any], existing: Inode | None,
         raise MetadataError(f"inode {ino!r}: attributes of the wrong type or sign")
     if not isinstance(target, (bytes, type(None))):
         raise MetadataError(f"inode {ino}: a symlink target that is not bytes")
-    inode = existing
-    if inode is None:
-        inode = Inode(ino=ino, mode=mode, uid=uid, gid=gid)
-        if stat.S_ISDIR(mode):
-            inode.dir = Directory(ino)
-        elif stat.S_ISREG(mode):
-            inode.data = FileExtents(ino)
-    elif stat.S_IFMT(inode.mode) != stat.S_IFMT(mode):
-        raise MetadataError(f"inode {ino} changes type from {stat.S_IFMT(inode.mode):o} "
+    if existing is None:
+        directory = Directory(ino) if stat.S_ISDIR(mode) else None
+        data = FileExtents(ino) if stat.S_ISREG(mode) else None
+        kept_xattrs: dict[bytes, bytes] = {}
+    elif stat.S_IFMT(existing.mode) != stat.S_IFMT(mode):
+        raise MetadataError(f"inode {ino} changes type from {stat.S_IFMT(existing.mode):o} "
                             f"to {stat.S_IFMT(mode):o}")
-    inode.mode, inode.uid, inode.gid, inode.rdev, inode.size = mode, uid, gid, rdev, size
-    inode.atime_ns, inode.mtime_ns, inode.ctime_ns, inode.btime_ns = atime, mtime, ctime, btime
-    inode.link_count, inode.parent, inode.target = link_count, parent, target
+    else:
+        directory, data, kept_xattrs = existing.dir, existing.data, existing.xattrs
     try:
-        inode.policy = parse_policy(policy) if policy is not None else None
+        parsed = parse_policy(policy) if policy is not None else None
     except OSError as exc:
         raise MetadataError(f"inode {ino}: {exc.strerror}") from None
-    if xattrs is not None:
-        inode.xattrs = dict(xattrs)
-    return inode
+    return Inode(ino, mode, uid, gid, rdev=rdev, size=size, atime_ns=atime, mtime_ns=mtime,
+                 ctime_ns=ctime, btime_ns=btime, link_count=link_count, parent=parent,
+                 target=target, policy=parsed, dir=directory, data=data,
+                 xattrs=dict(xattrs) if xattrs is not None else kept_xattrs)
 
 
 # -- reading -----------------------------------------------------------------------
