@@ -18,8 +18,9 @@ from dmemfs_fuse.files.inodes import ROOT_INO, InodeTable
 from dmemfs_fuse.files.store import FileStore
 from dmemfs_fuse.memory.region import Region, RegionPlan
 from dmemfs_fuse.metadata.journal import Journal
+from dmemfs_fuse.metadata.persistence import MetaPlan, open_journal
 from dmemfs_fuse.metadata.records import Layout
-from dmemfs_fuse.metadata.recovery import RecoveryReport, install, load
+from dmemfs_fuse.metadata.recovery import RecoveryReport, load
 
 FILE = stat.S_IFREG | 0o640
 DIR = stat.S_IFDIR | 0o750
@@ -36,6 +37,7 @@ class PlainFs:
     def __init__(self, plan: RegionPlan, meta: str, layout: Layout, *,
                  checkpoint_bytes: int = 1 << 30, region: Region | None = None) -> None:
         self.plan, self.meta, self.layout = plan, meta, layout
+        self.checkpoint_bytes = checkpoint_bytes
         self.region = region if region is not None else Region.open(plan)
         self.pools = PoolSet.from_plan(plan, 0)
         self.store = FileStore(self.region, self.pools)
@@ -49,12 +51,13 @@ class PlainFs:
         return parse_policy(text, self.pools.ids)
 
     def recover(self) -> RecoveryReport:
-        """Load the metadata file and install it here (this one must be fresh)."""
-        state = load(self.meta, self.layout, self.parse)
-        report = install(state, self.table, self.pools, self.store, self.meta)
-        self.journal = Journal(self.meta, self.layout, self.table, self.pools, uuid=state.uuid,
-                               generation=state.generation)
-        self.journal.checkpoint()  # as the daemon does: replay happens once
+        """Load the metadata file and install it here (this one must be fresh), as the
+        daemon's start does (persistence.open_journal, which takes the layout from the
+        plan's region file: a plan with a path, then)."""
+        found = load(self.meta, self.layout, self.parse)
+        meta = MetaPlan(self.meta, start_empty=False, checkpoint_bytes=self.checkpoint_bytes)
+        self.journal, report = open_journal(meta, self.plan, self.table, self.store, found)
+        assert report is not None
         return report
 
     def commit(self) -> None:
@@ -100,8 +103,6 @@ class PlainFs:
             os.close(self.journal.fd)
             self.journal.fd = -1
         self.region.close()
-
-
 
 
 def populate(fs: PlainFs) -> dict[str, int]:
