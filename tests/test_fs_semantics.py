@@ -669,6 +669,30 @@ def test_unlink_frees_dpages_at_once(mnt: Mount) -> None:
         assert mnt.free_dpages() == TOTAL_DPAGES
 
 
+@pytest.mark.parametrize("allocate", ["truncate", "fallocate"])
+def test_the_whole_pool_right_after_a_removal(mnt: Mount, allocate: str) -> None:
+    """`rm a; truncate -s SIZE b` with *a* holding the whole pool: the kernel may send a's
+    FORGET after the truncate arrives, which then waits for it briefly instead of failing
+    (fs.py, _with_room)."""
+    a, b = mnt.path / "a", mnt.path / "b"
+    b.touch()
+    for _ in range(20):
+        a.touch()
+        os.truncate(a, REGION)
+        a.unlink()
+        if allocate == "truncate":
+            os.truncate(b, REGION)
+        else:
+            fd = os.open(b, os.O_WRONLY)
+            try:
+                os.posix_fallocate(fd, 0, REGION)
+            finally:
+                os.close(fd)
+        assert mnt.free_dpages() == 0
+        os.truncate(b, 0)
+    assert mnt.free_dpages() == TOTAL_DPAGES
+
+
 def test_rename_over_a_file_frees_its_dpages(mnt: Mount) -> None:
     a, b = mnt.path / "a", mnt.path / "b"
     a.write_bytes(b"a")

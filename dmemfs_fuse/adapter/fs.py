@@ -347,12 +347,8 @@ class DmemOperations(pyfuse3.Operations):
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         entry = self.inodes.get(inode)
         if fields.update_size:
-            try:
-                self.data.truncate(inode, attr.st_size, self._node_of(fh, ctx))
-            except NoSpaceError:  # nothing changed; `rm a; truncate -s N b` must work
-                if not await self._forgets_landed():
-                    raise
-                self.data.truncate(inode, attr.st_size, self._node_of(fh, ctx))
+            node = self._node_of(fh, ctx)
+            await self._with_room(lambda: self.data.truncate(inode, attr.st_size, node))
         # Under killpriv v2 the kernel leaves clearing suid/sgid to us, and says when:
         # FATTR_KILL_SUIDGID on a truncate or chown, and an otherwise empty SETATTR from
         # file_remove_privs() before a write (or fallocate) by a caller without
@@ -372,6 +368,17 @@ class DmemOperations(pyfuse3.Operations):
                 now if fields.update_size else None),
         )
         return self._attrs(entry)
+
+    async def _with_room(self, allocate: Callable[[], None]) -> None:
+        """Run *allocate* (a truncate or fallocate); on ENOSPC, which changed nothing, run it
+        once more if a removal's dpages came back meanwhile: `rm a; truncate -s N b` must
+        work."""
+        try:
+            allocate()
+        except NoSpaceError:
+            if not await self._forgets_landed():
+                raise
+            allocate()
 
     async def _forgets_landed(self) -> bool:
         """Give FORGETs in flight a short, bounded time to land; whether dpages came back.
@@ -564,14 +571,8 @@ class DmemOperations(pyfuse3.Operations):
 
     @_boundary
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
-        entry = self._inode_of(fh)
-        for last in (False, True):
-            try:
-                self.data.fallocate(entry.ino, mode, offset, length, self._handles[fh].node)
-                break
-            except NoSpaceError:  # nothing changed: once more if a removal lands
-                if last or not await self._forgets_landed():
-                    raise
+        entry, node = self._inode_of(fh), self._handles[fh].node
+        await self._with_room(lambda: self.data.fallocate(entry.ino, mode, offset, length, node))
 
     @_boundary
     async def lseek(self, fh: int, offset: int, whence: int) -> int:
